@@ -1,0 +1,20 @@
+"""The persistent user store: the only package that talks to LanceDB.
+
+Everything the toolkit keeps (users, history items and their vectors, queries) lives in one
+LanceDB directory. Callers use the typed functions here and never see a LanceDB object.
+"""
+
+from store.errors import StoreError
+from store.db import Store, default_store_path, FORMAT_VERSION
+from store.records import Behavior, Query, UserRow, SearchHit
+
+__all__ = [
+    "Store",
+    "StoreError",
+    "FORMAT_VERSION",
+    "default_store_path",
+    "Behavior",
+    "Query",
+    "UserRow",
+    "SearchHit",
+]

@@ -1,0 +1,415 @@
+"""The Store: opening, format versioning, cross-table rollback, and the typed reads and writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import platformdirs
+
+from store import schemas
+from store.errors import StoreError
+from store.records import Behavior, Query, SearchHit, UserRow
+
+FORMAT_VERSION = 1
+"""The on-disk layout this code reads and writes; bumped whenever a schema changes."""
+
+META, USERS, BEHAVIORS, QUERIES = "_meta", "users", "behaviors", "queries"
+
+
+def default_store_path() -> str:
+    """PERSONA_STORE if set, else a per-user application data directory."""
+    env = os.environ.get("PERSONA_STORE")
+    if env:
+        return env
+    return str(Path(platformdirs.user_data_dir("persona")) / "store")
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _in_list(column: str, values: Iterable[str]) -> str:
+    return f"{column} IN ({', '.join(_sql_str(v) for v in values)})"
+
+
+class Store:
+    """One LanceDB directory (or object-store URI) holding everything persona keeps."""
+
+    def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
+        self.uri = str(uri) if uri is not None else default_store_path()
+        self._db = lancedb.connect(self.uri)
+        self._check_format()
+
+    # ---------- tables, versions, rollback ----------
+
+    def table_names(self) -> list[str]:
+        """Names of the tables that exist now (the internal meta table included)."""
+        names: list[str] = []
+        token = None
+        while True:
+            page = self._db.list_tables(page_token=token, limit=1000)
+            names.extend(page.tables)
+            token = page.page_token
+            if not token:
+                return sorted(names)
+
+    def _open(self, name: str):
+        if name not in self.table_names():
+            return None
+        return self._db.open_table(name)
+
+    def _open_or_create(self, name: str, schema: pa.Schema):
+        table = self._open(name)
+        if table is None:
+            table = self._db.create_table(name, schema=schema)
+        return table
+
+    def _check_format(self) -> None:
+        names = self.table_names()
+        if not names:
+            return
+        if META not in names:
+            raise StoreError(f"{self.uri} holds LanceDB tables but is not a persona store (no {META} table)")
+        version = self.meta().get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise StoreError(
+                f"{self.uri} has store format version {version}; this persona reads version {FORMAT_VERSION}"
+            )
+
+    def meta(self) -> dict[str, str]:
+        """The store's key/value facts: format version, behaviour encoder id and vector width."""
+        table = self._open(META)
+        if table is None:
+            return {}
+        return {r["key"]: r["value"] for r in table.to_arrow().to_pylist()}
+
+    def _set_meta(self, values: dict[str, str]) -> None:
+        table = self._open_or_create(META, schemas.META)
+        rows = pa.table({"key": list(values), "value": list(values.values())}, schema=schemas.META)
+        table.merge_insert("key").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Roll every table back to where it was if the block raises: a failed command changes nothing."""
+        before = {name: self._db.open_table(name).version for name in self.table_names()}
+        try:
+            yield
+        except BaseException:
+            for name in self.table_names():
+                if name not in before:
+                    self._db.drop_table(name)
+                    continue
+                table = self._db.open_table(name)
+                if table.version != before[name]:
+                    table.checkout(before[name])
+                    table.restore()
+            raise
+
+    # ---------- the behaviour encoder of this store ----------
+
+    def encoder(self) -> tuple[str, int] | None:
+        """(encoder id, vector width) that every vector in this store was made with, if any."""
+        meta = self.meta()
+        if "encoder" not in meta:
+            return None
+        return meta["encoder"], int(meta["encoder_dim"])
+
+    def check_encoder(self, encoder_id: str, dim: int) -> None:
+        """Refuse to mix vectors of two encoders in one store."""
+        known = self.encoder()
+        if known is not None and known != (encoder_id, dim):
+            raise StoreError(
+                f"store {self.uri} holds vectors of encoder '{known[0]}' ({known[1]}-d); "
+                f"'{encoder_id}' ({dim}-d) cannot be used with them (pass --encoder {known[0]} or use another --store)"
+            )
+
+    # ---------- writes ----------
+
+    def ingest(
+        self,
+        behavior_batches: Iterable[list[Behavior]],
+        queries: list[Query],
+        user_metadata: dict[str, dict[str, Any]],
+        encoder_id: str,
+        dim: int,
+    ) -> dict[str, int]:
+        """Upsert history items (streamed), queries and users in one rollback-safe unit.
+
+        Items are keyed by (user, task, item id) and queries by (task, query id), so re-ingesting
+        the same ids updates rows instead of duplicating them.
+        """
+        self.check_encoder(encoder_id, dim)
+        with self.transaction():
+            self._set_meta({"format_version": str(FORMAT_VERSION), "encoder": encoder_id, "encoder_dim": str(dim)})
+            n_items = self._upsert_behaviors(behavior_batches, encoder_id, dim)
+            n_queries = self._upsert_queries(queries)
+            touched = set(user_metadata)
+            self._refresh_users(touched, user_metadata)
+        return {"users": len(touched), "items": n_items, "queries": n_queries}
+
+    def _upsert_behaviors(self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int) -> int:
+        schema = schemas.behaviors(dim)
+        table = self._open_or_create(BEHAVIORS, schema)
+        count = 0
+        failure: list[BaseException] = []
+
+        def arrow_batches() -> Iterator[pa.RecordBatch]:
+            nonlocal count
+            try:
+                for chunk in batches:
+                    if chunk:
+                        count += len(chunk)
+                        yield _behaviors_to_arrow(chunk, schema, encoder_id, dim)
+            except BaseException as exc:  # re-raised below with its own type, not LanceDB's wrapper
+                failure.append(exc)
+                raise
+
+        reader = pa.RecordBatchReader.from_batches(schema, arrow_batches())
+        try:
+            (
+                table.merge_insert(schemas.BEHAVIOR_KEY)
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute(reader)
+            )
+        except Exception:
+            if failure:
+                raise failure[0] from None
+            raise
+        return count
+
+    def _upsert_queries(self, queries: list[Query]) -> int:
+        if not queries:
+            return 0
+        table = self._open_or_create(QUERIES, schemas.QUERIES)
+        rows = pa.Table.from_pylist([q.__dict__ for q in queries], schema=schemas.QUERIES)
+        table.merge_insert(schemas.QUERY_KEY).when_matched_update_all().when_not_matched_insert_all().execute(rows)
+        return len(queries)
+
+    def _refresh_users(self, user_ids: set[str], metadata: dict[str, dict[str, Any]]) -> None:
+        """Recount items, queries and time span of these users from what is stored now."""
+        if not user_ids:
+            return
+        items = self._column_scan(BEHAVIORS, ["user_id", "timestamp"], user_ids)
+        stats: dict[str, dict[str, Any]] = {}
+        if items is not None and items.num_rows:
+            grouped = items.group_by("user_id").aggregate(
+                [("user_id", "count"), ("timestamp", "min"), ("timestamp", "max")]
+            )
+            for row in grouped.to_pylist():
+                stats[row["user_id"]] = row
+        queries = self._column_scan(QUERIES, ["user_id"], user_ids)
+        n_queries: dict[str, int] = {}
+        if queries is not None and queries.num_rows:
+            for row in queries.group_by("user_id").aggregate([("user_id", "count")]).to_pylist():
+                n_queries[row["user_id"]] = row["user_id_count"]
+        existing = {u.user_id: u for u in self.get_users(sorted(user_ids))}
+        rows = []
+        for uid in sorted(user_ids):
+            old = existing.get(uid)
+            meta = dict(old.metadata) if old else {}
+            meta.update(metadata.get(uid, {}))
+            s = stats.get(uid, {})
+            rows.append(
+                {
+                    "user_id": uid,
+                    "n_items": s.get("user_id_count", 0),
+                    "n_queries": n_queries.get(uid, 0),
+                    "first_ts": s.get("timestamp_min"),
+                    "last_ts": s.get("timestamp_max"),
+                    "profile": old.profile if old else None,
+                    "metadata": json.dumps(meta, ensure_ascii=False, sort_keys=True),
+                }
+            )
+        table = self._open_or_create(USERS, schemas.USERS)
+        data = pa.Table.from_pylist(rows, schema=schemas.USERS)
+        table.merge_insert(schemas.USER_KEY).when_matched_update_all().when_not_matched_insert_all().execute(data)
+
+    def _column_scan(self, name: str, columns: list[str], user_ids: set[str]) -> pa.Table | None:
+        table = self._open(name)
+        if table is None:
+            return None
+        data = table.to_lance().to_table(columns=columns, filter=_in_list("user_id", sorted(user_ids)))
+        return data
+
+    # ---------- reads ----------
+
+    def count(self, name: str) -> int:
+        table = self._open(name)
+        return 0 if table is None else table.count_rows()
+
+    def list_users(self, limit: int | None = None, offset: int = 0) -> list[UserRow]:
+        """Users sorted by id (numeric ids in numeric order)."""
+        table = self._open(USERS)
+        if table is None:
+            return []
+        rows = [_user_from_row(r) for r in table.to_arrow().to_pylist()]
+        rows.sort(key=lambda u: _id_sort_key(u.user_id))
+        end = None if limit is None else offset + limit
+        return rows[offset:end]
+
+    def get_users(self, user_ids: list[str]) -> list[UserRow]:
+        table = self._open(USERS)
+        if table is None or not user_ids:
+            return []
+        data = table.to_lance().to_table(filter=_in_list("user_id", user_ids))
+        return [_user_from_row(r) for r in data.to_pylist()]
+
+    def get_user(self, user_id: str) -> UserRow | None:
+        found = self.get_users([user_id])
+        return found[0] if found else None
+
+    def user_history(self, user_id: str, task: str | None = None, with_vectors: bool = False) -> list[Behavior]:
+        """The user's items, oldest first (items without time keep their ingest order by id)."""
+        table = self._open(BEHAVIORS)
+        if table is None:
+            return []
+        where = f"user_id = {_sql_str(user_id)}"
+        if task:
+            where += f" AND task = {_sql_str(task)}"
+        columns = [f.name for f in table.schema if with_vectors or f.name != "vector"]
+        data = table.to_lance().to_table(columns=columns, filter=where)
+        items = [_behavior_from_row(r) for r in data.to_pylist()]
+        items.sort(key=lambda b: (b.timestamp is None, b.timestamp or 0, _id_sort_key(b.item_id)))
+        return items
+
+    def user_queries(self, user_id: str, task: str | None = None) -> list[Query]:
+        table = self._open(QUERIES)
+        if table is None:
+            return []
+        where = f"user_id = {_sql_str(user_id)}"
+        if task:
+            where += f" AND task = {_sql_str(task)}"
+        data = table.to_lance().to_table(filter=where)
+        queries = [Query(**r) for r in data.to_pylist()]
+        queries.sort(key=lambda q: _id_sort_key(q.query_id))
+        return queries
+
+    def search_history(
+        self, user_id: str, vector: np.ndarray, k: int = 5, task: str | None = None
+    ) -> list[SearchHit]:
+        """Nearest items of one user's history by cosine, from LanceDB's vector search."""
+        table = self._open(BEHAVIORS)
+        if table is None:
+            return []
+        where = f"user_id = {_sql_str(user_id)}"
+        if task:
+            where += f" AND task = {_sql_str(task)}"
+        result = (
+            table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
+            .metric("cosine")
+            .where(where, prefilter=True)
+            .limit(k)
+            .to_arrow()
+        )
+        hits = []
+        for row in result.to_pylist():
+            distance = row.pop("_distance")
+            hits.append(SearchHit(item=_behavior_from_row(row), score=1.0 - float(distance)))
+        return hits
+
+    # ---------- maintenance ----------
+
+    def info(self) -> dict[str, Any]:
+        """Per table: rows, current version, number of kept versions, bytes; plus the store's facts."""
+        tables = []
+        for name in self.table_names():
+            if name == META:
+                continue
+            table = self._db.open_table(name)
+            tables.append(
+                {
+                    "table": name,
+                    "rows": table.count_rows(),
+                    "version": table.version,
+                    "versions": len(table.list_versions()),
+                    "bytes": int(table.stats()["total_bytes"]),
+                }
+            )
+        meta = self.meta()
+        return {
+            "uri": self.uri,
+            "format_version": int(meta.get("format_version", FORMAT_VERSION)),
+            "encoder": meta.get("encoder"),
+            "encoder_dim": int(meta["encoder_dim"]) if "encoder_dim" in meta else None,
+            "tables": tables,
+            "disk_bytes": _disk_bytes(self.uri),
+        }
+
+    def optimize(self, prune_versions: bool = False) -> dict[str, Any]:
+        """Compact small fragments and update indices; with prune_versions also drop old untagged versions."""
+        before = _disk_bytes(self.uri)
+        for name in self.table_names():
+            table = self._db.open_table(name)
+            if prune_versions:
+                table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+            else:
+                table.optimize()
+        return {"disk_bytes_before": before, "disk_bytes_after": _disk_bytes(self.uri)}
+
+
+def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: str, dim: int) -> pa.RecordBatch:
+    vectors = np.stack([np.asarray(b.vector, dtype=np.float32) for b in chunk])
+    if vectors.shape != (len(chunk), dim):
+        raise StoreError(f"vectors have shape {vectors.shape[1:]} but the store expects ({dim},)")
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    columns = [
+        pa.array([b.item_id for b in chunk], pa.string()),
+        pa.array([b.user_id for b in chunk], pa.string()),
+        pa.array([b.task for b in chunk], pa.string()),
+        pa.array([b.text for b in chunk], pa.string()),
+        pa.array([json.dumps(b.fields, ensure_ascii=False) for b in chunk], pa.string()),
+        pa.array([b.timestamp for b in chunk], schemas.TS),
+        pa.FixedSizeListArray.from_arrays(flat, dim),
+        pa.array([encoder_id] * len(chunk), pa.string()),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _behavior_from_row(row: dict[str, Any]) -> Behavior:
+    vector = row.get("vector")
+    return Behavior(
+        item_id=row["item_id"],
+        user_id=row["user_id"],
+        task=row["task"],
+        text=row["text"],
+        fields=json.loads(row["fields"]) if row.get("fields") else {},
+        timestamp=row.get("timestamp"),
+        vector=np.asarray(vector, dtype=np.float32) if vector is not None else None,
+        encoder=row["encoder"],
+    )
+
+
+def _user_from_row(row: dict[str, Any]) -> UserRow:
+    return UserRow(
+        user_id=row["user_id"],
+        n_items=int(row["n_items"] or 0),
+        n_queries=int(row["n_queries"] or 0),
+        first_ts=row["first_ts"],
+        last_ts=row["last_ts"],
+        profile=row["profile"],
+        metadata=json.loads(row["metadata"]) if row["metadata"] else {},
+    )
+
+
+def _id_sort_key(value: str) -> tuple[int, int, str]:
+    """Numeric ids in numeric order before other ids in string order."""
+    return (0, int(value), "") if value.isdigit() else (1, 0, value)
+
+
+def _disk_bytes(uri: str) -> int | None:
+    """Bytes under a local store directory; None for object-store URIs."""
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    root = Path(uri.removeprefix("file://"))
+    if not root.exists():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,56 @@
+"""Plain typed records that cross the store boundary (no Arrow, no LanceDB)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Behavior:
+    """One history item of one user, with its encoder vector."""
+
+    item_id: str
+    user_id: str
+    task: str
+    text: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    timestamp: datetime | None = None
+    vector: np.ndarray | None = None
+    encoder: str = ""
+
+
+@dataclass
+class Query:
+    """One question a user asked (LaMP: one question), with its gold output when known."""
+
+    query_id: str
+    user_id: str
+    task: str
+    input: str
+    output: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class UserRow:
+    """Per-user summary kept in the `users` table."""
+
+    user_id: str
+    n_items: int
+    n_queries: int
+    first_ts: datetime | None = None
+    last_ts: datetime | None = None
+    profile: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchHit:
+    """A history item found by vector search, with its cosine similarity to the query."""
+
+    item: Behavior
+    score: float

@@ -1,0 +1,53 @@
+"""Arrow schemas of the store's tables. A change here is a change of FORMAT_VERSION."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TS = pa.timestamp("us")
+
+META = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("value", pa.string())])
+
+USERS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("n_items", pa.int64()),
+        pa.field("n_queries", pa.int64()),
+        pa.field("first_ts", TS),
+        pa.field("last_ts", TS),
+        pa.field("profile", pa.string()),
+        pa.field("metadata", pa.string()),
+    ]
+)
+
+QUERIES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("input", pa.string(), nullable=False),
+        pa.field("output", pa.string()),
+        pa.field("split", pa.string()),
+    ]
+)
+
+
+def behaviors(dim: int) -> pa.Schema:
+    """The history-item table; its vector width is fixed by the store's encoder."""
+    return pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("fields", pa.string()),
+            pa.field("timestamp", TS),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            pa.field("encoder", pa.string(), nullable=False),
+        ]
+    )
+
+
+USER_KEY = ["user_id"]
+BEHAVIOR_KEY = ["user_id", "task", "item_id"]
+QUERY_KEY = ["task", "query_id"]
