@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The `persona` command line: parses options, calls recipes/ and store/, renders results."""

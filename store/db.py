@@ -237,8 +237,7 @@ class Store:
         table = self._open(name)
         if table is None:
             return None
-        data = table.to_lance().to_table(columns=columns, filter=_in_list("user_id", sorted(user_ids)))
-        return data
+        return _scan(table, _in_list("user_id", sorted(user_ids)), columns)
 
     # ---------- reads ----------
 
@@ -260,7 +259,7 @@ class Store:
         table = self._open(USERS)
         if table is None or not user_ids:
             return []
-        data = table.to_lance().to_table(filter=_in_list("user_id", user_ids))
+        data = _scan(table, _in_list("user_id", user_ids))
         return [_user_from_row(r) for r in data.to_pylist()]
 
     def get_user(self, user_id: str) -> UserRow | None:
@@ -276,7 +275,7 @@ class Store:
         if task:
             where += f" AND task = {_sql_str(task)}"
         columns = [f.name for f in table.schema if with_vectors or f.name != "vector"]
-        data = table.to_lance().to_table(columns=columns, filter=where)
+        data = _scan(table, where, columns)
         items = [_behavior_from_row(r) for r in data.to_pylist()]
         items.sort(key=lambda b: (b.timestamp is None, b.timestamp or 0, _id_sort_key(b.item_id)))
         return items
@@ -288,7 +287,7 @@ class Store:
         where = f"user_id = {_sql_str(user_id)}"
         if task:
             where += f" AND task = {_sql_str(task)}"
-        data = table.to_lance().to_table(filter=where)
+        data = _scan(table, where)
         queries = [Query(**r) for r in data.to_pylist()]
         queries.sort(key=lambda q: _id_sort_key(q.query_id))
         return queries
@@ -354,6 +353,14 @@ class Store:
             else:
                 table.optimize()
         return {"disk_bytes_before": before, "disk_bytes_after": _disk_bytes(self.uri)}
+
+
+def _scan(table: Any, where: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows matching a SQL filter (no row limit), optionally only some columns."""
+    query = table.search().where(where).limit(None)
+    if columns is not None:
+        query = query.select(columns)
+    return query.to_arrow()
 
 
 def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: str, dim: int) -> pa.RecordBatch:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The end-to-end demo on the bundled example users and the embedded models (CPU, a few minutes).
+# Run it with `make demo`; it uses its own store in .persona-demo/ and starts fresh each time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PERSONA_STORE="${DEMO_STORE:-.persona-demo/store}"
+rm -rf "$PERSONA_STORE"
+PROMPT="Paraphrase the following tweet without any explanation before or after it:"
+
+step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
+
+step "Ingest 40 example users, each writing in a planted style (examples/users.jsonl)"
+persona ingest examples/users.jsonl --task LaMP-7
+
+step "What the store holds"
+persona store info
+
+step "A few users"
+persona users list --limit 5
+
+step "User 4 writes in British spelling: the latest items of their history"
+persona users show 4 --items 5
+
+step "Search user 4's history by meaning (LanceDB vector search over the stored vectors)"
+persona search --user 4 "what colour do I like" --k 3
+
+step "Generate for user 4 with the frozen embedded SmolLM2 (not personalized yet)"
+persona generate --user 4 "$PROMPT My favorite color has always been a deep shade of blue."
+
+step "Bad input is refused with file, line and field, and the store is left as it was"
+printf '{"user_id": "99", "history": [{"id": "a", "text": ""}]}\n' > .persona-demo/bad.jsonl
+persona ingest .persona-demo/bad.jsonl --task LaMP-7 || echo "(exit code $?, store unchanged)"
+persona store info --json | python3 -c "import json,sys; print({t['table']: t['rows'] for t in json.load(sys.stdin)['tables']})"

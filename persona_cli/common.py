@@ -1,0 +1,84 @@
+"""What every command shares: the store option, one-line errors, JSON output and progress bars."""
+
+from __future__ import annotations
+
+import functools
+import json
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from recipes import PersonaError
+from store import Store
+
+console = Console()
+err_console = Console(stderr=True)
+
+JsonOption = typer.Option(False, "--json", help="Print a JSON object for scripts instead of tables.")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
+
+
+def open_store(ctx: typer.Context) -> Store:
+    """The store named by --store / PERSONA_STORE (opened once per command)."""
+    state = ctx.ensure_object(dict)
+    if "store" not in state:
+        state["store"] = Store(state.get("store_path"))
+    return state["store"]
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn the user's mistakes (PersonaError) into one red line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PersonaError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output on stdout, nothing else printed there."""
+    typer.echo(json.dumps(data, ensure_ascii=False, default=str, indent=2))
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """A recipes Progress callback drawn as a rich bar on stderr (silent when disabled)."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total or None)
+            bar.update(tasks[stage], completed=done, total=total or None)
+
+        yield update
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"

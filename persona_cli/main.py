@@ -1,0 +1,38 @@
+"""The `persona` Typer app: global options and the command groups."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from persona_cli import generate_cmd, ingest_cmd, search_cmd, store_cmd, users_cmd
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(
+    name="persona",
+    help="Personalize LLMs for many users from their past behaviour (PPlug, Per-Pcs and baselines).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    store: Optional[str] = typer.Option(
+        None, "--store", envvar="PERSONA_STORE", help="Store directory or URI (default: a per-user data directory)."
+    ),
+) -> None:
+    """Global options apply to every command."""
+    ctx.ensure_object(dict)["store_path"] = store
+
+
+app.command("ingest")(ingest_cmd.ingest)
+app.command("search")(search_cmd.search)
+app.command("generate")(generate_cmd.generate)
+app.add_typer(store_cmd.app, name="store")
+app.add_typer(users_cmd.app, name="users")
