@@ -41,14 +41,13 @@ def ingest(
     source = (
         lamp_source(path, task_spec, outputs, split) if kind == "lamp" else users_jsonl_source(path, task_spec, split)
     )
-    model = load_encoder(encoder, device)
     with progress_bar(enabled=not json_out) as tick:
-        summary = run_ingest(store, source, model, batch_size=batch_size, progress=tick)
-    summary = {"store": store.uri, "task": task_spec.name, "encoder": model.id, **summary}
+        summary = run_ingest(store, source, lambda: load_encoder(encoder, device), batch_size=batch_size, progress=tick)
+    summary = {"store": store.uri, "task": task_spec.name, "encoder": store.encoder()[0], **summary}
     if json_out:
         print_json(summary)
         return
-    table = Table(title=f"ingested {path}", show_header=False)
+    table = Table(title=f"ingested {path.name}", show_header=False)
     for key in ("store", "task", "encoder", "users", "items", "queries", "seconds", "items_per_s"):
         table.add_row(key, str(summary[key]))
     console.print(table)

@@ -212,6 +212,8 @@ def read_lamp_outputs(path: str | Path, task: Task) -> dict[str, str]:
             data = json.load(handle)
     except json.JSONDecodeError as exc:
         raise InputError(path, f"line {exc.lineno}", None, f"not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "file", None, "is not UTF-8 text") from None
     _obj(data, errors.at(None))
     if "golds" not in data:
         raise errors.at("golds")("is missing")

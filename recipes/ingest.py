@@ -37,11 +37,14 @@ def lamp_source(
 def ingest(
     store: Store,
     source: Callable[[], Iterator[UserInput]],
-    encoder: Encoder,
+    encoder: Encoder | Callable[[], Encoder],
     batch_size: int = 64,
     progress: Optional[Progress] = None,
 ) -> dict[str, float]:
-    """Validate all of `source`, then embed and upsert it; on any error the store is unchanged."""
+    """Validate all of `source`, then embed and upsert it; on any error the store is unchanged.
+
+    `encoder` may be a loader, called only once the input has proved valid.
+    """
     tick = report(progress)
     started = time.perf_counter()
     queries: list[Query] = []
@@ -54,6 +57,8 @@ def ingest(
         queries.extend(user.queries)
         n_items += len(user.items)
         tick("validating", n_items, 0)
+    if not isinstance(encoder, Encoder):
+        encoder = encoder()
     store.check_encoder(encoder.id, encoder.dim)
     repeated = {uid for uid, count in occurrences.items() if count > 1}
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real embedded models (loaded once), tiny random models, data paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "users.jsonl"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared(*parts: str) -> Path:
+    """A file of ../shared/data, or skip the test when the data is not beside the checkout."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from recipes.backbones import load_encoder
+
+    return load_encoder(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from recipes.backbones import load_llm
+
+    return load_llm(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    from recipes.backbones import embedded_llm_cache
+
+    return embedded_llm_cache()
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def few_users(tmp_path: Path) -> Path:
+    """The first 3 example users, as a small users.jsonl."""
+    lines = EXAMPLES.read_text(encoding="utf-8").splitlines()[:3]
+    path = tmp_path / "few.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,93 @@
+"""The CLI as a user drives it: ingest, store, users, search, generate, with --json and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import EXAMPLES
+from persona_cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "store"
+    result = runner.invoke(app, ["--store", str(path), "ingest", str(EXAMPLES), "--task", "LaMP-7", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["users"], summary["items"], summary["queries"]) == (40, 1057, 120)
+    assert summary["encoder"] == "all-MiniLM-L6-v2" and summary["seconds"] > 0
+    return path
+
+
+def _json(store, *args):
+    result = runner.invoke(app, ["--store", str(store), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_store_info_and_optimize(demo_store):
+    info = _json(demo_store, "store", "info")
+    assert {t["table"]: t["rows"] for t in info["tables"]} == {"behaviors": 1057, "queries": 120, "users": 40}
+    assert info["disk_bytes"] > 0 and info["encoder_dim"] == 384
+    optimized = _json(demo_store, "store", "optimize")
+    assert optimized["disk_bytes_after"] > 0
+
+
+def test_users_list_and_show(demo_store):
+    listing = _json(demo_store, "users", "list", "--limit", "5")
+    assert listing["total"] == 40 and [u["user_id"] for u in listing["users"]] == ["0", "1", "2", "3", "4"]
+    shown = _json(demo_store, "users", "show", "4")
+    assert shown["user"]["metadata"] == {"style": "british"}
+    assert len(shown["history"]) == shown["user"]["n_items"] and len(shown["queries"]) == 3
+    table = runner.invoke(app, ["--store", str(demo_store), "users", "show", "4", "--items", "3"])
+    assert table.exit_code == 0 and "history (latest 3 of" in table.output
+
+
+def test_search_finds_the_users_own_nearest_items(demo_store):
+    shown = _json(demo_store, "users", "show", "4")
+    target = shown["history"][5]["text"]
+    hits = _json(demo_store, "search", "--user", "4", target, "--k", "3")
+    own_ids = {item["item_id"] for item in shown["history"]}
+    assert len(hits) == 3 and {h["item_id"] for h in hits} <= own_ids
+    assert hits[0]["text"] == target and hits[0]["score"] > 0.99
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+
+def test_store_from_environment_variable(demo_store, monkeypatch):
+    monkeypatch.setenv("PERSONA_STORE", str(demo_store))
+    result = runner.invoke(app, ["users", "list", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["total"] == 40
+
+
+def test_generate_with_the_embedded_llm(demo_store):
+    prompt = "Paraphrase the following tweet without any explanation before or after it: I love my new bike."
+    out = _json(demo_store, "generate", "--user", "4", prompt, "--max-new-tokens", "24")
+    assert out["llm"] == "SmolLM2-135M-Instruct" and out["method"] == "none" and out["output"].strip()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["users", "show", "nobody"], "no user 'nobody'"),
+        (["search", "--user", "nobody", "x"], "no user 'nobody'"),
+        (["generate", "--user", "nobody", "x"], "no user 'nobody'"),
+        (["generate", "--user", "4", "--method", "pplug", "x"], "--method pplug is not available"),
+        (["ingest", str(EXAMPLES), "--split", "holdout"], "--split must be train, dev or test"),
+        (["ingest", "--format", "lamp", str(EXAMPLES)], "--format lamp needs --task"),
+        (["ingest", str(EXAMPLES), "--task", "LaMP-9"], "unknown LaMP task 'LaMP-9'"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(demo_store, args, message):
+    result = runner.invoke(app, ["--store", str(demo_store), *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0 and message in result.output
+
+
+def test_search_on_an_empty_store_says_what_to_do(tmp_path):
+    result = runner.invoke(app, ["--store", str(tmp_path / "empty"), "search", "--user", "1", "x"])
+    assert result.exit_code == 2 and "run persona ingest first" in result.output

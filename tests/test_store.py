@@ -1,0 +1,152 @@
+"""The store: round trip, rollback, format version, encoder checks, vector search, maintenance."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from store import Behavior, Query, Store, StoreError
+from store.db import FORMAT_VERSION
+
+
+def _unit(seed: int, dim: int = 8) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _items(user: str, n: int, dim: int = 8) -> list[Behavior]:
+    return [
+        Behavior(
+            item_id=f"i{k}",
+            user_id=user,
+            task="LaMP-7",
+            text=f"{user} item {k}",
+            fields={"text": f"{user} item {k}", "score": k},
+            timestamp=datetime(2024, 1, 1 + k),
+            vector=_unit(hash((user, k)) % 1000, dim),
+        )
+        for k in range(n)
+    ]
+
+
+def _fill(store: Store, dim: int = 8) -> None:
+    queries = [Query("q1", "alice", "LaMP-7", "rewrite this", "gold", "dev"), Query("q2", "bob", "LaMP-7", "x", None, "test")]
+    store.ingest([_items("alice", 3, dim), _items("bob", 2, dim)], queries, {"alice": {"style": "caps"}, "bob": {}}, "enc", dim)
+
+
+def test_round_trip(tmp_path):
+    store = Store(tmp_path / "s")
+    _fill(store)
+    reopened = Store(tmp_path / "s")
+    alice = reopened.get_user("alice")
+    assert (alice.n_items, alice.n_queries, alice.metadata) == (3, 1, {"style": "caps"})
+    assert alice.first_ts == datetime(2024, 1, 1) and alice.last_ts == datetime(2024, 1, 3)
+    history = reopened.user_history("alice", with_vectors=True)
+    assert [b.item_id for b in history] == ["i0", "i1", "i2"]
+    assert history[1].fields == {"text": "alice item 1", "score": 1}
+    assert history[0].encoder == "enc"
+    np.testing.assert_allclose(history[2].vector, _items("alice", 3)[2].vector, rtol=1e-6)
+    assert [q.query_id for q in reopened.user_queries("alice")] == ["q1"]
+    assert reopened.user_queries("bob")[0].output is None
+    assert [u.user_id for u in reopened.list_users()] == ["alice", "bob"]
+    assert reopened.encoder() == ("enc", 8)
+
+
+def test_reingest_updates_instead_of_duplicating(tmp_path):
+    store = Store(tmp_path / "s")
+    _fill(store)
+    changed = _items("alice", 3)
+    changed[0].text = "edited"
+    store.ingest([changed], [Query("q1", "alice", "LaMP-7", "new input", "gold", "dev")], {"alice": {}}, "enc", 8)
+    assert store.count("behaviors") == 5 and store.count("queries") == 2 and store.count("users") == 2
+    assert store.user_history("alice")[0].text == "edited"
+    assert store.user_queries("alice")[0].input == "new input"
+
+
+def test_failure_midway_rolls_every_table_back(tmp_path):
+    store = Store(tmp_path / "s")
+    _fill(store)
+    before = _snapshot(store)
+
+    def broken():
+        yield _items("carol", 2)
+        raise RuntimeError("encoder crashed")
+
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        store.ingest(broken(), [Query("q9", "carol", "LaMP-7", "y")], {"carol": {}}, "enc", 8)
+    assert _snapshot(store) == before
+
+
+def test_failure_on_a_new_store_leaves_no_tables(tmp_path):
+    store = Store(tmp_path / "s")
+
+    def broken():
+        raise ValueError("bad")
+        yield  # pragma: no cover
+
+    with pytest.raises(ValueError):
+        store.ingest(broken(), [], {"a": {}}, "enc", 8)
+    assert store.table_names() == []
+
+
+def test_unknown_format_version_is_a_clear_error(tmp_path):
+    store = Store(tmp_path / "s")
+    _fill(store)
+    store._set_meta({"format_version": str(FORMAT_VERSION + 98)})
+    with pytest.raises(StoreError, match=f"format version {FORMAT_VERSION + 98}"):
+        Store(tmp_path / "s")
+
+
+def test_foreign_lancedb_directory_is_refused(tmp_path):
+    lancedb.connect(tmp_path / "other").create_table("things", data=pa.table({"x": [1]}))
+    with pytest.raises(StoreError, match="not a persona store"):
+        Store(tmp_path / "other")
+
+
+def test_vectors_of_another_encoder_are_refused(tmp_path):
+    store = Store(tmp_path / "s")
+    _fill(store)
+    before = _snapshot(store)
+    with pytest.raises(StoreError, match="encoder 'enc'"):
+        store.ingest([_items("carol", 1)], [], {"carol": {}}, "other-encoder", 8)
+    with pytest.raises(StoreError, match="16-d"):
+        store.check_encoder("enc", 16)
+    assert _snapshot(store) == before
+
+
+def test_search_stays_inside_one_users_history(tmp_path):
+    store = Store(tmp_path / "s")
+    _fill(store)
+    target = store.user_history("bob", with_vectors=True)[1]
+    hits = store.search_history("bob", target.vector, k=5)
+    assert [h.item.user_id for h in hits] == ["bob", "bob"]
+    assert hits[0].item.item_id == target.item_id and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].score >= hits[1].score
+
+
+def test_info_and_optimize(tmp_path):
+    store = Store(tmp_path / "s")
+    _fill(store)
+    store.ingest([_items("carol", 2)], [], {"carol": {}}, "enc", 8)
+    info = store.info()
+    rows = {t["table"]: t["rows"] for t in info["tables"]}
+    assert rows == {"behaviors": 7, "queries": 2, "users": 3}
+    assert info["format_version"] == FORMAT_VERSION and info["encoder"] == "enc" and info["disk_bytes"] > 0
+    result = store.optimize(prune_versions=True)
+    assert result["disk_bytes_after"] > 0
+    assert {t["table"]: t["rows"] for t in store.info()["tables"]} == rows
+    assert all(t["versions"] >= 1 for t in store.info()["tables"])
+
+
+def _snapshot(store: Store) -> dict:
+    users = store.list_users()
+    return {
+        "users": [u.__dict__ for u in users],
+        "items": {u.user_id: [(b.item_id, b.text) for b in store.user_history(u.user_id)] for u in users},
+        "queries": {u.user_id: [q.__dict__ for q in store.user_queries(u.user_id)] for u in users},
+        "counts": {name: store.count(name) for name in ("users", "behaviors", "queries")},
+    }
