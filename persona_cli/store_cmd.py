@@ -30,7 +30,7 @@ def info(ctx: typer.Context, json_out: bool = JsonOption) -> None:
 @handle_errors
 def optimize(
     ctx: typer.Context,
-    prune_versions: bool = typer.Option(False, "--prune-versions", help="Also delete old untagged table versions."),
+    prune_versions: bool = typer.Option(False, "--prune-versions", help="Also delete old untagged table versions (do not run while another process uses the store)."),
     json_out: bool = JsonOption,
 ) -> None:
     """Compact small fragments (many ingests leave many) and refresh indices."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -348,8 +349,10 @@ class Store:
         before = _disk_bytes(self.uri)
         for name in self.table_names():
             table = self._db.open_table(name)
-            if prune_versions:
-                table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+            if prune_versions:  # asked for explicitly: LanceDB's warning about concurrent readers is the CLI's help text
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
             else:
                 table.optimize()
         return {"disk_bytes_before": before, "disk_bytes_after": _disk_bytes(self.uri)}
