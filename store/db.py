@@ -37,6 +37,12 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _user_filter(user_id: str, task: str | None) -> str:
+    """SQL filter for one user's rows, optionally of one task."""
+    where = f"user_id = {_sql_str(user_id)}"
+    return where + f" AND task = {_sql_str(task)}" if task else where
+
+
 def _in_list(column: str, values: Iterable[str]) -> str:
     return f"{column} IN ({', '.join(_sql_str(v) for v in values)})"
 
@@ -272,9 +278,7 @@ class Store:
         table = self._open(BEHAVIORS)
         if table is None:
             return []
-        where = f"user_id = {_sql_str(user_id)}"
-        if task:
-            where += f" AND task = {_sql_str(task)}"
+        where = _user_filter(user_id, task)
         columns = [f.name for f in table.schema if with_vectors or f.name != "vector"]
         data = _scan(table, where, columns)
         items = [_behavior_from_row(r) for r in data.to_pylist()]
@@ -285,9 +289,7 @@ class Store:
         table = self._open(QUERIES)
         if table is None:
             return []
-        where = f"user_id = {_sql_str(user_id)}"
-        if task:
-            where += f" AND task = {_sql_str(task)}"
+        where = _user_filter(user_id, task)
         data = _scan(table, where)
         queries = [Query(**r) for r in data.to_pylist()]
         queries.sort(key=lambda q: _id_sort_key(q.query_id))
@@ -300,9 +302,7 @@ class Store:
         table = self._open(BEHAVIORS)
         if table is None:
             return []
-        where = f"user_id = {_sql_str(user_id)}"
-        if task:
-            where += f" AND task = {_sql_str(task)}"
+        where = _user_filter(user_id, task)
         result = (
             table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
             .metric("cosine")
