@@ -43,7 +43,7 @@ def ingest(
     )
     with progress_bar(enabled=not json_out) as tick:
         summary = run_ingest(store, source, lambda: load_encoder(encoder, device), batch_size=batch_size, progress=tick)
-    summary = {"store": store.uri, "task": task_spec.name, "encoder": store.encoder()[0], **summary}
+    summary = {"store": store.uri, "task": task_spec.name, **summary}
     if json_out:
         print_json(summary)
         return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from recipes.backbones import Encoder
 from recipes.data import UserInput, read_lamp_outputs, read_lamp_questions, read_users_jsonl
@@ -40,7 +40,7 @@ def ingest(
     encoder: Encoder | Callable[[], Encoder],
     batch_size: int = 64,
     progress: Optional[Progress] = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Validate all of `source`, then embed and upsert it; on any error the store is unchanged.
 
     `encoder` may be a loader, called only once the input has proved valid.
@@ -75,7 +75,7 @@ def ingest(
 
     counts = store.ingest(embedded_batches(), queries, metadata, encoder.id, encoder.dim)
     seconds = time.perf_counter() - started
-    return {**counts, "seconds": round(seconds, 3), "items_per_s": round(counts["items"] / seconds, 1) if seconds else 0.0}
+    return {**counts, "encoder": encoder.id, "seconds": round(seconds, 3), "items_per_s": round(counts["items"] / seconds, 1) if seconds else 0.0}
 
 
 def _unique_items(users: Iterable[UserInput], repeated: set[str], encoder_id: str) -> Iterator[Behavior]:
