@@ -1,10 +1,18 @@
-"""Batched greedy generation: the one code path every method's prompts go through."""
+"""Batched greedy generation and label ranking: the one code path every method's prompts go through.
+
+Prompts are sorted by length before batching (less padding) and answers come back in the
+caller's order. Causal LMs run a greedy loop of our own over a left-padded batch with a KV
+cache, dropping rows from the batch as soon as they finish, so one long answer does not keep
+a whole batch of finished rows busy. Seq2seq LMs use transformers' generate.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from recipes.backbones import LLM
 from recipes.progress import Progress, report
@@ -18,6 +26,43 @@ def render_prompt(llm: LLM, prompt: str) -> str:
     return prompt
 
 
+def prompt_token_ids(llm: LLM, prompt: str, max_input_tokens: int = 1024) -> list[int]:
+    """Token ids of one rendered prompt; an over-long prompt keeps its beginning and the answer header."""
+    tokenizer = llm.tokenizer
+    ids = tokenizer(render_prompt(llm, prompt), add_special_tokens=not llm.is_chat)["input_ids"]
+    if len(ids) <= max_input_tokens:
+        return ids
+    header = tokenizer(render_prompt(llm, ""), add_special_tokens=not llm.is_chat)["input_ids"]
+    content = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    shortened = tokenizer.decode(content[: max(1, max_input_tokens - len(header))])
+    return tokenizer(render_prompt(llm, shortened), add_special_tokens=not llm.is_chat)["input_ids"]
+
+
+def stop_token_ids(llm: LLM) -> set[int]:
+    """Tokens that end an answer: the tokenizer's eos and whatever the model's generation config lists."""
+    stops = {llm.tokenizer.eos_token_id}
+    configured = getattr(getattr(llm.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        stops.add(configured)
+    elif configured:
+        stops.update(configured)
+    return {s for s in stops if s is not None}
+
+
+def _length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _left_padded(llm: LLM, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    pad = llm.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=llm.device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=llm.device)
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate(
     llm: LLM,
@@ -27,29 +72,230 @@ def generate(
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
 ) -> list[str]:
-    """Greedy continuations of `prompts`, in order; batches are left-padded for causal LMs."""
+    """Greedy answers to `prompts`, in the order given."""
     tick = report(progress)
-    outputs: list[str] = []
-    tokenizer = llm.tokenizer
+    encoded = [prompt_token_ids(llm, p, max_input_tokens) for p in prompts]
+    outputs: list[str] = [""] * len(prompts)
+    done = 0
     tick("generating", 0, len(prompts))
-    for start in range(0, len(prompts), batch_size):
-        texts = [render_prompt(llm, p) for p in prompts[start : start + batch_size]]
-        encoded = tokenizer(
-            texts,
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_input_tokens,
-            add_special_tokens=not llm.is_chat,
-        ).to(llm.device)
-        generated = llm.model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new_tokens = generated if llm.is_seq2seq else generated[:, encoded["input_ids"].shape[1] :]
-        outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        tick("generating", len(outputs), len(prompts))
+
+    def finish(row: int, tokens: list[int]) -> None:
+        nonlocal done
+        outputs[row] = llm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        done += 1
+        tick("generating", done, len(prompts))
+
+    order = [i for batch in _length_sorted_batches([len(e) for e in encoded], len(encoded) or 1) for i in batch]
+    if llm.is_seq2seq:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            for row, tokens in zip(rows, _greedy_seq2seq(llm, [encoded[i] for i in rows], max_new_tokens)):
+                finish(row, tokens)
+    else:
+        _greedy_causal(llm, encoded, order, batch_size, max_new_tokens, finish)
     return outputs
+
+
+class _Rows:
+    """Rows being decoded together: KV cache, left-padded attention mask, next position, last logits."""
+
+    def __init__(self, llm: LLM, batch: list[list[int]], rows: list[int]) -> None:
+        input_ids, self.mask = _left_padded(llm, batch)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.llm, self.rows = llm, list(rows)
+        self.cache = DynamicCache(config=llm.model.config)
+        self.logits = llm.model(
+            input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1]  # fmt: skip
+        self.next_position = positions[:, -1] + 1
+
+    def can_join(self) -> bool:
+        """Joining needs plain growing caches (their tensors can be padded and concatenated)."""
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def join(self, other: "_Rows") -> None:
+        """Add other's rows to this batch: the shorter cache is left-padded, so every row stays left-padded."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, -1), _pad_left(other.mask, width, -1)])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows += other.rows
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only these slots, and drop cache columns that are padding in every remaining row."""
+        if len(slots) < len(self.rows):
+            index = torch.tensor(slots, device=self.llm.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.next_position, self.logits = self.mask[index], self.next_position[index], self.logits[index]
+            self.rows = [self.rows[s] for s in slots]
+            first = int(self.mask.any(0).int().argmax())
+            if first > 0 and self.can_join():
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+                self.mask = self.mask[:, first:]
+
+    def step(self, tokens: torch.Tensor) -> None:
+        """Feed one token per row."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.logits = self.llm.model(
+            input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
+            past_key_values=self.cache, use_cache=True,
+        ).logits[:, -1]  # fmt: skip
+        self.next_position = self.next_position + 1
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _greedy_causal(
+    llm: LLM, encoded: list[list[int]], order: list[int], batch_size: int, max_new_tokens: int, finish
+) -> None:
+    """Greedy decoding with continuous batching: a finished row leaves the batch at once, and when a
+    quarter of the batch is free, waiting prompts are prefilled and join the rows still decoding."""
+    stops = stop_token_ids(llm)
+    pending = list(order)
+    answers: dict[int, list[int]] = {}
+    live: _Rows | None = None
+    refill_at = max(1, batch_size // 4)
+    while pending or live is not None:
+        free = batch_size - (len(live.rows) if live else 0)
+        if pending and (live is None or (free >= refill_at and live.can_join())):
+            admitted, pending = pending[:free], pending[free:]
+            fresh = _Rows(llm, [encoded[i] for i in admitted], admitted)
+            answers.update({row: [] for row in admitted})
+            if live is None:
+                live = fresh
+            else:
+                live.join(fresh)
+        tokens = live.logits.argmax(-1)
+        keep = []
+        for slot, (row, token) in enumerate(zip(live.rows, tokens.tolist())):
+            if token not in stops:
+                answers[row].append(token)
+            if token in stops or len(answers[row]) >= max_new_tokens:
+                finish(row, answers.pop(row))
+            else:
+                keep.append(slot)
+        if not keep:
+            live = None
+            continue
+        live.keep(keep)
+        live.step(tokens[torch.tensor(keep, device=llm.device)] if len(keep) < len(tokens) else tokens)
+
+
+def _greedy_seq2seq(llm: LLM, batch: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    tokenizer = llm.tokenizer
+    encoded = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(llm.device)
+    generated = llm.model.generate(
+        **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id
+    )
+    stops = stop_token_ids(llm) | {tokenizer.pad_token_id}
+    return [[t for t in row.tolist() if t not in stops] for row in generated]
+
+
+# ---------- answering from a label set by log-likelihood ----------
+
+
+def label_token_ids(llm: LLM, label: str) -> list[int]:
+    """The tokens of a label as an answer: for chat and seq2seq models the end-of-answer token too,
+    so that a label that is a prefix of another ('style' / 'style & beauty') is not favoured."""
+    ids = llm.tokenizer(label, add_special_tokens=False)["input_ids"]
+    if llm.is_chat or llm.is_seq2seq:
+        ids = ids + [llm.tokenizer.eos_token_id]
+    return ids
+
+
+@torch.inference_mode()
+def label_logprobs(
+    llm: LLM,
+    prompts: list[str],
+    labels: list[str],
+    batch_size: int = 8,
+    max_input_tokens: int = 1024,
+    progress: Optional[Progress] = None,
+) -> torch.Tensor:
+    """log P(label | prompt) for every prompt and label, shape (prompts, labels).
+
+    The prompt runs once; its KV cache is then shared by all labels of that prompt.
+    """
+    tick = report(progress)
+    encoded = [prompt_token_ids(llm, p, max_input_tokens) for p in prompts]
+    label_ids = [label_token_ids(llm, label) for label in labels]
+    scores = torch.zeros(len(prompts), len(labels))
+    done = 0
+    tick("ranking labels", 0, len(prompts))
+    for rows in _length_sorted_batches([len(e) for e in encoded], batch_size):
+        batch = [encoded[i] for i in rows]
+        score = _score_seq2seq(llm, batch, label_ids) if llm.is_seq2seq else _score_causal(llm, batch, label_ids)
+        scores[rows] = score.float().cpu()
+        done += len(rows)
+        tick("ranking labels", done, len(prompts))
+    return scores
+
+
+def rank_labels(
+    llm: LLM,
+    prompts: list[str],
+    labels: list[str],
+    batch_size: int = 8,
+    max_input_tokens: int = 1024,
+    progress: Optional[Progress] = None,
+) -> list[str]:
+    """For each prompt, the label the LLM finds most likely (ties go to the earlier label)."""
+    scores = label_logprobs(llm, prompts, labels, batch_size, max_input_tokens, progress)
+    return [labels[int(i)] for i in scores.argmax(dim=1)]
+
+
+def _label_matrix(llm: LLM, label_ids: list[list[int]], repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded label tokens for `repeats` prompts (label-major within a prompt) and their validity mask."""
+    width = max(len(ids) for ids in label_ids)
+    pad = llm.tokenizer.pad_token_id
+    one = torch.tensor([ids + [pad] * (width - len(ids)) for ids in label_ids], device=llm.device)
+    valid = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in label_ids], device=llm.device)
+    return one.repeat(repeats, 1), valid.repeat(repeats, 1)
+
+
+def _score_causal(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) -> torch.Tensor:
+    model = llm.model
+    n_labels = len(label_ids)
+    input_ids, mask = _left_padded(llm, batch)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    first = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions,
+        past_key_values=cache, use_cache=True, logits_to_keep=1,
+    ).logits[:, -1]  # fmt: skip
+    cache.batch_repeat_interleave(n_labels)
+    labels, valid = _label_matrix(llm, label_ids, len(batch))
+    width = labels.shape[1]
+    full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), torch.ones_like(labels)], dim=1)
+    label_positions = positions[:, -1:].repeat_interleave(n_labels, 0) + 1 + torch.arange(width, device=llm.device)
+    rest = model(input_ids=labels, attention_mask=full_mask, position_ids=label_positions, past_key_values=cache).logits
+    logits = torch.cat([first.repeat_interleave(n_labels, 0)[:, None], rest[:, :-1]], dim=1)
+    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+    return (token_logprobs * valid).sum(-1).view(len(batch), n_labels)
+
+
+def _score_seq2seq(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) -> torch.Tensor:
+    model = llm.model
+    n_labels = len(label_ids)
+    encoded = llm.tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(llm.device)
+    hidden = model.get_encoder()(**encoded).last_hidden_state.repeat_interleave(n_labels, 0)
+    labels, valid = _label_matrix(llm, label_ids, len(batch))
+    start = torch.full((labels.shape[0], 1), model.config.decoder_start_token_id, device=llm.device)
+    logits = model(
+        encoder_outputs=(hidden,), attention_mask=encoded["attention_mask"].repeat_interleave(n_labels, 0),
+        decoder_input_ids=torch.cat([start, labels[:, :-1]], dim=1),
+    ).logits  # fmt: skip
+    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+    return (token_logprobs * valid).sum(-1).view(len(batch), n_labels)

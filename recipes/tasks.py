@@ -1,40 +1,187 @@
-"""Registry of LaMP tasks: names and which item fields form the document text."""
+"""Registry of LaMP tasks: labels, document fields, query extraction, prompt templates, metrics.
+
+Everything that differs between LaMP tasks lives here, so that retrieval, prompting,
+generation and scoring stay task-agnostic.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from recipes import PersonaError
+from recipes import metrics as lamp_metrics
+
+CLASSIFICATION, RATING, GENERATION = "classification", "rating", "generation"
+
+MOVIE_TAGS = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
+    "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
+)  # fmt: skip
+NEWS_CATEGORIES = (
+    "women", "religion", "politics", "style & beauty", "entertainment", "culture & arts", "sports",
+    "science & technology", "travel", "business", "crime", "education", "healthy living", "parents",
+    "food & drink",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Task:
-    """A LaMP task, or a custom task whose items carry their own `text`."""
+    """A LaMP task, or a custom generation task whose items carry their own `text`.
+
+    `item_template` formats one retrieved history item for a RAG prompt (LaMP style: the item
+    together with the user's own answer for it); `query_marker` is the text after which the
+    input holds the part that retrieval searches with.
+    """
 
     name: str
     doc_fields: tuple[str, ...]
     description: str
+    kind: str = GENERATION
+    labels: tuple[str, ...] = ()
+    query_marker: str | None = None
+    rag_header: str = "Items from this user's history:"
+    item_template: str = '"{text}"'
+    pag_instruction: str = "Describe this user's interests and writing style in two or three sentences, based on their past items."
+    max_new_tokens: int = 64
+    lamp_name: str | None = field(default=None)
+
+    # ---------- documents and queries ----------
 
     def document(self, item: dict) -> str:
         """The text embedded and retrieved for one history item of this task."""
         parts = [str(item[f]).strip() for f in self.doc_fields if item.get(f) is not None]
         return " ".join(p for p in parts if p)
 
+    def query_text(self, task_input: str) -> str:
+        """The part of a LaMP input that retrieval searches with (the whole input if no marker is found)."""
+        if self.name == "LaMP-1":
+            refs = re.findall(r'\[\d\]\s*:\s*"(.*?)"', task_input, flags=re.DOTALL)
+            if refs:
+                return " ".join(refs)
+        if self.query_marker:
+            position = task_input.lower().find(self.query_marker.lower())
+            if position >= 0:
+                rest = task_input[position + len(self.query_marker) :].strip()
+                if rest:
+                    return rest
+        return task_input
+
+    def render_item(self, item: dict, text: str) -> str:
+        """One history item as a line of a RAG prompt; missing fields render as empty strings."""
+        values = {key: "" if value is None else str(value) for key, value in item.items()}
+        values["text"] = values.get("text") or text
+        return self.item_template.format_map(_Blank(values))
+
+    # ---------- answers and metrics ----------
+
+    @property
+    def is_classification(self) -> bool:
+        """True when answers come from a fixed label set (which also makes ranking possible)."""
+        return self.kind in (CLASSIFICATION, RATING)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return {CLASSIFICATION: ("accuracy", "f1"), RATING: ("mae", "rmse")}.get(self.kind, ("rouge-1", "rouge-L"))
+
+    def normalize(self, output: str) -> str:
+        """Map a free-form answer onto the task's label set where that is unambiguous.
+
+        Generation answers are only stripped. A label answer is trimmed of quotes, brackets
+        and a final period and matched case-insensitively; if the text instead mentions
+        exactly one label, that label is the answer. Anything else stays as written (and
+        scores as wrong, as in LaMP).
+        """
+        text = output.strip()
+        if not self.is_classification:
+            return text
+        first_line = text.splitlines()[0].strip() if text else ""
+        core = first_line.strip(" \t\"'`*.").lower()
+        by_lower = {label.lower(): label for label in self.labels}
+        for candidate in (core, core.strip("[]"), f"[{core.strip('[]')}]"):
+            if candidate in by_lower:
+                return by_lower[candidate]
+        if self.kind == RATING:
+            number = re.match(r"^\s*([0-9](?:\.[0-9]+)?)\b", core)
+            return number.group(1) if number else first_line
+        mentioned = [label for label in self.labels if re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", text.lower())]
+        if len(mentioned) == 1:
+            return mentioned[0]
+        return first_line
+
+    def score(self, predictions: list[str], golds: list[str]) -> dict[str, float]:
+        """LaMP's metrics of this task over (prediction, gold) pairs."""
+        if self.kind == CLASSIFICATION:
+            return lamp_metrics.classification_metrics(predictions, golds, list(self.labels))
+        if self.kind == RATING:
+            return lamp_metrics.rating_metrics(predictions, golds, list(self.labels))
+        return lamp_metrics.generation_metrics(predictions, golds)
+
+    def higher_is_better(self, metric: str) -> bool:
+        return metric not in ("mae", "rmse")
+
+
+class _Blank(dict):
+    """format_map helper: a field the item lacks renders as an empty string, not a KeyError."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        Task("LaMP-1", ("title", "abstract"), "citation identification"),
-        Task("LaMP-2", ("description",), "movie tagging"),
-        Task("LaMP-2N", ("text",), "news categorization"),
-        Task("LaMP-3", ("text",), "product rating"),
-        Task("LaMP-4", ("title", "text"), "news headline generation"),
-        Task("LaMP-5", ("title", "abstract"), "scholarly title generation"),
-        Task("LaMP-6", ("text",), "email subject generation"),
-        Task("LaMP-7", ("text",), "tweet paraphrasing"),
+        Task(
+            "LaMP-1", ("title", "abstract"), "citation identification", CLASSIFICATION, ("[1]", "[2]"),
+            rag_header="Titles of papers this author has written:", item_template='"{title}"',
+            pag_instruction="Describe in two or three sentences the research topics of the author of these papers.",
+            max_new_tokens=4, lamp_name="LaMP_1",
+        ),
+        Task(
+            "LaMP-2", ("description",), "movie tagging", CLASSIFICATION, MOVIE_TAGS, "description:",
+            rag_header="How this user tagged other movies:", item_template='the tag for the movie "{description}" is "{tag}"',
+            pag_instruction="Describe in two or three sentences what kinds of movies this user tags and how.",
+            max_new_tokens=8, lamp_name="LaMP_2",
+        ),
+        Task(
+            "LaMP-2N", ("text",), "news categorization", CLASSIFICATION, NEWS_CATEGORIES, "article:",
+            rag_header="How this journalist categorized other articles:",
+            item_template='the category for the article "{text}" is "{category}"',
+            pag_instruction="Describe in two or three sentences which topics this journalist writes about and how they categorize them.",
+            max_new_tokens=8, lamp_name="LaMP_2N",
+        ),
+        Task(
+            "LaMP-3", ("text",), "product rating", RATING, ("1", "2", "3", "4", "5"), "review:",
+            rag_header="This user's other reviews and the scores they gave:", item_template='{score} is the score for "{text}"',
+            pag_instruction="Describe in two or three sentences how this user rates products and what they value.",
+            max_new_tokens=4, lamp_name="LaMP_3",
+        ),
+        Task(
+            "LaMP-4", ("title", "text"), "news headline generation", query_marker="article:",
+            rag_header="Headlines this journalist wrote for other articles:", item_template='"{title}" is the title for "{text}"',
+            pag_instruction="Describe in two or three sentences the style of the headlines this journalist writes.",
+            max_new_tokens=32, lamp_name="LaMP_4",
+        ),
+        Task(
+            "LaMP-5", ("title", "abstract"), "scholarly title generation", query_marker="abstract:",
+            rag_header="Titles this scholar gave other papers:", item_template='"{title}" is the title for "{abstract}"',
+            pag_instruction="Describe in two or three sentences the research topics and title style of this scholar.",
+            max_new_tokens=32, lamp_name="LaMP_5",
+        ),
+        Task(
+            "LaMP-6", ("text",), "email subject generation", query_marker="email:",
+            rag_header="Subjects this user wrote for other emails:", item_template='"{title}" is the subject for "{text}"',
+            pag_instruction="Describe in two or three sentences how this user writes email subjects.",
+            max_new_tokens=32, lamp_name="LaMP_6",
+        ),
+        Task(
+            "LaMP-7", ("text",), "tweet paraphrasing", query_marker="before or after it:",
+            rag_header="Tweets this user has written:", item_template='"{text}"',
+            pag_instruction="Describe in two or three sentences the writing style of the person who wrote these tweets (tone, punctuation, capitalization, hashtags, emoji, typical phrases).",
+            max_new_tokens=64, lamp_name="LaMP_7",
+        ),
     ]
-}
+}  # fmt: skip
 
 CUSTOM = Task("custom", ("text",), "your own users.jsonl items")
 
@@ -48,7 +195,7 @@ def canonical_task_name(name: str) -> str:
 
 
 def get_task(name: str) -> Task:
-    """The registered LaMP task, or a custom task (items carry `text`) for any other name."""
+    """The registered LaMP task, or a custom generation task (items carry `text`) for any other name."""
     canonical = canonical_task_name(name)
     if canonical in TASKS:
         return TASKS[canonical]

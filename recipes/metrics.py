@@ -1,0 +1,74 @@
+"""LaMP's metrics, so scores here can be set beside the numbers the LaMP benchmark reports.
+
+Classification (LaMP-1, 2, 2N): accuracy and macro-F1 over the whole label set. Rating (LaMP-3):
+MAE and RMSE, an unparseable answer counting as the worst possible rating. Generation (LaMP-4..7):
+ROUGE-1 and ROUGE-L F-measure, averaged per query.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rouge_score import rouge_scorer
+from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
+
+
+def _check(predictions: list[str], golds: list[str]) -> None:
+    """Reject empty or misaligned inputs: a score over nothing, or over mispaired items, is meaningless."""
+    if not predictions and not golds:
+        raise ValueError("no predictions to score")
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions but {len(golds)} golds")
+
+
+def classification_metrics(predictions: list[str], golds: list[str], labels: list[str]) -> dict[str, float]:
+    """Accuracy and macro-F1; an answer outside `labels` is always wrong, absent labels count as F1 0."""
+    _check(predictions, golds)
+    index = {label.strip(): i for i, label in enumerate(labels)}
+    gold_idx = []
+    for gold in golds:
+        if gold.strip() not in index:
+            raise ValueError(f"gold {gold!r} is not one of the labels {labels}")
+        gold_idx.append(index[gold.strip()])
+    pred_idx = [index.get(pred.strip(), -1) for pred in predictions]
+    f1 = f1_score(gold_idx, pred_idx, labels=list(range(len(labels))), average="macro", zero_division=0.0)
+    return {"accuracy": float(accuracy_score(gold_idx, pred_idx)), "f1": float(f1)}
+
+
+def rating_metrics(predictions: list[str], golds: list[str], labels: list[str]) -> dict[str, float]:
+    """MAE and RMSE; an unparseable answer takes the rating farthest from its gold, so it is never rewarded."""
+    _check(predictions, golds)
+    lo, hi = min(float(label) for label in labels), max(float(label) for label in labels)
+    gold_vals, pred_vals = [], []
+    for pred, gold in zip(predictions, golds):
+        try:
+            g = float(gold.strip())
+        except ValueError:
+            raise ValueError(f"gold {gold!r} is not a number") from None
+        try:
+            p = float(pred.strip())
+        except ValueError:
+            p = lo if abs(lo - g) > abs(hi - g) else hi
+        gold_vals.append(g)
+        pred_vals.append(p)
+    return {
+        "mae": float(mean_absolute_error(gold_vals, pred_vals)),
+        "rmse": float(math.sqrt(mean_squared_error(gold_vals, pred_vals))),
+    }
+
+
+def per_example_rouge(predictions: list[str], golds: list[str]) -> list[dict[str, float]]:
+    """ROUGE-1 and ROUGE-L F-measure of each query (no stemming), kept per query for paired comparisons."""
+    _check(predictions, golds)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    out = []
+    for pred, gold in zip(predictions, golds):
+        scores = scorer.score(target=gold, prediction=pred)
+        out.append({"rouge-1": float(scores["rouge1"].fmeasure), "rouge-L": float(scores["rougeL"].fmeasure)})
+    return out
+
+
+def generation_metrics(predictions: list[str], golds: list[str]) -> dict[str, float]:
+    """Mean over queries of per-query ROUGE F-measure (LaMP's plain average, not a corpus-level score)."""
+    rows = per_example_rouge(predictions, golds)
+    return {key: float(sum(row[key] for row in rows) / len(rows)) for key in ("rouge-1", "rouge-L")}
