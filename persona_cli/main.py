@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from persona_cli import generate_cmd, ingest_cmd, search_cmd, store_cmd, users_cmd
+from persona_cli import evaluate_cmd, generate_cmd, ingest_cmd, runs_cmd, search_cmd, store_cmd, users_cmd
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,5 +34,7 @@ def main(
 app.command("ingest")(ingest_cmd.ingest)
 app.command("search")(search_cmd.search)
 app.command("generate")(generate_cmd.generate)
+app.command("evaluate")(evaluate_cmd.evaluate)
 app.add_typer(store_cmd.app, name="store")
 app.add_typer(users_cmd.app, name="users")
+app.add_typer(runs_cmd.app, name="runs")

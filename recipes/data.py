@@ -200,11 +200,35 @@ def _history_items(raw_items: list, errors: _Errors, task: Task, where: str) -> 
     return items
 
 
+def read_user_ids(path: str | Path) -> list[str]:
+    """User ids from a text file, one per line (blank lines and # comments skipped)."""
+    path = Path(path)
+    ids: list[str] = []
+    seen: set[str] = set()
+    with _open_text(path) as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                user_id = line.split("#", 1)[0].strip()
+                if not user_id:
+                    continue
+                if user_id in seen:
+                    raise InputError(path, f"line {number}", "user_id", f"duplicate user id '{user_id}'")
+                seen.add(user_id)
+                ids.append(user_id)
+        except UnicodeDecodeError:
+            raise InputError(path, "file", None, "is not UTF-8 text") from None
+    if not ids:
+        raise InputError(path, "file", None, "lists no user ids (one per line)")
+    return ids
+
+
 # ---------- LaMP JSON ----------
 
 
-def read_lamp_outputs(path: str | Path, task: Task) -> dict[str, str]:
-    """Gold outputs by question id from a LaMP outputs.json ({task, golds: [{id, output}]})."""
+def read_lamp_outputs(path: str | Path, task: Task, allow_empty: bool = False) -> dict[str, str]:
+    """Gold outputs by question id from a LaMP outputs.json ({task, golds: [{id, output}]}).
+
+    Prediction files have the same format; a system's answer may be empty (allow_empty)."""
     path = Path(path)
     errors = _Errors(path, "top level")
     try:
@@ -231,7 +255,11 @@ def read_lamp_outputs(path: str | Path, task: Task) -> dict[str, str]:
         gold_id = _id(raw["id"], item_errors.at("id"))
         if gold_id in golds:
             raise item_errors.at("id")(f"duplicate id '{gold_id}'")
-        golds[gold_id] = _text(raw["output"], item_errors.at("output"))
+        output = raw["output"]
+        if allow_empty and isinstance(output, str):
+            golds[gold_id] = output
+        else:
+            golds[gold_id] = _text(output, item_errors.at("output"))
     return golds
 
 

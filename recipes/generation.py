@@ -71,19 +71,20 @@ def generate(
     batch_size: int = 8,
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
+    stage: str = "generating",
 ) -> list[str]:
-    """Greedy answers to `prompts`, in the order given."""
+    """Greedy answers to `prompts`, in the order given (progress is reported under `stage`)."""
     tick = report(progress)
     encoded = [prompt_token_ids(llm, p, max_input_tokens) for p in prompts]
     outputs: list[str] = [""] * len(prompts)
     done = 0
-    tick("generating", 0, len(prompts))
+    tick(stage, 0, len(prompts))
 
     def finish(row: int, tokens: list[int]) -> None:
         nonlocal done
         outputs[row] = llm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         done += 1
-        tick("generating", done, len(prompts))
+        tick(stage, done, len(prompts))
 
     order = [i for batch in _length_sorted_batches([len(e) for e in encoded], len(encoded) or 1) for i in batch]
     if llm.is_seq2seq:
@@ -206,13 +207,9 @@ def _greedy_seq2seq(llm: LLM, batch: list[list[int]], max_new_tokens: int) -> li
 # ---------- answering from a label set by log-likelihood ----------
 
 
-def label_token_ids(llm: LLM, label: str) -> list[int]:
-    """The tokens of a label as an answer: for chat and seq2seq models the end-of-answer token too,
-    so that a label that is a prefix of another ('style' / 'style & beauty') is not favoured."""
-    ids = llm.tokenizer(label, add_special_tokens=False)["input_ids"]
-    if llm.is_chat or llm.is_seq2seq:
-        ids = ids + [llm.tokenizer.eos_token_id]
-    return ids
+def label_token_ids(llm: LLM, answer: str) -> list[int]:
+    """The tokens of one candidate answer as the model would write it."""
+    return llm.tokenizer(answer, add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()
@@ -224,9 +221,11 @@ def label_logprobs(
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
 ) -> torch.Tensor:
-    """log P(label | prompt) for every prompt and label, shape (prompts, labels).
+    """log P(answer | prompt) for every prompt and candidate answer, shape (prompts, labels).
 
-    The prompt runs once; its KV cache is then shared by all labels of that prompt.
+    Answers are scored as written (sum of token log-probabilities, no end token), so they
+    should be in the form the prompt invites, e.g. quoted when the prompt's examples quote
+    their labels. The prompt runs once; its KV cache is shared by all candidates.
     """
     tick = report(progress)
     encoded = [prompt_token_ids(llm, p, max_input_tokens) for p in prompts]
@@ -251,7 +250,7 @@ def rank_labels(
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
 ) -> list[str]:
-    """For each prompt, the label the LLM finds most likely (ties go to the earlier label)."""
+    """For each prompt, the candidate answer the LLM finds most likely (ties go to the earlier one)."""
     scores = label_logprobs(llm, prompts, labels, batch_size, max_input_tokens, progress)
     return [labels[int(i)] for i in scores.argmax(dim=1)]
 

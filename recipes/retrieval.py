@@ -1,10 +1,22 @@
-"""Finding items of one user's history: dense vector search over the stored vectors."""
+"""Choosing items of one user's history for a prompt: BM25, recency, dense vectors, or at random.
+
+Every retriever returns positions into the history list it was given (best first), so
+prompting does not care which one ran. Only the same user's history is ever searched.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import random as random_module
+
+import bm25s
+import numpy as np
+
 from recipes import PersonaError
 from recipes.backbones import Encoder
-from store import SearchHit, Store
+from store import Behavior, SearchHit, Store
+
+RETRIEVERS = ("bm25", "recency", "dense")
 
 
 def dense_search(store: Store, encoder: Encoder, user_id: str, text: str, k: int = 5, task: str | None = None) -> list[SearchHit]:
@@ -16,3 +28,41 @@ def dense_search(store: Store, encoder: Encoder, user_id: str, text: str, k: int
         raise PersonaError(f"--k must be at least 1, got {k}")
     vector = encoder.encode([text])[0]
     return store.search_history(user_id, vector, k=k, task=task)
+
+
+def bm25_top(documents: list[str], query: str, k: int) -> list[int]:
+    """Positions of the k documents BM25 ranks highest for `query` (ties keep history order)."""
+    k = min(k, len(documents))
+    if k == 0:
+        return []
+    query_tokens = bm25s.tokenize(query, stopwords="en", return_ids=False, show_progress=False)[0]
+    corpus_tokens = bm25s.tokenize(documents, stopwords="en", return_ids=False, show_progress=False)
+    if not query_tokens or not any(corpus_tokens):  # nothing to match on: keep the history order
+        return list(range(k))
+    index = bm25s.BM25()
+    index.index(corpus_tokens, show_progress=False)
+    scores = index.get_scores(query_tokens)
+    return [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")[:k]]
+
+
+def recency_top(history: list[Behavior], k: int) -> list[int]:
+    """Positions of the k most recent items, newest first (history is oldest first; items without
+    a timestamp count as ordered by their ids, as ingested)."""
+    return list(range(len(history) - 1, -1, -1))[:k]
+
+
+def dense_top(history: list[Behavior], query_vector: np.ndarray, k: int) -> list[int]:
+    """Positions of the k items whose stored vectors are nearest the query vector by cosine."""
+    if not history:
+        return []
+    if any(item.vector is None for item in history):
+        raise PersonaError("dense retrieval needs the history's stored vectors")
+    matrix = np.stack([item.vector for item in history])
+    return [int(i) for i in np.argsort(-(matrix @ query_vector), kind="stable")[:k]]
+
+
+def random_items(n_items: int, k: int, seed: int, key: str) -> list[int]:
+    """k distinct random positions, the same for the same (seed, key) on every run and machine."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
+    rng = random_module.Random(int.from_bytes(digest[:8], "big"))
+    return rng.sample(range(n_items), min(k, n_items))

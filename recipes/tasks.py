@@ -31,7 +31,8 @@ class Task:
 
     `item_template` formats one retrieved history item for a RAG prompt (LaMP style: the item
     together with the user's own answer for it); `query_marker` is the text after which the
-    input holds the part that retrieval searches with.
+    input holds the part that retrieval searches with; `rank_template` is how a label is
+    written when labels are ranked by likelihood (the way the item template writes them).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Task:
     item_template: str = '"{text}"'
     pag_instruction: str = "Describe this user's interests and writing style in two or three sentences, based on their past items."
     max_new_tokens: int = 64
+    rank_template: str = "{label}"
     lamp_name: str | None = field(default=None)
 
     # ---------- documents and queries ----------
@@ -88,9 +90,9 @@ class Task:
         """Map a free-form answer onto the task's label set where that is unambiguous.
 
         Generation answers are only stripped. A label answer is trimmed of quotes, brackets
-        and a final period and matched case-insensitively; if the text instead mentions
-        exactly one label, that label is the answer. Anything else stays as written (and
-        scores as wrong, as in LaMP).
+        and a final period and matched case-insensitively; otherwise the label the text
+        mentions first is the answer. Text that names no label stays as written (and scores
+        as wrong, as in LaMP).
         """
         text = output.strip()
         if not self.is_classification:
@@ -104,10 +106,13 @@ class Task:
         if self.kind == RATING:
             number = re.match(r"^\s*([0-9](?:\.[0-9]+)?)\b", core)
             return number.group(1) if number else first_line
-        mentioned = [label for label in self.labels if re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", text.lower())]
-        if len(mentioned) == 1:
-            return mentioned[0]
-        return first_line
+        found = [(m.start(), -len(label), label) for label in self.labels
+                 for m in [re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", text.lower())] if m]  # fmt: skip
+        return min(found)[2] if found else first_line
+
+    def rank_answers(self) -> list[str]:
+        """The labels as the candidate answers that ranking scores."""
+        return [self.rank_template.format(label=label) for label in self.labels]
 
     def score(self, predictions: list[str], golds: list[str]) -> dict[str, float]:
         """LaMP's metrics of this task over (prediction, gold) pairs."""
@@ -139,16 +144,16 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             "LaMP-2", ("description",), "movie tagging", CLASSIFICATION, MOVIE_TAGS, "description:",
-            rag_header="How this user tagged other movies:", item_template='the tag for the movie "{description}" is "{tag}"',
+            rag_header="How this user tagged other movies:", item_template='"{tag}" is the tag of the movie "{description}"',
             pag_instruction="Describe in two or three sentences what kinds of movies this user tags and how.",
-            max_new_tokens=8, lamp_name="LaMP_2",
+            max_new_tokens=8, rank_template='"{label}"', lamp_name="LaMP_2",
         ),
         Task(
             "LaMP-2N", ("text",), "news categorization", CLASSIFICATION, NEWS_CATEGORIES, "article:",
             rag_header="How this journalist categorized other articles:",
-            item_template='the category for the article "{text}" is "{category}"',
+            item_template='"{category}" is the category of the article "{text}"',
             pag_instruction="Describe in two or three sentences which topics this journalist writes about and how they categorize them.",
-            max_new_tokens=8, lamp_name="LaMP_2N",
+            max_new_tokens=8, rank_template='"{label}"', lamp_name="LaMP_2N",
         ),
         Task(
             "LaMP-3", ("text",), "product rating", RATING, ("1", "2", "3", "4", "5"), "review:",

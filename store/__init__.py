@@ -6,7 +6,7 @@ LanceDB directory. Callers use the typed functions here and never see a LanceDB 
 
 from store.errors import StoreError
 from store.db import Store, default_store_path, FORMAT_VERSION
-from store.records import Behavior, Query, UserRow, SearchHit
+from store.records import Behavior, Prediction, Profile, Query, Run, SearchHit, UserRow
 
 __all__ = [
     "Store",
@@ -17,4 +17,7 @@ __all__ = [
     "Query",
     "UserRow",
     "SearchHit",
+    "Profile",
+    "Prediction",
+    "Run",
 ]

@@ -6,7 +6,7 @@ import json
 import os
 import warnings
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -18,6 +18,8 @@ import platformdirs
 from store import schemas
 from store.errors import StoreError
 from store.records import Behavior, Query, SearchHit, UserRow
+from store.results import ResultTables
+from store.sql import in_list as _in_list, sql_str as _sql_str
 
 FORMAT_VERSION = 1
 """The on-disk layout this code reads and writes; bumped whenever a schema changes."""
@@ -33,21 +35,13 @@ def default_store_path() -> str:
     return str(Path(platformdirs.user_data_dir("persona")) / "store")
 
 
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _user_filter(user_id: str, task: str | None) -> str:
     """SQL filter for one user's rows, optionally of one task."""
     where = f"user_id = {_sql_str(user_id)}"
     return where + f" AND task = {_sql_str(task)}" if task else where
 
 
-def _in_list(column: str, values: Iterable[str]) -> str:
-    return f"{column} IN ({', '.join(_sql_str(v) for v in values)})"
-
-
-class Store:
+class Store(ResultTables):
     """One LanceDB directory (or object-store URI) holding everything persona keeps."""
 
     def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
@@ -282,8 +276,32 @@ class Store:
         columns = [f.name for f in table.schema if with_vectors or f.name != "vector"]
         data = _scan(table, where, columns)
         items = [_behavior_from_row(r) for r in data.to_pylist()]
-        items.sort(key=lambda b: (b.timestamp is None, b.timestamp or 0, _id_sort_key(b.item_id)))
+        items.sort(key=_history_order)
         return items
+
+    def histories(self, user_ids: list[str], task: str | None = None, with_vectors: bool = False) -> dict[str, list[Behavior]]:
+        """Histories of many users in one scan, each oldest first (users without items are absent)."""
+        table = self._open(BEHAVIORS)
+        if table is None or not user_ids:
+            return {}
+        where = _in_list("user_id", sorted(set(user_ids))) + (f" AND task = {_sql_str(task)}" if task else "")
+        columns = [f.name for f in table.schema if with_vectors or f.name != "vector"]
+        grouped: dict[str, list[Behavior]] = {}
+        for row in _scan(table, where, columns).to_pylist():
+            item = _behavior_from_row(row)
+            grouped.setdefault(item.user_id, []).append(item)
+        for items in grouped.values():
+            items.sort(key=_history_order)
+        return grouped
+
+    def task_queries(self, task: str) -> list[Query]:
+        """Every stored query of one task, by user then query id."""
+        table = self._open(QUERIES)
+        if table is None:
+            return []
+        queries = [Query(**r) for r in _scan(table, f"task = {_sql_str(task)}").to_pylist()]
+        queries.sort(key=lambda q: (_id_sort_key(q.user_id), _id_sort_key(q.query_id)))
+        return queries
 
     def user_queries(self, user_id: str, task: str | None = None) -> list[Query]:
         table = self._open(QUERIES)
@@ -408,6 +426,11 @@ def _user_from_row(row: dict[str, Any]) -> UserRow:
         profile=row["profile"],
         metadata=json.loads(row["metadata"]) if row["metadata"] else {},
     )
+
+
+def _history_order(item: Behavior) -> tuple:
+    """Oldest first; items without a timestamp after those with one, in id order."""
+    return (item.timestamp is None, item.timestamp or datetime.min, _id_sort_key(item.item_id))
 
 
 def _id_sort_key(value: str) -> tuple[int, int, str]:

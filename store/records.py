@@ -54,3 +54,44 @@ class SearchHit:
 
     item: Behavior
     score: float
+
+
+@dataclass
+class Profile:
+    """A PAG profile of one user for one task, written by one LLM from `n_items` history items."""
+
+    user_id: str
+    task: str
+    llm: str
+    instruction: str
+    n_items: int
+    text: str
+    created_at: datetime | None = None
+
+
+@dataclass
+class Prediction:
+    """One answer of one run: the normalized output that is scored, and the raw model text."""
+
+    query_id: str
+    user_id: str
+    output: str
+    raw: str
+    gold: str | None = None
+
+
+@dataclass
+class Run:
+    """One evaluation: what ran (config), how well (metrics) and how fast."""
+
+    run_id: str
+    task: str
+    method: str
+    split: str | None
+    llm: str | None
+    n_examples: int
+    wall_s: float
+    examples_per_s: float
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: datetime | None = None

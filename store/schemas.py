@@ -51,3 +51,45 @@ def behaviors(dim: int) -> pa.Schema:
 USER_KEY = ["user_id"]
 BEHAVIOR_KEY = ["user_id", "task", "item_id"]
 QUERY_KEY = ["task", "query_id"]
+
+PROFILES = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("llm", pa.string(), nullable=False),
+        pa.field("instruction", pa.string()),
+        pa.field("n_items", pa.int64()),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("created_at", TS),
+    ]
+)
+
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("llm", pa.string()),
+        pa.field("created_at", TS),
+        pa.field("n_examples", pa.int64()),
+        pa.field("wall_s", pa.float64()),
+        pa.field("examples_per_s", pa.float64()),
+        pa.field("config", pa.string()),
+        pa.field("metrics", pa.string()),
+    ]
+)
+
+PREDICTIONS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("output", pa.string()),
+        pa.field("raw", pa.string()),
+        pa.field("gold", pa.string()),
+    ]
+)
+
+PROFILE_KEY = ["user_id", "task", "llm"]
+RUN_KEY = ["run_id"]

@@ -1,0 +1,87 @@
+"""`persona evaluate`: run a method on a task's queries and score it, or score a LaMP predictions file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, open_store, print_json, progress_bar
+from persona_cli.runs_cmd import metrics_text
+from recipes import PersonaError
+from recipes.backbones import load_encoder, load_llm
+from recipes.data import read_user_ids
+from recipes.evaluation import EvalRequest, evaluate as run_evaluation, lamp_predictions, score_files
+from recipes.tasks import get_task
+
+
+@handle_errors
+def evaluate(
+    ctx: typer.Context,
+    task: str = typer.Option(..., "--task", help="Task of the queries, e.g. LaMP-7 or LaMP-2N."),
+    method: str = typer.Option("none", "--method", help="none (k=0), random, rag or pag."),
+    k: int = typer.Option(1, "--k", help="History items in the prompt (random, rag)."),
+    retriever: str = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense."),
+    answer: str = typer.Option("auto", "--answer", help="auto (rank for label tasks), rank or generate."),
+    split: str = typer.Option("test", "--split", help="train, dev, test or all (fixed user-level split)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N queries."),
+    users: Optional[Path] = typer.Option(None, "--users", help="File with one user id per line."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: the task's."),
+    max_input_tokens: int = typer.Option(1024, "--max-input-tokens", help="Prompt token budget."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random history choices."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder for --retriever dense (default: the store's)."),
+    device: str = DeviceOption,
+    export: Optional[Path] = typer.Option(None, "--export", help="Also write the predictions as a LaMP predictions JSON file."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score this LaMP predictions file instead of running a method."),
+    outputs: Optional[Path] = typer.Option(None, "--outputs", help="LaMP outputs.json with the golds (with --predictions)."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Score a method on the task's queries with LaMP's metrics; the run and its predictions are stored."""
+    if predictions is not None or outputs is not None:
+        _score_file(task, predictions, outputs, json_out)
+        return
+    store = open_store(ctx)
+    request = EvalRequest(
+        task=task, method=method, k=k, retriever=retriever, answer=answer, split=split, limit=limit,
+        users=read_user_ids(users) if users else None, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        max_input_tokens=max_input_tokens, seed=seed,
+    )  # fmt: skip
+    if export is not None and export.is_dir():
+        raise PersonaError(f"--export {export}: is a directory; give a file name")
+
+    def encoder_for_store():
+        stored = store.encoder()
+        return load_encoder(encoder or (stored[0] if stored else None), device)
+
+    with progress_bar(enabled=not json_out) as tick:
+        run, preds = run_evaluation(store, request, lambda: load_llm(llm, device), encoder_for_store, progress=tick)
+    if export is not None:
+        export.write_text(json.dumps(lamp_predictions(get_task(run.task), preds), ensure_ascii=False, indent=1) + "\n")
+    if json_out:
+        print_json({**run.__dict__, "exported": str(export) if export else None})
+        return
+    table = Table(title=f"run {run.run_id}: {run.task} {run.method} ({run.split})")
+    for column in ("run", "method", "answer", "examples", *run.metrics, "wall s", "examples/s"):
+        table.add_column(column, justify="right" if column not in ("method", "answer") else "left")
+    table.add_row(
+        run.run_id, run.method, run.config["answer"], str(run.n_examples),
+        *(f"{v:.4f}" for v in run.metrics.values()), f"{run.wall_s:.1f}", f"{run.examples_per_s:.2f}",
+    )  # fmt: skip
+    console.print(table)
+    if export is not None:
+        console.print(f"predictions written to {export}")
+
+
+def _score_file(task: str, predictions: Optional[Path], outputs: Optional[Path], json_out: bool) -> None:
+    if predictions is None or outputs is None:
+        raise PersonaError("scoring a file needs both --predictions and --outputs")
+    result = score_files(task, predictions, outputs)
+    if json_out:
+        print_json({"predictions": str(predictions), "outputs": str(outputs), **result})
+        return
+    console.print(f"{result['task']}: {result['n_examples']} predictions in {predictions}: {metrics_text(result['metrics'])}")

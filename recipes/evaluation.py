@@ -1,0 +1,207 @@
+"""Evaluation runs: pick queries, build prompts, answer, score with LaMP's metrics, store the run.
+
+Also scores LaMP-format prediction files from any system and compares stored runs on exactly
+the query ids they share.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from recipes import PersonaError
+from recipes.backbones import LLM, Encoder
+from recipes.data import read_lamp_outputs
+from recipes.generation import generate, label_logprobs
+from recipes.progress import Progress
+from recipes.profiles import ensure_profiles
+from recipes.prompting import PromptSettings, TokenBudget, build_prompts
+from recipes.splits import SPLITS, query_split
+from recipes.tasks import Task, get_task
+from store import Prediction, Query, Run, Store
+
+ANSWER_MODES = ("auto", "rank", "generate")
+
+
+@dataclass
+class EvalRequest:
+    """Everything that defines a run; stored with it as its config."""
+
+    task: str
+    method: str = "none"
+    k: int = 1
+    retriever: str = "bm25"
+    answer: str = "auto"
+    split: str = "test"
+    limit: Optional[int] = None
+    users: Optional[list[str]] = field(default=None, repr=False)
+    batch_size: int = 8
+    max_new_tokens: Optional[int] = None
+    max_input_tokens: int = 1024
+    seed: int = 0
+
+    def prompt_settings(self) -> PromptSettings:
+        return PromptSettings(method=self.method, k=self.k, retriever=self.retriever, seed=self.seed)
+
+
+def answer_mode(task: Task, answer: str) -> str:
+    """'rank' or 'generate': auto ranks the labels of classification tasks and generates otherwise."""
+    if answer not in ANSWER_MODES:
+        raise PersonaError(f"--answer {answer}: expected one of {', '.join(ANSWER_MODES)}")
+    if answer == "auto":
+        return "rank" if task.is_classification else "generate"
+    if answer == "rank" and not task.is_classification:
+        raise PersonaError(f"--answer rank needs a task with a label set; {task.name} is a generation task")
+    return answer
+
+
+def select_queries(
+    store: Store, task: Task, split: str = "test", limit: Optional[int] = None, users: Optional[list[str]] = None
+) -> list[Query]:
+    """Queries of `task` that have a gold output, of one split ('all' for every split), optionally
+    only of some users, at most `limit` of them (in user and query id order)."""
+    if split != "all" and split not in SPLITS:
+        raise PersonaError(f"--split {split}: expected one of {', '.join(SPLITS)} or all")
+    if limit is not None and limit < 1:
+        raise PersonaError(f"--limit must be at least 1, got {limit}")
+    queries = [q for q in store.task_queries(task.name) if q.output is not None]
+    if not queries:
+        raise PersonaError(f"store {store.uri} has no {task.name} queries with gold outputs (ingest them with --outputs)")
+    if users is not None:
+        known = {q.user_id for q in queries}
+        unknown = [u for u in users if u not in known]
+        if unknown:
+            raise PersonaError(f"user '{unknown[0]}' has no {task.name} queries with gold outputs in this store")
+        wanted = set(users)
+        queries = [q for q in queries if q.user_id in wanted]
+    if split != "all":
+        queries = [q for q in queries if query_split(q.split, q.user_id) == split]
+    if not queries:
+        raise PersonaError(f"no {task.name} queries in split '{split}'" + (" for these users" if users else ""))
+    return queries[:limit] if limit else queries
+
+
+def evaluate(
+    store: Store,
+    request: EvalRequest,
+    load_llm: Callable[[], LLM],
+    load_encoder: Optional[Callable[[], Encoder]] = None,
+    progress: Optional[Progress] = None,
+) -> tuple[Run, list[Prediction]]:
+    """Run one prompt method on the selected queries, score it, and store the run and its predictions.
+
+    The request is checked against the store before any model is loaded. Wall time and
+    examples/s cover everything after loading: history reads, profiles, prompts, answers, scoring.
+    """
+    task = get_task(request.task)
+    settings = request.prompt_settings()
+    settings.validate()
+    mode = answer_mode(task, request.answer)
+    if request.batch_size < 1:
+        raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
+    queries = select_queries(store, task, request.split, request.limit, request.users)
+    llm = load_llm()
+    started = time.perf_counter()
+    config = {k: v for k, v in asdict(request).items() if k != "users"}
+    config.update(task=task.name, answer=mode, llm=llm.id, users=len({q.user_id for q in queries}))
+    histories = store.histories([q.user_id for q in queries], task.name, with_vectors=settings.needs_vectors)
+    budget = TokenBudget(llm.tokenizer, request.max_input_tokens)
+    profiles, query_vectors = None, None
+    if settings.method == "pag":
+        profiles, written = ensure_profiles(store, llm, task, histories, request.batch_size, request.max_input_tokens, progress)
+        config["profiles_written"] = written
+    if settings.needs_vectors:
+        if load_encoder is None:
+            raise PersonaError("dense retrieval needs the store's encoder")
+        encoder = load_encoder()
+        store.check_encoder(encoder.id, encoder.dim)
+        query_vectors = encoder.encode([task.query_text(q.input) for q in queries])
+        config["encoder"] = encoder.id
+    prompts = build_prompts(settings, task, queries, histories, budget, query_vectors, profiles, progress)
+    if mode == "rank":
+        scores = label_logprobs(llm, prompts, task.rank_answers(), request.batch_size, request.max_input_tokens, progress)
+        raw = [task.labels[int(i)] for i in scores.argmax(dim=1)]
+    else:
+        max_new = request.max_new_tokens or task.max_new_tokens
+        raw = generate(llm, prompts, max_new, request.batch_size, request.max_input_tokens, progress)
+    outputs = [task.normalize(r) for r in raw]
+    metrics = task.score(outputs, [q.output for q in queries])
+    wall = time.perf_counter() - started
+    run = Run(
+        run_id="", task=task.name, method=method_label(request), split=request.split, llm=llm.id,
+        n_examples=len(queries), wall_s=round(wall, 3), examples_per_s=round(len(queries) / wall, 3),
+        config=config, metrics=metrics,
+    )  # fmt: skip
+    predictions = [Prediction(q.query_id, q.user_id, o, r, q.output) for q, o, r in zip(queries, outputs, raw)]
+    return store.save_run(run, predictions), predictions
+
+
+def method_label(request: EvalRequest) -> str:
+    """A short name for tables: 'rag-bm25-k4', 'random-k2', 'pag', 'none'."""
+    if request.method == "rag":
+        return f"rag-{request.retriever}-k{request.k}"
+    if request.method == "random":
+        return f"random-k{request.k}"
+    return request.method
+
+
+# ---------- LaMP prediction files ----------
+
+
+def lamp_predictions(task: Task, predictions: list[Prediction]) -> dict:
+    """Predictions in LaMP's own format ({task, golds: [{id, output}]}), for LaMP's scorer or ours."""
+    return {
+        "task": task.lamp_name or task.name,
+        "golds": [{"id": p.query_id, "output": p.output} for p in predictions],
+    }
+
+
+def score_files(task_name: str, predictions_path: str | Path, outputs_path: str | Path) -> dict:
+    """LaMP metrics of a predictions file against an outputs file; every gold id must be answered."""
+    task = get_task(task_name)
+    golds = read_lamp_outputs(outputs_path, task)
+    predicted = read_lamp_outputs(predictions_path, task, allow_empty=True)
+    missing = [i for i in golds if i not in predicted]
+    if missing:
+        raise PersonaError(f"{predictions_path}: {len(missing)} of {len(golds)} gold ids have no prediction, e.g. '{missing[0]}'")
+    extra = [i for i in predicted if i not in golds]
+    if extra:
+        raise PersonaError(f"{predictions_path}: {len(extra)} predictions name no gold id in {outputs_path}, e.g. '{extra[0]}'")
+    ids = list(golds)
+    outputs = [task.normalize(predicted[i]) for i in ids]
+    return {"task": task.name, "n_examples": len(ids), "metrics": task.score(outputs, [golds[i] for i in ids])}
+
+
+# ---------- comparing stored runs ----------
+
+
+def compare_runs(store: Store, run_ids: list[str]) -> dict:
+    """Metrics of each run recomputed on the query ids all of them answered, side by side."""
+    if len(run_ids) < 2:
+        raise PersonaError("compare needs at least two run ids")
+    runs = [store.get_run(r) for r in run_ids]
+    tasks = {r.task for r in runs}
+    if len(tasks) > 1:
+        raise PersonaError(f"runs are of different tasks ({', '.join(sorted(tasks))}); compare runs of one task")
+    task = get_task(runs[0].task)
+    answers = {r.run_id: {p.query_id: p for p in store.run_predictions(r.run_id)} for r in runs}
+    shared = set.intersection(*(set(a) for a in answers.values()))
+    if not shared:
+        raise PersonaError(f"runs {', '.join(run_ids)} share no query ids")
+    ordered = sorted(shared, key=lambda q: (not q.isdigit(), int(q) if q.isdigit() else 0, q))
+    rows = []
+    for run in runs:
+        preds = [answers[run.run_id][q] for q in ordered]
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "method": run.method,
+                "split": run.split,
+                "n_examples": run.n_examples,
+                "examples_per_s": run.examples_per_s,
+                "metrics": task.score([p.output for p in preds], [p.gold for p in preds]),
+            }
+        )
+    return {"task": task.name, "shared_queries": len(ordered), "metric_names": list(task.metric_names), "runs": rows}

@@ -1,0 +1,49 @@
+"""PAG: a short profile of each user, written by the LLM from the history and cached in the store.
+
+A cached profile is reused while it was made by the same LLM with the same instruction from
+the same number of history items; otherwise it is written again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from recipes.backbones import LLM
+from recipes.generation import generate
+from recipes.progress import Progress
+from recipes.prompting import TokenBudget, profile_request
+from recipes.tasks import Task
+from store import Behavior, Profile, Store
+
+PROFILE_MAX_NEW_TOKENS = 96
+
+
+def ensure_profiles(
+    store: Store,
+    llm: LLM,
+    task: Task,
+    histories: dict[str, list[Behavior]],
+    batch_size: int = 8,
+    max_input_tokens: int = 1024,
+    progress: Optional[Progress] = None,
+) -> tuple[dict[str, str], int]:
+    """Profile text per user of `histories`, and how many had to be written now (and were stored)."""
+    cached = store.get_profiles(sorted(histories), task.name, llm.id)
+    profiles = {
+        uid: p.text
+        for uid, p in cached.items()
+        if p.instruction == task.pag_instruction and p.n_items == len(histories[uid])
+    }
+    missing = sorted(uid for uid in histories if uid not in profiles)
+    if not missing:
+        return profiles, 0
+    budget = TokenBudget(llm.tokenizer, max_input_tokens)
+    requests = [profile_request(task, histories[uid], budget) for uid in missing]
+    written = generate(llm, requests, PROFILE_MAX_NEW_TOKENS, batch_size, max_input_tokens, progress, stage="writing profiles")
+    new = [
+        Profile(uid, task.name, llm.id, task.pag_instruction, len(histories[uid]), text)
+        for uid, text in zip(missing, written)
+    ]
+    store.put_profiles(new)
+    profiles.update({p.user_id: p.text for p in new})
+    return profiles, len(new)

@@ -1,0 +1,115 @@
+"""Tables of what the toolkit computed from the history: PAG profiles, evaluation runs and their predictions."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from store import schemas
+from store.errors import StoreError
+from store.records import Prediction, Profile, Run
+from store.sql import in_list, sql_str as _q
+
+PROFILES, RUNS, PREDICTIONS = "profiles", "runs", "predictions"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class ResultTables:
+    """Mixed into Store: reads and writes of profiles, runs and predictions (one write per call)."""
+
+    # ---------- PAG profiles ----------
+
+    def get_profiles(self, user_ids: list[str], task: str, llm: str) -> dict[str, Profile]:
+        """Cached profiles of these users for this task and LLM."""
+        table = self._open(PROFILES)
+        if table is None or not user_ids:
+            return {}
+        where = f"task = {_q(task)} AND llm = {_q(llm)} AND {in_list('user_id', user_ids)}"
+        rows = table.search().where(where).limit(None).to_arrow().to_pylist()
+        return {r["user_id"]: Profile(**r) for r in rows}
+
+    def put_profiles(self, profiles: list[Profile]) -> None:
+        """Upsert profiles by (user, task, LLM) and mirror the newest text into users.profile."""
+        if not profiles:
+            return
+        rows = [{**p.__dict__, "created_at": p.created_at or _now()} for p in profiles]
+        with self.transaction():
+            table = self._open_or_create(PROFILES, schemas.PROFILES)
+            data = pa.Table.from_pylist(rows, schema=schemas.PROFILES)
+            table.merge_insert(schemas.PROFILE_KEY).when_matched_update_all().when_not_matched_insert_all().execute(data)
+            users = self._open("users")
+            if users is not None:
+                updates = pa.table({"user_id": [p.user_id for p in profiles], "profile": [p.text for p in profiles]})
+                users.merge_insert("user_id").when_matched_update_all().execute(updates)
+
+    # ---------- evaluation runs ----------
+
+    def next_run_id(self) -> str:
+        """Runs are numbered 1, 2, 3, … in the order they were stored."""
+        table = self._open(RUNS)
+        if table is None:
+            return "1"
+        ids = table.search().limit(None).select(["run_id"]).to_arrow().column("run_id").to_pylist()
+        return str(max((int(i) for i in ids if i.isdigit()), default=0) + 1)
+
+    def save_run(self, run: Run, predictions: list[Prediction]) -> Run:
+        """Store a run and all its predictions together (both or neither); assigns the run id."""
+        with self.transaction():
+            run.run_id = self.next_run_id()
+            run.created_at = run.created_at or _now()
+            row = {
+                **run.__dict__,
+                "config": json.dumps(run.config, sort_keys=True, ensure_ascii=False),
+                "metrics": json.dumps(run.metrics, sort_keys=True),
+            }
+            runs = self._open_or_create(RUNS, schemas.RUNS)
+            runs.add(pa.Table.from_pylist([row], schema=schemas.RUNS))
+            if predictions:
+                table = self._open_or_create(PREDICTIONS, schemas.PREDICTIONS)
+                rows = [{"run_id": run.run_id, **p.__dict__} for p in predictions]
+                table.add(pa.Table.from_pylist(rows, schema=schemas.PREDICTIONS))
+        return run
+
+    def list_runs(self, task: str | None = None) -> list[Run]:
+        """All runs, oldest first, optionally of one task."""
+        table = self._open(RUNS)
+        if table is None:
+            return []
+        query = table.search().limit(None)
+        if task:
+            query = query.where(f"task = {_q(task)}")
+        runs = [_run_from_row(r) for r in query.to_arrow().to_pylist()]
+        return sorted(runs, key=lambda r: (len(r.run_id), r.run_id))
+
+    def get_run(self, run_id: str) -> Run:
+        table = self._open(RUNS)
+        rows = [] if table is None else table.search().where(f"run_id = {_q(run_id)}").limit(None).to_arrow().to_pylist()
+        if not rows:
+            raise StoreError(f"no run '{run_id}' in store {self.uri} (see `persona runs list`)")
+        return _run_from_row(rows[0])
+
+    def run_predictions(self, run_id: str) -> list[Prediction]:
+        """The run's predictions in query-id order."""
+        self.get_run(run_id)
+        table = self._open(PREDICTIONS)
+        if table is None:
+            return []
+        rows = table.search().where(f"run_id = {_q(run_id)}").limit(None).to_arrow().to_pylist()
+        predictions = [Prediction(**{k: v for k, v in r.items() if k != "run_id"}) for r in rows]
+        return sorted(predictions, key=lambda p: (not p.query_id.isdigit(), int(p.query_id) if p.query_id.isdigit() else 0, p.query_id))
+
+
+def _run_from_row(row: dict[str, Any]) -> Run:
+    return Run(
+        **{
+            **row,
+            "config": json.loads(row["config"] or "{}"),
+            "metrics": json.loads(row["metrics"] or "{}"),
+        }
+    )
