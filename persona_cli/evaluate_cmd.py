@@ -29,7 +29,7 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="train, dev, test or all (fixed user-level split)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N queries."),
     users: Optional[Path] = typer.Option(None, "--users", help="File with one user id per line."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: the task's."),
     max_input_tokens: int = typer.Option(1024, "--max-input-tokens", help="Prompt token budget."),
     seed: int = typer.Option(0, "--seed", help="Seed of random history choices."),

@@ -37,7 +37,7 @@ class EvalRequest:
     split: str = "test"
     limit: Optional[int] = None
     users: Optional[list[str]] = field(default=None, repr=False)
-    batch_size: int = 8
+    batch_size: int = 16
     max_new_tokens: Optional[int] = None
     max_input_tokens: int = 1024
     seed: int = 0
