@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-ingest clean
+.PHONY: install demo test bench-ingest bench-generation clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: install
 
 bench-ingest: install
 	$(BIN)/python benchmarks/ingest/run.py
+
+bench-generation: install
+	$(BIN)/python benchmarks/generation/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

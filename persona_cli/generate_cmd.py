@@ -1,4 +1,4 @@
-"""`persona generate`: one answer for one user (non-personalized until later methods plug in)."""
+"""`persona generate`: one answer for one user with a prompt method."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Optional
 
 import typer
 
-from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, open_store, print_json
-from recipes import PersonaError
-from recipes.backbones import load_llm
-from recipes.generation import generate as run_generate
+from persona_cli.common import DeviceOption, JsonOption, console, err_console, handle_errors, open_store, print_json
+from recipes.answering import answer, user_task
+from recipes.backbones import load_encoder, load_llm
+from recipes.evaluation import answer_mode
+from recipes.prompting import PromptSettings
 
 
 @handle_errors
@@ -18,23 +19,34 @@ def generate(
     ctx: typer.Context,
     text: str = typer.Argument(..., help="The input, e.g. a LaMP query."),
     user: str = typer.Option(..., "--user", help="The user to answer for."),
-    method: str = typer.Option("none", "--method", help="Personalization method: none (more come with later releases)."),
+    method: str = typer.Option("none", "--method", help="none (k=0), random, rag or pag."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task of the input (default: the user's only task)."),
+    k: int = typer.Option(1, "--k", help="History items in the prompt (random, rag)."),
+    retriever: str = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense."),
+    answer_how: str = typer.Option("auto", "--answer", help="auto (rank for label tasks), rank or generate."),
+    seed: int = typer.Option(0, "--seed"),
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the task's."),
+    max_input_tokens: int = typer.Option(1024, "--max-input-tokens"),
+    show_prompt: bool = typer.Option(False, "--show-prompt", help="Also print the prompt the LLM saw (on stderr)."),
     device: str = DeviceOption,
     json_out: bool = JsonOption,
 ) -> None:
-    """Greedy generation with the frozen LLM."""
-    if method != "none":
-        raise PersonaError(f"--method {method} is not available; available: none")
+    """Answer one input for one user: the prompt method picks what of the user's history the frozen LLM sees."""
     store = open_store(ctx)
-    if store.get_user(user) is None:
-        raise PersonaError(f"no user '{user}' in store {store.uri}")
-    model = load_llm(llm, device)
+    task_spec = user_task(store, user, task)
+    settings = PromptSettings(method=method, k=k, retriever=retriever, seed=seed)
+    mode = answer_mode(task_spec, answer_how)
+    encoder_name = lambda: load_encoder((store.encoder() or (None,))[0], device)  # noqa: E731
     started = time.perf_counter()
-    output = run_generate(model, [text], max_new_tokens=max_new_tokens, batch_size=1)[0]
+    result = answer(
+        store, user, text, task_spec, settings, mode, lambda: load_llm(llm, device), encoder_name,
+        max_new_tokens, max_input_tokens,
+    )  # fmt: skip
     seconds = round(time.perf_counter() - started, 3)
     if json_out:
-        print_json({"user": user, "method": method, "llm": model.id, "input": text, "output": output, "seconds": seconds})
+        print_json({**result.__dict__, "answer": mode, "seconds": seconds})
         return
-    console.print(output, highlight=False, markup=False)
+    if show_prompt:
+        err_console.print(result.prompt, highlight=False, markup=False)
+    console.print(result.output, highlight=False, markup=False)

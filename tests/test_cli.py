@@ -68,6 +68,16 @@ def test_generate_with_the_embedded_llm(demo_store):
     prompt = "Paraphrase the following tweet without any explanation before or after it: I love my new bike."
     out = _json(demo_store, "generate", "--user", "4", prompt, "--max-new-tokens", "24")
     assert out["llm"] == "SmolLM2-135M-Instruct" and out["method"] == "none" and out["output"].strip()
+    assert out["task"] == "LaMP-7" and out["prompt"] == prompt
+
+
+def test_generate_with_rag_puts_the_users_own_items_in_the_prompt(demo_store):
+    history = {item["text"] for item in _json(demo_store, "users", "show", "4", "--items", "0")["history"]}
+    prompt = "Paraphrase the following tweet without any explanation before or after it: I love my new bike."
+    out = _json(demo_store, "generate", "--user", "4", "--method", "rag", "--k", "2", prompt, "--max-new-tokens", "8")
+    quoted = [line.strip('"') for line in out["prompt"].splitlines()[1:3]]
+    assert out["prompt"].startswith("Tweets this user has written:") and out["prompt"].endswith(prompt)
+    assert all(q in history for q in quoted)
 
 
 @pytest.mark.parametrize(
@@ -76,7 +86,9 @@ def test_generate_with_the_embedded_llm(demo_store):
         (["users", "show", "nobody"], "no user 'nobody'"),
         (["search", "--user", "nobody", "x"], "no user 'nobody'"),
         (["generate", "--user", "nobody", "x"], "no user 'nobody'"),
-        (["generate", "--user", "4", "--method", "pplug", "x"], "--method pplug is not available"),
+        (["generate", "--user", "4", "--method", "pplug", "x"], "--method pplug: expected one of none, random, rag, pag"),
+        (["generate", "--user", "4", "--method", "rag", "--k", "0", "x"], "--k must be at least 1"),
+        (["generate", "--user", "4", "--answer", "rank", "x"], "--answer rank needs a task with a label set"),
         (["ingest", str(EXAMPLES), "--split", "holdout"], "--split must be train, dev or test"),
         (["ingest", "--format", "lamp", str(EXAMPLES)], "--format lamp needs --task"),
         (["ingest", str(EXAMPLES), "--task", "LaMP-9"], "unknown LaMP task 'LaMP-9'"),

@@ -1,0 +1,135 @@
+"""Task registry, retrieval and prompt building: pure functions, no model needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from recipes import PersonaError
+from recipes.prompting import PromptSettings, TokenBudget, build_prompts, choose_items, history_prompt, profile_request
+from recipes.retrieval import bm25_top, random_items, recency_top
+from recipes.splits import query_split, user_split
+from recipes.tasks import TASKS, get_task
+from store import Behavior, Query
+
+NEWS = get_task("LaMP-2N")
+TWEETS = get_task("LaMP-7")
+
+
+@pytest.fixture(scope="module")
+def budget(tokenizer_dir):
+    return TokenBudget(AutoTokenizer.from_pretrained(tokenizer_dir), 256)
+
+
+def _history(texts: list[str], **fields) -> list[Behavior]:
+    return [Behavior(f"#{i}", "u", "LaMP-7", t, {"text": t, **fields}, vector=None) for i, t in enumerate(texts)]
+
+
+def test_every_lamp_task_is_registered_with_its_metrics():
+    assert list(TASKS) == ["LaMP-1", "LaMP-2", "LaMP-2N", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-6", "LaMP-7"]
+    assert TASKS["LaMP-1"].labels == ("[1]", "[2]") and TASKS["LaMP-3"].labels == ("1", "2", "3", "4", "5")
+    assert len(TASKS["LaMP-2"].labels) == 15 and len(NEWS.labels) == 15
+    assert NEWS.metric_names == ("accuracy", "f1") and TASKS["LaMP-3"].metric_names == ("mae", "rmse")
+    assert TWEETS.metric_names == ("rouge-1", "rouge-L") and get_task("my-task").metric_names == ("rouge-1", "rouge-L")
+    assert get_task("lamp_2n") is NEWS and NEWS.lamp_name == "LaMP_2N"
+
+
+@pytest.mark.parametrize(
+    "task,text,expected",
+    [
+        ("LaMP-2N", " Travel. ", "travel"),
+        ("LaMP-2N", '"style & beauty"', "style & beauty"),
+        ("LaMP-2N", 'The category is "politics", not business', "politics"),
+        ("LaMP-2N", "I cannot tell", "I cannot tell"),
+        ("LaMP-1", "[2]", "[2]"),
+        ("LaMP-1", "2", "[2]"),
+        ("LaMP-3", "4 stars", "4"),
+        ("LaMP-3", "five", "five"),
+        ("LaMP-7", "  a tweet!  ", "a tweet!"),
+    ],
+)
+def test_answers_are_normalized_onto_the_label_set(task, text, expected):
+    assert get_task(task).normalize(text) == expected
+
+
+def test_the_query_is_the_part_after_the_tasks_prefix():
+    news = "Which category does this article relate to? categories: [women, travel] article: Cheap flights to Rome"
+    assert NEWS.query_text(news) == "Cheap flights to Rome"
+    tweet = "Paraphrase the following tweet without any explanation before or after it: I love my bike"
+    assert TWEETS.query_text(tweet) == "I love my bike"
+    citation = 'For an author who has written the paper with the title "X", which reference is related? [1]: "Deep nets" [2]: "Tax law"'
+    assert get_task("LaMP-1").query_text(citation) == "Deep nets Tax law"
+    assert TWEETS.query_text("no prefix here") == "no prefix here"
+
+
+def test_bm25_recency_and_random_choices():
+    docs = ["cycling up the hill today", "my tax form is due", "new bike, new me", "cooking pasta again"]
+    assert bm25_top(docs, "I bought a bike for cycling", 2) == [0, 2] or bm25_top(docs, "I bought a bike for cycling", 2) == [2, 0]
+    assert bm25_top(docs, "pasta", 1) == [3] and bm25_top(docs, "the", 2) == [0, 1]  # stopwords only: history order
+    assert bm25_top(docs, "bike", 10) == bm25_top(docs, "bike", 4) and len(bm25_top(docs, "bike", 10)) == 4
+    assert recency_top(_history(docs), 2) == [3, 2]
+    first = random_items(50, 5, seed=0, key="q1")
+    assert first == random_items(50, 5, seed=0, key="q1") and len(set(first)) == 5
+    assert first != random_items(50, 5, seed=1, key="q1") and first != random_items(50, 5, seed=0, key="q2")
+
+
+def test_dense_choice_uses_the_stored_vectors():
+    history = _history(["a", "b", "c"])
+    for item, vector in zip(history, np.eye(3, dtype=np.float32)):
+        item.vector = vector
+    query = Query("q", "u", "LaMP-7", "x")
+    chosen = choose_items(PromptSettings("rag", k=2, retriever="dense"), TWEETS, query, history, np.array([0.1, 0.0, 0.9], np.float32))
+    assert [i.text for i in chosen] == ["c", "a"]
+
+
+def test_rag_prompt_keeps_to_the_token_budget(budget):
+    long_history = _history([f"tweet number {i} " + "words " * 40 for i in range(30)])
+    task_input = "Paraphrase the following tweet without any explanation before or after it: hello"
+    prompt = history_prompt(TWEETS, task_input, long_history, budget)
+    assert budget.count(prompt) <= budget.limit and prompt.endswith(task_input)
+    assert prompt.startswith(TWEETS.rag_header) and '"tweet number 0' in prompt and "tweet number 29" not in prompt
+    assert history_prompt(TWEETS, task_input, [], budget) == task_input
+
+
+def test_news_items_show_the_users_own_labels(budget):
+    items = [Behavior("1", "u", "LaMP-2N", "Flights to Rome", {"text": "Flights to Rome", "category": "travel"})]
+    prompt = history_prompt(NEWS, "article: x", items, budget)
+    assert '"travel" is the category of the article "Flights to Rome"' in prompt
+    assert NEWS.rank_answers()[:2] == ['"women"', '"religion"']
+
+
+def test_build_prompts_for_each_method(budget):
+    history = {"u": _history(["cycling up the hill", "tax form due", "new bike day"])}
+    queries = [Query("q1", "u", "LaMP-7", "Paraphrase the following tweet without any explanation before or after it: my bike")]
+    none = build_prompts(PromptSettings("none"), TWEETS, queries, history, budget)
+    rag = build_prompts(PromptSettings("rag", k=1), TWEETS, queries, history, budget)
+    pag = build_prompts(PromptSettings("pag"), TWEETS, queries, history, budget, profiles={"u": "Loves bikes."})
+    assert none == [queries[0].input]
+    assert rag[0].splitlines()[1] == '"new bike day"'
+    assert pag[0].startswith("About this user: Loves bikes.") and pag[0].endswith(queries[0].input)
+    with pytest.raises(PersonaError, match="no profile of user 'u'"):
+        build_prompts(PromptSettings("pag"), TWEETS, queries, history, budget, profiles={})
+    request = profile_request(TWEETS, history["u"], budget)
+    assert request.startswith(TWEETS.pag_instruction) and request.index("new bike day") < request.index("cycling")
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (PromptSettings("few-shot"), "--method few-shot: expected one of"),
+        (PromptSettings("rag", retriever="tfidf"), "--retriever tfidf: expected one of"),
+        (PromptSettings("rag", k=0), "--k must be at least 1"),
+    ],
+)
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(PersonaError, match=message):
+        settings.validate()
+
+
+def test_the_user_split_is_fixed_and_roughly_70_10_20():
+    ids = [str(i) for i in range(5000)]
+    counts = {s: sum(user_split(u) == s for u in ids) for s in ("train", "dev", "test")}
+    assert abs(counts["train"] / 5000 - 0.7) < 0.03 and abs(counts["test"] / 5000 - 0.2) < 0.03
+    assert [user_split(str(i)) for i in range(6)] == ["train", "train", "test", "train", "test", "train"]
+    assert query_split("dev", "2") == "dev" and query_split(None, "2") == "test"
