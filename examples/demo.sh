@@ -24,8 +24,18 @@ persona users show 4 --items 5
 step "Search user 4's history by meaning (LanceDB vector search over the stored vectors)"
 persona search --user 4 "what colour do I like" --k 3
 
-step "Generate for user 4 with the frozen embedded SmolLM2 (not personalized yet)"
+step "Generate for user 4 with the frozen embedded SmolLM2, not personalized (k=0)"
 persona generate --user 4 "$PROMPT My favorite color has always been a deep shade of blue."
+
+step "The same with RAG: BM25 puts user 4's own most similar items into the prompt"
+persona generate --user 4 --method rag --k 3 --show-prompt "$PROMPT My favorite color has always been a deep shade of blue."
+
+step "Evaluate k=0 against RAG (k=4) on the test users' queries with LaMP's ROUGE; every run is stored"
+persona evaluate --task LaMP-7 --method none --limit 12
+persona evaluate --task LaMP-7 --method rag --k 4 --limit 12
+
+step "Compare the stored runs on the queries they share"
+persona runs compare 1 2
 
 step "Bad input is refused with file, line and field, and the store is left as it was"
 printf '{"user_id": "99", "history": [{"id": "a", "text": ""}]}\n' > .persona-demo/bad.jsonl

@@ -7,6 +7,7 @@ prompting does not care which one ran. Only the same user's history is ever sear
 from __future__ import annotations
 
 import hashlib
+import logging
 import random as random_module
 
 import bm25s
@@ -17,6 +18,7 @@ from recipes.backbones import Encoder
 from store import Behavior, SearchHit, Store
 
 RETRIEVERS = ("bm25", "recency", "dense")
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
 
 
 def dense_search(store: Store, encoder: Encoder, user_id: str, text: str, k: int = 5, task: str | None = None) -> list[SearchHit]:

@@ -89,14 +89,15 @@ class Task:
     def normalize(self, output: str) -> str:
         """Map a free-form answer onto the task's label set where that is unambiguous.
 
-        Generation answers are only stripped. A label answer is trimmed of quotes, brackets
+        A generated text keeps its first paragraph, without a leading announcement such as
+        "Here is the paraphrased tweet:" and without quotes around the whole answer. A label answer is trimmed of quotes, brackets
         and a final period and matched case-insensitively; otherwise the label the text
         mentions first is the answer. Text that names no label stays as written (and scores
         as wrong, as in LaMP).
         """
         text = output.strip()
         if not self.is_classification:
-            return text
+            return _clean_generation(text)
         first_line = text.splitlines()[0].strip() if text else ""
         core = first_line.strip(" \t\"'`*.").lower()
         by_lower = {label.lower(): label for label in self.labels}
@@ -124,6 +125,22 @@ class Task:
 
     def higher_is_better(self, metric: str) -> bool:
         return metric not in ("mae", "rmse")
+
+
+_ANNOUNCEMENT = re.compile(
+    r"^(here is|here's|sure[,!.]?|the paraphrased|paraphrased|paraphrase|rewritten|the rewritten|new|the new"
+    r"|title|subject|headline|tweet)[^:\n]{0,50}:\s*",
+    flags=re.IGNORECASE,
+)
+
+
+def _clean_generation(text: str) -> str:
+    """First paragraph, minus a leading announcement and quotes wrapping the whole answer."""
+    text = text.split("\n\n", 1)[0].strip()
+    text = _ANNOUNCEMENT.sub("", text, count=1).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
 
 
 class _Blank(dict):

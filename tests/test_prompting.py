@@ -47,6 +47,10 @@ def test_every_lamp_task_is_registered_with_its_metrics():
         ("LaMP-3", "4 stars", "4"),
         ("LaMP-3", "five", "five"),
         ("LaMP-7", "  a tweet!  ", "a tweet!"),
+        ("LaMP-7", 'Here is the paraphrased tweet: "I love it"', "I love it"),
+        ("LaMP-7", '"my tweet"\n\nThe original tweet is: more', "my tweet"),
+        ("LaMP-7", "@bob: hi there", "@bob: hi there"),
+        ("LaMP-5", "Title: A new method", "A new method"),
     ],
 )
 def test_answers_are_normalized_onto_the_label_set(task, text, expected):
