@@ -265,24 +265,41 @@ def _label_matrix(llm: LLM, label_ids: list[list[int]], repeats: int) -> tuple[t
 
 
 def _score_causal(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) -> torch.Tensor:
+    """All labels of a batch in one forward pass: each row is [left padding, prompt, label 1, …, label L],
+    and a 4-D mask lets every label see the prompt and its own earlier tokens only, with positions
+    restarting after the prompt, so no prompt is run or cached more than once."""
     model = llm.model
-    n_labels = len(label_ids)
-    input_ids, mask = _left_padded(llm, batch)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    first = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions,
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
-    ).logits[:, -1]  # fmt: skip
-    cache.batch_repeat_interleave(n_labels)
-    labels, valid = _label_matrix(llm, label_ids, len(batch))
-    width = labels.shape[1]
-    full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), torch.ones_like(labels)], dim=1)
-    label_positions = positions[:, -1:].repeat_interleave(n_labels, 0) + 1 + torch.arange(width, device=llm.device)
-    rest = model(input_ids=labels, attention_mask=full_mask, position_ids=label_positions, past_key_values=cache).logits
-    logits = torch.cat([first.repeat_interleave(n_labels, 0)[:, None], rest[:, :-1]], dim=1)
-    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
-    return (token_logprobs * valid).sum(-1).view(len(batch), n_labels)
+    input_ids, prompt_mask = _left_padded(llm, batch)
+    rows, width = input_ids.shape
+    flat = [t for ids in label_ids for t in ids]
+    starts = [width + sum(len(ids) for ids in label_ids[:j]) for j in range(len(label_ids))]
+    total = width + len(flat)
+    ids = torch.cat([input_ids, torch.tensor(flat, device=llm.device).expand(rows, -1)], dim=1)
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    label_positions = torch.tensor(
+        [t for ids_ in label_ids for t in range(len(ids_))], device=llm.device
+    ) + prompt_positions[:, -1:] + 1  # fmt: skip
+    positions = torch.cat([prompt_positions, label_positions], dim=1)
+    segment = torch.zeros(total, dtype=torch.long, device=llm.device)
+    for j, (start, ids_) in enumerate(zip(starts, label_ids)):
+        segment[start : start + len(ids_)] = j + 1
+    causal = torch.ones(total, total, dtype=torch.bool, device=llm.device).tril()
+    same_label_or_prompt_key = (segment[None, :] == 0) | (segment[None, :] == segment[:, None])
+    allowed = causal & same_label_or_prompt_key
+    key_valid = torch.cat([prompt_mask.bool(), torch.ones(rows, len(flat), dtype=torch.bool, device=llm.device)], dim=1)
+    allowed = allowed[None] & key_valid[:, None, :]
+    allowed |= torch.eye(total, dtype=torch.bool, device=llm.device)[None]  # padding rows attend to themselves
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(rows, 1, total, total, dtype=dtype, device=llm.device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=len(flat) + 1).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # position p of logits predicts token p+1 - (width - 1)
+    scores = torch.zeros(rows, len(label_ids), device=llm.device)
+    for j, (start, ids_) in enumerate(zip(starts, label_ids)):
+        sources = [0] + [start - width + t for t in range(1, len(ids_))]
+        picked = logprobs[:, sources, :].gather(-1, torch.tensor(ids_, device=llm.device).expand(rows, -1)[..., None])
+        scores[:, j] = picked.squeeze(-1).sum(-1)
+    return scores
 
 
 def _score_seq2seq(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) -> torch.Tensor:
