@@ -8,7 +8,7 @@ a whole batch of finished rows busy. Seq2seq LMs use transformers' generate.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from transformers import DynamicCache
@@ -159,7 +159,12 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 def _greedy_causal(
-    llm: LLM, encoded: list[list[int]], order: list[int], batch_size: int, max_new_tokens: int, finish
+    llm: LLM,
+    encoded: list[list[int]],
+    order: list[int],
+    batch_size: int,
+    max_new_tokens: int,
+    finish: Callable[[int, list[int]], None],
 ) -> None:
     """Greedy decoding with continuous batching: a finished row leaves the batch at once, and when a
     quarter of the batch is free, waiting prompts are prefilled and join the rows still decoding."""
