@@ -159,7 +159,10 @@ def lamp_predictions(task: Task, predictions: list[Prediction]) -> dict:
 
 
 def score_files(task_name: str, predictions_path: str | Path, outputs_path: str | Path) -> dict:
-    """LaMP metrics of a predictions file against an outputs file; every gold id must be answered."""
+    """LaMP metrics of a predictions file against an outputs file; every gold id must be answered.
+
+    Answers are scored as written, as LaMP's own scorer does: normalization is for the raw text
+    of our own runs, whose stored (and exported) outputs are already normalized."""
     task = get_task(task_name)
     golds = read_lamp_outputs(outputs_path, task)
     predicted = read_lamp_outputs(predictions_path, task, allow_empty=True)
@@ -170,7 +173,7 @@ def score_files(task_name: str, predictions_path: str | Path, outputs_path: str 
     if extra:
         raise PersonaError(f"{predictions_path}: {len(extra)} predictions name no gold id in {outputs_path}, e.g. '{extra[0]}'")
     ids = list(golds)
-    outputs = [task.normalize(predicted[i]) for i in ids]
+    outputs = [predicted[i] for i in ids]
     return {"task": task.name, "n_examples": len(ids), "metrics": task.score(outputs, [golds[i] for i in ids])}
 
 
