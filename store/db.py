@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -433,9 +434,10 @@ def _history_order(item: Behavior) -> tuple:
     return (item.timestamp is None, item.timestamp or datetime.min, _id_sort_key(item.item_id))
 
 
-def _id_sort_key(value: str) -> tuple[int, int, str]:
-    """Numeric ids in numeric order before other ids in string order."""
-    return (0, int(value), "") if value.isdigit() else (1, 0, value)
+def _id_sort_key(value: str) -> tuple[tuple[int, int, str], ...]:
+    """Natural order: digit runs compare as numbers, so '2' < '10', '#2' < '#12' (positional ids
+    of items that came without one) and 'u_2' < 'u_10' (LaMP's per-profile item ids)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", value) if part)
 
 
 def _disk_bytes(uri: str) -> int | None:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from store import Behavior, Query, Store, StoreError
-from store.db import FORMAT_VERSION
+from store.db import FORMAT_VERSION, _id_sort_key
 
 
 def _unit(seed: int, dim: int = 8) -> np.ndarray:
@@ -150,3 +150,16 @@ def _snapshot(store: Store) -> dict:
         "queries": {u.user_id: [q.__dict__ for q in store.user_queries(u.user_id)] for u in users},
         "counts": {name: store.count(name) for name in ("users", "behaviors", "queries")},
     }
+
+
+def test_items_without_time_keep_their_file_order_and_histories_read_in_one_scan(tmp_path):
+    """Positional ids '#0'..'#11' order numerically (recency depends on it), not as text."""
+    store = Store(tmp_path / "s")
+    items = [Behavior(f"#{k}", "carol", "LaMP-7", f"tweet {k}", {"text": f"tweet {k}"}, None, _unit(k)) for k in range(12)]
+    store.ingest([items[::-1]], [], {"carol": {}}, "enc", 8)
+    _fill(store)
+    assert [b.item_id for b in store.user_history("carol")] == [f"#{k}" for k in range(12)]
+    both = store.histories(["carol", "alice", "nobody"], "LaMP-7")
+    assert set(both) == {"carol", "alice"} and [b.text for b in both["carol"]][-1] == "tweet 11"
+    assert [q.query_id for q in store.task_queries("LaMP-7")] == ["q1", "q2"]
+    assert sorted(["u_10", "u_2", "10", "9", "#12", "#2"], key=_id_sort_key) == ["9", "10", "#2", "#12", "u_2", "u_10"]
