@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "users.jsonl"
@@ -39,6 +41,36 @@ def tokenizer_dir():
     from recipes.backbones import embedded_llm_cache
 
     return embedded_llm_cache()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer_dir):
+    """A 2-layer random Llama with the embedded tokenizer (chat template included): fast mechanics."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    from recipes.backbones import prepare_llm
+
+    return prepare_llm("tiny-llama", LlamaForCausalLM(config), tokenizer, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tokenizer_dir):
+    """A 2-layer random T5 for the seq2seq path."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = None
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    from recipes.backbones import prepare_llm
+
+    return prepare_llm("tiny-t5", T5ForConditionalGeneration(config), tokenizer, torch.device("cpu"))
 
 
 @pytest.fixture

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from recipes import PersonaError
-from recipes.backbones import DEFAULT_LLM, encoder_id, llm_id, prepare_llm, resolve_device
+from recipes.backbones import DEFAULT_LLM, encoder_id, llm_id, resolve_device
 from recipes.generation import generate
 
 
@@ -41,17 +40,6 @@ def test_device_selection():
             resolve_device("cuda")
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tokenizer_dir):
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.eos_token_id,
-    )
-    return prepare_llm("tiny-llama", LlamaForCausalLM(config), tokenizer, torch.device("cpu"))
-
-
 def test_batched_generation_matches_one_by_one(tiny_llama):
     prompts = ["short", "a much longer prompt with many more tokens in it", "mid length prompt"]
     batched = generate(tiny_llama, prompts, max_new_tokens=6, batch_size=3)
@@ -65,16 +53,7 @@ def test_generation_reports_progress(tiny_llama):
     assert seen[-1] == ("generating", 3, 3)
 
 
-def test_seq2seq_path_with_a_tiny_t5(tokenizer_dir):
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.chat_template = None
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        decoder_start_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    t5 = prepare_llm("tiny-t5", T5ForConditionalGeneration(config), tokenizer, torch.device("cpu"))
-    assert t5.is_seq2seq and not t5.is_chat
-    outputs = generate(t5, ["translate this", "and this one too"], max_new_tokens=4, batch_size=2)
+def test_seq2seq_path_with_a_tiny_t5(tiny_t5):
+    assert tiny_t5.is_seq2seq and not tiny_t5.is_chat
+    outputs = generate(tiny_t5, ["translate this", "and this one too"], max_new_tokens=4, batch_size=2)
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from recipes.backbones import prepare_llm
 from recipes.generation import generate, label_logprobs, prompt_token_ids, rank_labels
 
 PROMPTS = [
@@ -19,30 +17,6 @@ PROMPTS = [
     "the sixth",
     "seven prompts make the batches refill more than once",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tokenizer_dir):
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    return prepare_llm("tiny-llama", LlamaForCausalLM(config), tokenizer, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def tiny_t5(tokenizer_dir):
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.chat_template = None
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        decoder_start_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    return prepare_llm("tiny-t5", T5ForConditionalGeneration(config), tokenizer, torch.device("cpu"))
 
 
 def _hf_greedy(llm, prompt: str, max_new_tokens: int) -> str:
