@@ -20,7 +20,7 @@ from recipes.profiles import ensure_profiles
 from recipes.prompting import PromptSettings, TokenBudget, build_prompts
 from recipes.splits import SPLITS, query_split
 from recipes.tasks import Task, get_task
-from store import Prediction, Query, Run, Store
+from store import Prediction, Query, Run, Store, id_sort_key
 
 ANSWER_MODES = ("auto", "rank", "generate")
 
@@ -193,7 +193,7 @@ def compare_runs(store: Store, run_ids: list[str]) -> dict:
     shared = set.intersection(*(set(a) for a in answers.values()))
     if not shared:
         raise PersonaError(f"runs {', '.join(run_ids)} share no query ids")
-    ordered = sorted(shared, key=lambda q: (not q.isdigit(), int(q) if q.isdigit() else 0, q))
+    ordered = sorted(shared, key=id_sort_key)
     rows = []
     for run in runs:
         preds = [answers[run.run_id][q] for q in ordered]

@@ -5,6 +5,7 @@ LanceDB directory. Callers use the typed functions here and never see a LanceDB 
 """
 
 from store.errors import StoreError
+from store.sql import id_sort_key
 from store.db import Store, default_store_path, FORMAT_VERSION
 from store.records import Behavior, Prediction, Profile, Query, Run, SearchHit, UserRow
 
@@ -13,6 +14,7 @@ __all__ = [
     "StoreError",
     "FORMAT_VERSION",
     "default_store_path",
+    "id_sort_key",
     "Behavior",
     "Query",
     "UserRow",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -20,7 +19,7 @@ from store import schemas
 from store.errors import StoreError
 from store.records import Behavior, Query, SearchHit, UserRow
 from store.results import ResultTables
-from store.sql import in_list as _in_list, sql_str as _sql_str
+from store.sql import id_sort_key as _id_sort_key, in_list as _in_list, scan as _scan, sql_str as _sql_str
 
 FORMAT_VERSION = 1
 """The on-disk layout this code reads and writes; bumped whenever a schema changes."""
@@ -377,14 +376,6 @@ class Store(ResultTables):
         return {"disk_bytes_before": before, "disk_bytes_after": _disk_bytes(self.uri)}
 
 
-def _scan(table: Any, where: str, columns: list[str] | None = None) -> pa.Table:
-    """All rows matching a SQL filter (no row limit), optionally only some columns."""
-    query = table.search().where(where).limit(None)
-    if columns is not None:
-        query = query.select(columns)
-    return query.to_arrow()
-
-
 def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: str, dim: int) -> pa.RecordBatch:
     vectors = np.stack([np.asarray(b.vector, dtype=np.float32) for b in chunk])
     if vectors.shape != (len(chunk), dim):
@@ -432,12 +423,6 @@ def _user_from_row(row: dict[str, Any]) -> UserRow:
 def _history_order(item: Behavior) -> tuple:
     """Oldest first; items without a timestamp after those with one, in id order."""
     return (item.timestamp is None, item.timestamp or datetime.min, _id_sort_key(item.item_id))
-
-
-def _id_sort_key(value: str) -> tuple[tuple[int, int, str], ...]:
-    """Natural order: digit runs compare as numbers, so '2' < '10', '#2' < '#12' (positional ids
-    of items that came without one) and 'u_2' < 'u_10' (LaMP's per-profile item ids)."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", value) if part)
 
 
 def _disk_bytes(uri: str) -> int | None:

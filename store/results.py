@@ -11,7 +11,7 @@ import pyarrow as pa
 from store import schemas
 from store.errors import StoreError
 from store.records import Prediction, Profile, Run
-from store.sql import in_list, sql_str as _q
+from store.sql import id_sort_key, in_list, scan, sql_str as _q
 
 PROFILES, RUNS, PREDICTIONS = "profiles", "runs", "predictions"
 
@@ -31,7 +31,7 @@ class ResultTables:
         if table is None or not user_ids:
             return {}
         where = f"task = {_q(task)} AND llm = {_q(llm)} AND {in_list('user_id', user_ids)}"
-        rows = table.search().where(where).limit(None).to_arrow().to_pylist()
+        rows = scan(table, where).to_pylist()
         return {r["user_id"]: Profile(**r) for r in rows}
 
     def put_profiles(self, profiles: list[Profile]) -> None:
@@ -55,7 +55,7 @@ class ResultTables:
         table = self._open(RUNS)
         if table is None:
             return "1"
-        ids = table.search().limit(None).select(["run_id"]).to_arrow().column("run_id").to_pylist()
+        ids = scan(table, columns=["run_id"]).column("run_id").to_pylist()
         return str(max((int(i) for i in ids if i.isdigit()), default=0) + 1)
 
     def save_run(self, run: Run, predictions: list[Prediction]) -> Run:
@@ -81,15 +81,13 @@ class ResultTables:
         table = self._open(RUNS)
         if table is None:
             return []
-        query = table.search().limit(None)
-        if task:
-            query = query.where(f"task = {_q(task)}")
-        runs = [_run_from_row(r) for r in query.to_arrow().to_pylist()]
-        return sorted(runs, key=lambda r: (len(r.run_id), r.run_id))
+        rows = scan(table, f"task = {_q(task)}" if task else None).to_pylist()
+        runs = [_run_from_row(r) for r in rows]
+        return sorted(runs, key=lambda r: id_sort_key(r.run_id))
 
     def get_run(self, run_id: str) -> Run:
         table = self._open(RUNS)
-        rows = [] if table is None else table.search().where(f"run_id = {_q(run_id)}").limit(None).to_arrow().to_pylist()
+        rows = [] if table is None else scan(table, f"run_id = {_q(run_id)}").to_pylist()
         if not rows:
             raise StoreError(f"no run '{run_id}' in store {self.uri} (see `persona runs list`)")
         return _run_from_row(rows[0])
@@ -100,9 +98,9 @@ class ResultTables:
         table = self._open(PREDICTIONS)
         if table is None:
             return []
-        rows = table.search().where(f"run_id = {_q(run_id)}").limit(None).to_arrow().to_pylist()
+        rows = scan(table, f"run_id = {_q(run_id)}").to_pylist()
         predictions = [Prediction(**{k: v for k, v in r.items() if k != "run_id"}) for r in rows]
-        return sorted(predictions, key=lambda p: (not p.query_id.isdigit(), int(p.query_id) if p.query_id.isdigit() else 0, p.query_id))
+        return sorted(predictions, key=lambda p: id_sort_key(p.query_id))
 
 
 def _run_from_row(row: dict[str, Any]) -> Run:

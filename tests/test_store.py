@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from store import Behavior, Query, Store, StoreError
-from store.db import FORMAT_VERSION, _id_sort_key
+from store import id_sort_key
+from store.db import FORMAT_VERSION
 
 
 def _unit(seed: int, dim: int = 8) -> np.ndarray:
@@ -162,4 +163,4 @@ def test_items_without_time_keep_their_file_order_and_histories_read_in_one_scan
     both = store.histories(["carol", "alice", "nobody"], "LaMP-7")
     assert set(both) == {"carol", "alice"} and [b.text for b in both["carol"]][-1] == "tweet 11"
     assert [q.query_id for q in store.task_queries("LaMP-7")] == ["q1", "q2"]
-    assert sorted(["u_10", "u_2", "10", "9", "#12", "#2"], key=_id_sort_key) == ["9", "10", "#2", "#12", "u_2", "u_10"]
+    assert sorted(["u_10", "u_2", "10", "9", "#12", "#2"], key=id_sort_key) == ["9", "10", "#2", "#12", "u_2", "u_10"]
