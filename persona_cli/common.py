@@ -30,6 +30,16 @@ def open_store(ctx: typer.Context) -> Store:
     return state["store"]
 
 
+def store_encoder(store: Store, name: Optional[str], device: str) -> Callable[[], Any]:
+    """A loader of the encoder named, else of the one the store's vectors were made with."""
+    from recipes.backbones import load_encoder
+
+    def load() -> Any:
+        return load_encoder(name or (store.encoder() or (None,))[0], device)
+
+    return load
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn the user's mistakes (PersonaError) into one red line on stderr and exit code 2."""
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, open_store, print_json, progress_bar
+from persona_cli.common import (
+    DeviceOption, JsonOption, console, handle_errors, open_store, print_json, progress_bar, store_encoder,
+)  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
 from recipes import PersonaError
-from recipes.backbones import load_encoder, load_llm
+from recipes.backbones import load_llm
 from recipes.data import read_user_ids
-from recipes.evaluation import EvalRequest, evaluate as run_evaluation, lamp_predictions, score_files
+from recipes.evaluation import EvalRequest, evaluate as run_evaluation, score_files, write_lamp_predictions
 from recipes.tasks import get_task
 
 
@@ -54,14 +55,10 @@ def evaluate(
     if export is not None and export.is_dir():
         raise PersonaError(f"--export {export}: is a directory; give a file name")
 
-    def encoder_for_store():
-        stored = store.encoder()
-        return load_encoder(encoder or (stored[0] if stored else None), device)
-
     with progress_bar(enabled=not json_out) as tick:
-        run, preds = run_evaluation(store, request, lambda: load_llm(llm, device), encoder_for_store, progress=tick)
+        run, preds = run_evaluation(store, request, lambda: load_llm(llm, device), store_encoder(store, encoder, device), progress=tick)
     if export is not None:
-        export.write_text(json.dumps(lamp_predictions(get_task(run.task), preds), ensure_ascii=False, indent=1) + "\n")
+        write_lamp_predictions(export, get_task(run.task), preds)
     if json_out:
         print_json({**run.__dict__, "exported": str(export) if export else None})
         return

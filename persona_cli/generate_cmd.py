@@ -7,9 +7,11 @@ from typing import Optional
 
 import typer
 
-from persona_cli.common import DeviceOption, JsonOption, console, err_console, handle_errors, open_store, print_json
+from persona_cli.common import (
+    DeviceOption, JsonOption, console, err_console, handle_errors, open_store, print_json, store_encoder,
+)  # fmt: skip
 from recipes.answering import answer, user_task
-from recipes.backbones import load_encoder, load_llm
+from recipes.backbones import load_llm
 from recipes.evaluation import answer_mode
 from recipes.prompting import PromptSettings
 
@@ -37,10 +39,9 @@ def generate(
     task_spec = user_task(store, user, task)
     settings = PromptSettings(method=method, k=k, retriever=retriever, seed=seed)
     mode = answer_mode(task_spec, answer_how)
-    encoder_name = lambda: load_encoder((store.encoder() or (None,))[0], device)  # noqa: E731
     started = time.perf_counter()
     result = answer(
-        store, user, text, task_spec, settings, mode, lambda: load_llm(llm, device), encoder_name,
+        store, user, text, task_spec, settings, mode, lambda: load_llm(llm, device), store_encoder(store, None, device),
         max_new_tokens, max_input_tokens,
     )  # fmt: skip
     seconds = round(time.perf_counter() - started, 3)

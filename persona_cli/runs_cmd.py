@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from persona_cli.common import JsonOption, console, handle_errors, open_store, print_json
-from recipes.evaluation import compare_runs, lamp_predictions
+from recipes.evaluation import compare_runs, write_lamp_predictions
 from recipes.tasks import get_task
 
 app = typer.Typer(help="Stored evaluation runs: list, show, compare.", no_args_is_help=True)
@@ -53,7 +53,7 @@ def show(
     run = store.get_run(run_id)
     predictions = store.run_predictions(run_id)
     if export is not None:
-        export.write_text(json.dumps(lamp_predictions(get_task(run.task), predictions), ensure_ascii=False, indent=1) + "\n")
+        write_lamp_predictions(export, get_task(run.task), predictions)
     if json_out:
         print_json({**run.__dict__, "predictions": [p.__dict__ for p in predictions[:examples]]})
         return

@@ -1,4 +1,4 @@
-"""Answering one new input for one user with a prompt method: what `persona generate` runs."""
+"""Prompts and answers of the prompt methods: shared by evaluation runs and `persona generate`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from recipes import PersonaError
 from recipes.backbones import LLM, Encoder
 from recipes.generation import generate, label_logprobs
 from recipes.profiles import ensure_profiles
+from recipes.progress import Progress
 from recipes.prompting import PromptSettings, TokenBudget, build_prompts
 from recipes.tasks import Task, get_task
 from store import Query, Store
@@ -37,6 +38,52 @@ def user_task(store: Store, user_id: str, task: Optional[str]) -> Task:
     return get_task(tasks[0])
 
 
+def method_prompts(
+    store: Store,
+    llm: LLM,
+    task: Task,
+    settings: PromptSettings,
+    queries: list[Query],
+    load_encoder: Optional[Callable[[], Encoder]] = None,
+    batch_size: int = 16,
+    max_input_tokens: int = 1024,
+    progress: Optional[Progress] = None,
+) -> tuple[list[str], dict]:
+    """One prompt per query for the method in `settings`, reading what it needs from the store
+    (histories, PAG profiles, the query vectors for dense retrieval); also facts for a run's config."""
+    facts: dict = {}
+    histories = store.histories([q.user_id for q in queries], task.name, with_vectors=settings.needs_vectors)
+    profiles, vectors = None, None
+    if settings.method == "pag":
+        profiles, facts["profiles_written"] = ensure_profiles(store, llm, task, histories, batch_size, max_input_tokens, progress)
+    if settings.needs_vectors:
+        if load_encoder is None:
+            raise PersonaError("dense retrieval needs the store's encoder")
+        encoder = load_encoder()
+        store.check_encoder(encoder.id, encoder.dim)
+        vectors = encoder.encode([task.query_text(q.input) for q in queries])
+        facts["encoder"] = encoder.id
+    budget = TokenBudget(llm.tokenizer, max_input_tokens)
+    return build_prompts(settings, task, queries, histories, budget, vectors, profiles, progress), facts
+
+
+def answer_prompts(
+    llm: LLM,
+    task: Task,
+    mode: str,
+    prompts: list[str],
+    batch_size: int = 16,
+    max_new_tokens: Optional[int] = None,
+    max_input_tokens: int = 1024,
+    progress: Optional[Progress] = None,
+) -> list[str]:
+    """Raw answers: the most likely label ('rank'), or the LLM's greedy text ('generate')."""
+    if mode == "rank":
+        scores = label_logprobs(llm, prompts, task.rank_answers(), batch_size, max_input_tokens, progress)
+        return [task.labels[int(i)] for i in scores.argmax(dim=1)]
+    return generate(llm, prompts, max_new_tokens or task.max_new_tokens, batch_size, max_input_tokens, progress)
+
+
 def answer(
     store: Store,
     user_id: str,
@@ -56,17 +103,6 @@ def answer(
         raise PersonaError("the input text is empty")
     llm = load_llm()
     query = Query(query_id="input", user_id=user_id, task=task.name, input=text)
-    histories = store.histories([user_id], task.name, with_vectors=settings.needs_vectors)
-    profiles = ensure_profiles(store, llm, task, histories, max_input_tokens=max_input_tokens)[0] if settings.method == "pag" else None
-    vectors = None
-    if settings.needs_vectors:
-        encoder = load_encoder()
-        store.check_encoder(encoder.id, encoder.dim)
-        vectors = encoder.encode([task.query_text(text)])
-    budget = TokenBudget(llm.tokenizer, max_input_tokens)
-    [prompt] = build_prompts(settings, task, [query], histories, budget, vectors, profiles)
-    if mode == "rank":
-        raw = task.labels[int(label_logprobs(llm, [prompt], task.rank_answers(), 1, max_input_tokens).argmax())]
-    else:
-        raw = generate(llm, [prompt], max_new_tokens or task.max_new_tokens, 1, max_input_tokens)[0]
+    [prompt], _ = method_prompts(store, llm, task, settings, [query], load_encoder, 1, max_input_tokens)
+    [raw] = answer_prompts(llm, task, mode, [prompt], 1, max_new_tokens, max_input_tokens)
     return Answer(user_id, task.name, settings.method, llm.id, prompt, raw, task.normalize(raw))

@@ -6,6 +6,7 @@ the query ids they share.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,10 +15,9 @@ from typing import Callable, Optional
 from recipes import PersonaError
 from recipes.backbones import LLM, Encoder
 from recipes.data import read_lamp_outputs
-from recipes.generation import generate, label_logprobs
+from recipes.answering import answer_prompts, method_prompts
 from recipes.progress import Progress
-from recipes.profiles import ensure_profiles
-from recipes.prompting import PromptSettings, TokenBudget, build_prompts
+from recipes.prompting import PromptSettings
 from recipes.splits import SPLITS, query_split
 from recipes.tasks import Task, get_task
 from store import Prediction, Query, Run, Store, id_sort_key
@@ -106,26 +106,13 @@ def evaluate(
     started = time.perf_counter()
     config = {k: v for k, v in asdict(request).items() if k != "users"}
     config.update(task=task.name, answer=mode, llm=llm.id, users=len({q.user_id for q in queries}))
-    histories = store.histories([q.user_id for q in queries], task.name, with_vectors=settings.needs_vectors)
-    budget = TokenBudget(llm.tokenizer, request.max_input_tokens)
-    profiles, query_vectors = None, None
-    if settings.method == "pag":
-        profiles, written = ensure_profiles(store, llm, task, histories, request.batch_size, request.max_input_tokens, progress)
-        config["profiles_written"] = written
-    if settings.needs_vectors:
-        if load_encoder is None:
-            raise PersonaError("dense retrieval needs the store's encoder")
-        encoder = load_encoder()
-        store.check_encoder(encoder.id, encoder.dim)
-        query_vectors = encoder.encode([task.query_text(q.input) for q in queries])
-        config["encoder"] = encoder.id
-    prompts = build_prompts(settings, task, queries, histories, budget, query_vectors, profiles, progress)
-    if mode == "rank":
-        scores = label_logprobs(llm, prompts, task.rank_answers(), request.batch_size, request.max_input_tokens, progress)
-        raw = [task.labels[int(i)] for i in scores.argmax(dim=1)]
-    else:
-        max_new = request.max_new_tokens or task.max_new_tokens
-        raw = generate(llm, prompts, max_new, request.batch_size, request.max_input_tokens, progress)
+    prompts, facts = method_prompts(
+        store, llm, task, settings, queries, load_encoder, request.batch_size, request.max_input_tokens, progress
+    )
+    config.update(facts)
+    raw = answer_prompts(
+        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress
+    )
     outputs = [task.normalize(r) for r in raw]
     metrics = task.score(outputs, [q.output for q in queries])
     wall = time.perf_counter() - started
@@ -156,6 +143,11 @@ def lamp_predictions(task: Task, predictions: list[Prediction]) -> dict:
         "task": task.lamp_name or task.name,
         "golds": [{"id": p.query_id, "output": p.output} for p in predictions],
     }
+
+
+def write_lamp_predictions(path: str | Path, task: Task, predictions: list[Prediction]) -> None:
+    """Write predictions as a LaMP predictions JSON file."""
+    Path(path).write_text(json.dumps(lamp_predictions(task, predictions), ensure_ascii=False, indent=1) + "\n")
 
 
 def score_files(task_name: str, predictions_path: str | Path, outputs_path: str | Path) -> dict:

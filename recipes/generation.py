@@ -230,7 +230,8 @@ def label_logprobs(
 
     Answers are scored as written (sum of token log-probabilities, no end token), so they
     should be in the form the prompt invites, e.g. quoted when the prompt's examples quote
-    their labels. The prompt runs once; its KV cache is shared by all candidates.
+    their labels. Causal LMs score all candidates of a batch in one forward pass (each sees
+    only the prompt and itself); seq2seq LMs run the encoder once per prompt.
     """
     tick = report(progress)
     encoded = [prompt_token_ids(llm, p, max_input_tokens) for p in prompts]
