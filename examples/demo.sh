@@ -37,6 +37,32 @@ persona evaluate --task LaMP-7 --method rag --k 4 --limit 12
 step "Compare the stored runs on the queries they share"
 persona runs compare 1 2
 
+step "Task adaptation: a LoRA trained on the training users' (prompt, gold) pairs, stored as a plug-in"
+persona adapt --task LaMP-7 --steps 30 --eval-every 10
+
+step "OPPU: one LoRA per user, trained on that user's own history only, on top of the task LoRA"
+persona train-oppu --task LaMP-7 --user 2 --user 8 --steps 20
+persona plugins list
+
+step "User 8 signs off '- Sam' and user 2 ends with '#blessed': the same input for both users"
+for USER in 8 2; do
+  for METHOD in task-lora oppu; do
+    printf '%-10s user %s: ' "$METHOD" "$USER"
+    persona generate --user "$USER" --method "$METHOD" "$PROMPT The museum opens early on Sundays."
+  done
+done
+
+step "Evaluate task-lora against OPPU on users 2 and 8 (one batch mixes both users' adapters)"
+printf '2\n8\n' > .persona-demo/oppu-users.txt
+persona evaluate --task LaMP-7 --method task-lora --users .persona-demo/oppu-users.txt
+persona evaluate --task LaMP-7 --method oppu --users .persona-demo/oppu-users.txt
+persona runs compare 3 4
+
+step "Export user 8's adapter as a peft folder (the task LoRA folded in) that plain peft loads"
+rm -rf .persona-demo/oppu-8
+persona plugins export oppu-LaMP-7/8 .persona-demo/oppu-8
+ls .persona-demo/oppu-8
+
 step "Bad input is refused with file, line and field, and the store is left as it was"
 printf '{"user_id": "99", "history": [{"id": "a", "text": ""}]}\n' > .persona-demo/bad.jsonl
 persona ingest .persona-demo/bad.jsonl --task LaMP-7 || echo "(exit code $?, store unchanged)"

@@ -23,7 +23,9 @@ from recipes.tasks import get_task
 def evaluate(
     ctx: typer.Context,
     task: str = typer.Option(..., "--task", help="Task of the queries, e.g. LaMP-7 or LaMP-2N."),
-    method: str = typer.Option("none", "--method", help="none (k=0), random, rag or pag."),
+    method: str = typer.Option("none", "--method", help="none (k=0), random, rag, pag, task-lora or oppu."),
+    plugin: Optional[str] = typer.Option(None, "--plugin", help="task-lora: plug-in name; oppu: adapter group (defaults: task-lora-TASK, oppu-TASK)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Run a prompt method on this stored plug-in, e.g. task-lora-LaMP-7."),
     k: int = typer.Option(1, "--k", help="History items in the prompt (random, rag)."),
     retriever: str = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense."),
     answer: str = typer.Option("auto", "--answer", help="auto (rank for label tasks), rank or generate."),
@@ -50,7 +52,7 @@ def evaluate(
     request = EvalRequest(
         task=task, method=method, k=k, retriever=retriever, answer=answer, split=split, limit=limit,
         users=read_user_ids(users) if users else None, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        max_input_tokens=max_input_tokens, seed=seed,
+        max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base,
     )  # fmt: skip
     if export is not None and export.is_dir():
         raise PersonaError(f"--export {export}: is a directory; give a file name")

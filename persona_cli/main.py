@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from persona_cli import evaluate_cmd, generate_cmd, ingest_cmd, runs_cmd, search_cmd, store_cmd, users_cmd
+from persona_cli import (
+    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, plugins_cmd, runs_cmd, search_cmd, store_cmd, users_cmd,
+)  # fmt: skip
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -35,6 +37,9 @@ app.command("ingest")(ingest_cmd.ingest)
 app.command("search")(search_cmd.search)
 app.command("generate")(generate_cmd.generate)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("adapt")(lora_cmd.adapt)
+app.command("train-oppu")(lora_cmd.train_oppu_command)
 app.add_typer(store_cmd.app, name="store")
 app.add_typer(users_cmd.app, name="users")
 app.add_typer(runs_cmd.app, name="runs")
+app.add_typer(plugins_cmd.app, name="plugins")

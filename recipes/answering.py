@@ -8,9 +8,11 @@ from typing import Callable, Optional
 from recipes import PersonaError
 from recipes.backbones import LLM, Encoder
 from recipes.generation import generate, label_logprobs
+from recipes.lora_plugins import TRAINED_METHODS, plan_serving
 from recipes.profiles import ensure_profiles
 from recipes.progress import Progress
-from recipes.prompting import PromptSettings, TokenBudget, build_prompts
+from recipes.prompting import PROMPT_METHODS, PromptSettings, TokenBudget, build_prompts
+from recipes.row_lora import RowLora
 from recipes.tasks import Task, get_task
 from store import Query, Store
 
@@ -24,6 +26,15 @@ class Answer:
     prompt: str
     raw: str
     output: str
+
+
+def prompt_method(method: str) -> str:
+    """The prompt a method's LLM sees: trained methods (task-lora, oppu) answer the k=0 prompt."""
+    if method in TRAINED_METHODS:
+        return "none"
+    if method not in PROMPT_METHODS:
+        raise PersonaError(f"--method {method}: expected one of {', '.join(PROMPT_METHODS + TRAINED_METHODS)}")
+    return method
 
 
 def user_task(store: Store, user_id: str, task: Optional[str]) -> Task:
@@ -76,12 +87,16 @@ def answer_prompts(
     max_new_tokens: Optional[int] = None,
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
+    lora: Optional[RowLora] = None,
 ) -> list[str]:
-    """Raw answers: the most likely label ('rank'), or the LLM's greedy text ('generate')."""
+    """Raw answers: the most likely label ('rank'), or the LLM's greedy text ('generate');
+    with `lora`, prompt i goes through its own user's adapter."""
     if mode == "rank":
-        scores = label_logprobs(llm, prompts, task.rank_answers(), batch_size, max_input_tokens, progress)
+        scores = label_logprobs(llm, prompts, task.rank_answers(), batch_size, max_input_tokens, progress, lora)
         return [task.labels[int(i)] for i in scores.argmax(dim=1)]
-    return generate(llm, prompts, max_new_tokens or task.max_new_tokens, batch_size, max_input_tokens, progress)
+    return generate(
+        llm, prompts, max_new_tokens or task.max_new_tokens, batch_size, max_input_tokens, progress, lora=lora
+    )
 
 
 def answer(
@@ -95,14 +110,21 @@ def answer(
     load_encoder: Optional[Callable[[], Encoder]] = None,
     max_new_tokens: Optional[int] = None,
     max_input_tokens: int = 1024,
+    method: Optional[str] = None,
+    plugin: Optional[str] = None,
+    base: Optional[str] = None,
 ) -> Answer:
-    """Build this user's prompt for `text` with the method in `settings` and answer it
-    ('generate', or 'rank' over the task's labels)."""
+    """Build this user's prompt for `text` with `method` (default: the prompt method of
+    `settings`) and answer it ('generate', or 'rank' over the task's labels), through the
+    method's plug-ins: a task LoRA, the user's OPPU adapter, or a prompt method on `base`."""
+    method = method or settings.method
     settings.validate()
     if not text.strip():
         raise PersonaError("the input text is empty")
+    plan = plan_serving(store, task, method, [user_id], plugin, base)
     llm = load_llm()
+    lora = plan.apply(llm)
     query = Query(query_id="input", user_id=user_id, task=task.name, input=text)
     [prompt], _ = method_prompts(store, llm, task, settings, [query], load_encoder, 1, max_input_tokens)
-    [raw] = answer_prompts(llm, task, mode, [prompt], 1, max_new_tokens, max_input_tokens)
-    return Answer(user_id, task.name, settings.method, llm.id, prompt, raw, task.normalize(raw))
+    [raw] = answer_prompts(llm, task, mode, [prompt], 1, max_new_tokens, max_input_tokens, lora=lora)
+    return Answer(user_id, task.name, method, llm.id, prompt, raw, task.normalize(raw))

@@ -15,7 +15,8 @@ from typing import Callable, Optional
 from recipes import PersonaError
 from recipes.backbones import LLM, Encoder
 from recipes.data import read_lamp_outputs
-from recipes.answering import answer_prompts, method_prompts
+from recipes.answering import answer_prompts, method_prompts, prompt_method
+from recipes.lora_plugins import plan_serving
 from recipes.progress import Progress
 from recipes.prompting import PromptSettings
 from recipes.splits import SPLITS, query_split
@@ -41,9 +42,11 @@ class EvalRequest:
     max_new_tokens: Optional[int] = None
     max_input_tokens: int = 1024
     seed: int = 0
+    plugin: Optional[str] = None
+    base: Optional[str] = None
 
     def prompt_settings(self) -> PromptSettings:
-        return PromptSettings(method=self.method, k=self.k, retriever=self.retriever, seed=self.seed)
+        return PromptSettings(method=prompt_method(self.method), k=self.k, retriever=self.retriever, seed=self.seed)
 
 
 def answer_mode(task: Task, answer: str) -> str:
@@ -102,16 +105,18 @@ def evaluate(
     if request.batch_size < 1:
         raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
     queries = select_queries(store, task, request.split, request.limit, request.users)
+    plan = plan_serving(store, task, request.method, [q.user_id for q in queries], request.plugin, request.base)
     llm = load_llm()
     started = time.perf_counter()
+    lora = plan.apply(llm)
     config = {k: v for k, v in asdict(request).items() if k != "users"}
-    config.update(task=task.name, answer=mode, llm=llm.id, users=len({q.user_id for q in queries}))
+    config.update(task=task.name, answer=mode, llm=llm.id, users=len({q.user_id for q in queries}), **plan.facts())
     prompts, facts = method_prompts(
         store, llm, task, settings, queries, load_encoder, request.batch_size, request.max_input_tokens, progress
     )
     config.update(facts)
     raw = answer_prompts(
-        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress
+        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, lora
     )
     outputs = [task.normalize(r) for r in raw]
     metrics = task.score(outputs, [q.output for q in queries])
@@ -126,12 +131,16 @@ def evaluate(
 
 
 def method_label(request: EvalRequest) -> str:
-    """A short name for tables: 'rag-bm25-k4', 'random-k2', 'pag', 'none'."""
+    """A short name for tables: 'rag-bm25-k4', 'random-k2', 'pag', 'none', 'oppu', 'none+task-lora-LaMP-7'."""
     if request.method == "rag":
-        return f"rag-{request.retriever}-k{request.k}"
-    if request.method == "random":
-        return f"random-k{request.k}"
-    return request.method
+        label = f"rag-{request.retriever}-k{request.k}"
+    elif request.method == "random":
+        label = f"random-k{request.k}"
+    else:
+        label = request.method
+    if request.plugin:
+        label += f"[{request.plugin}]"
+    return f"{label}+{request.base}" if request.base else label
 
 
 # ---------- LaMP prediction files ----------

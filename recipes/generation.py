@@ -8,6 +8,7 @@ a whole batch of finished rows busy. Seq2seq LMs use transformers' generate.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -16,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from recipes.backbones import LLM
 from recipes.progress import Progress, report
+from recipes.row_lora import RowLora
 
 
 def render_prompt(llm: LLM, prompt: str) -> str:
@@ -72,8 +74,12 @@ def generate(
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
     stage: str = "generating",
+    lora: Optional[RowLora] = None,
 ) -> list[str]:
-    """Greedy answers to `prompts`, in the order given (progress is reported under `stage`)."""
+    """Greedy answers to `prompts`, in the order given (progress is reported under `stage`).
+
+    With `lora`, prompt i is answered through its own adapter (RowLora.adapters[i]) while rows
+    of different users share every batch."""
     tick = report(progress)
     encoded = [prompt_token_ids(llm, p, max_input_tokens) for p in prompts]
     outputs: list[str] = [""] * len(prompts)
@@ -87,29 +93,48 @@ def generate(
         tick(stage, done, len(prompts))
 
     order = [i for batch in _length_sorted_batches([len(e) for e in encoded], len(encoded) or 1) for i in batch]
-    if llm.is_seq2seq:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            for row, tokens in zip(rows, _greedy_seq2seq(llm, [encoded[i] for i in rows], max_new_tokens)):
-                finish(row, tokens)
-    else:
-        _greedy_causal(llm, encoded, order, batch_size, max_new_tokens, finish)
+    with _hooked(lora):
+        if llm.is_seq2seq:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                if lora is not None:
+                    lora.current = lora.stack(rows)
+                for row, tokens in zip(rows, _greedy_seq2seq(llm, [encoded[i] for i in rows], max_new_tokens)):
+                    finish(row, tokens)
+        else:
+            _greedy_causal(llm, encoded, order, batch_size, max_new_tokens, finish, lora)
     return outputs
 
 
-class _Rows:
-    """Rows being decoded together: KV cache, left-padded attention mask, next position, last logits."""
+@contextmanager
+def _hooked(lora: Optional[RowLora]) -> Iterator[None]:
+    if lora is None:
+        yield
+        return
+    with lora.hooked():
+        yield
 
-    def __init__(self, llm: LLM, batch: list[list[int]], rows: list[int]) -> None:
+
+class _Rows:
+    """Rows being decoded together: KV cache, left-padded attention mask, next position, last logits,
+    and each row's LoRA when rows carry their own."""
+
+    def __init__(self, llm: LLM, batch: list[list[int]], rows: list[int], lora: Optional[RowLora] = None) -> None:
         input_ids, self.mask = _left_padded(llm, batch)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.llm, self.rows = llm, list(rows)
+        self.lora, self.lora_rows = lora, lora.stack(self.rows) if lora is not None else None
         self.cache = DynamicCache(config=llm.model.config)
+        self._use_lora()
         self.logits = llm.model(
             input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
             past_key_values=self.cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]  # fmt: skip
         self.next_position = positions[:, -1] + 1
+
+    def _use_lora(self) -> None:
+        if self.lora is not None:
+            self.lora.current = self.lora_rows
 
     def can_join(self) -> bool:
         """Joining needs plain growing caches (their tensors can be padded and concatenated)."""
@@ -125,6 +150,8 @@ class _Rows:
         self.next_position = torch.cat([self.next_position, other.next_position])
         self.logits = torch.cat([self.logits, other.logits])
         self.rows += other.rows
+        if self.lora is not None:
+            self.lora_rows = RowLora.concat(self.lora_rows, other.lora_rows)
 
     def keep(self, slots: list[int]) -> None:
         """Keep only these slots, and drop cache columns that are padding in every remaining row."""
@@ -133,6 +160,8 @@ class _Rows:
             self.cache.batch_select_indices(index)
             self.mask, self.next_position, self.logits = self.mask[index], self.next_position[index], self.logits[index]
             self.rows = [self.rows[s] for s in slots]
+            if self.lora is not None:
+                self.lora_rows = RowLora.select(self.lora_rows, index)
             first = int(self.mask.any(0).int().argmax())
             if first > 0 and self.can_join():
                 for layer in self.cache.layers:
@@ -142,6 +171,7 @@ class _Rows:
     def step(self, tokens: torch.Tensor) -> None:
         """Feed one token per row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self._use_lora()
         self.logits = self.llm.model(
             input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
             past_key_values=self.cache, use_cache=True,
@@ -165,6 +195,7 @@ def _greedy_causal(
     batch_size: int,
     max_new_tokens: int,
     finish: Callable[[int, list[int]], None],
+    lora: Optional[RowLora] = None,
 ) -> None:
     """Greedy decoding with continuous batching: a finished row leaves the batch at once, and when a
     quarter of the batch is free, waiting prompts are prefilled and join the rows still decoding."""
@@ -177,7 +208,7 @@ def _greedy_causal(
         free = batch_size - (len(live.rows) if live else 0)
         if pending and (live is None or (free >= refill_at and live.can_join())):
             admitted, pending = pending[:free], pending[free:]
-            fresh = _Rows(llm, [encoded[i] for i in admitted], admitted)
+            fresh = _Rows(llm, [encoded[i] for i in admitted], admitted, lora)
             answers.update({row: [] for row in admitted})
             if live is None:
                 live = fresh
@@ -225,6 +256,7 @@ def label_logprobs(
     batch_size: int = 8,
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
+    lora: Optional[RowLora] = None,
 ) -> torch.Tensor:
     """log P(answer | prompt) for every prompt and candidate answer, shape (prompts, labels).
 
@@ -239,12 +271,15 @@ def label_logprobs(
     scores = torch.zeros(len(prompts), len(labels))
     done = 0
     tick("ranking labels", 0, len(prompts))
-    for rows in _length_sorted_batches([len(e) for e in encoded], batch_size):
-        batch = [encoded[i] for i in rows]
-        score = _score_seq2seq(llm, batch, label_ids) if llm.is_seq2seq else _score_causal(llm, batch, label_ids)
-        scores[rows] = score.float().cpu()
-        done += len(rows)
-        tick("ranking labels", done, len(prompts))
+    with _hooked(lora):
+        for rows in _length_sorted_batches([len(e) for e in encoded], batch_size):
+            batch = [encoded[i] for i in rows]
+            if lora is not None:
+                lora.current = lora.stack(rows)
+            score = _score_seq2seq(llm, batch, label_ids, lora) if llm.is_seq2seq else _score_causal(llm, batch, label_ids)
+            scores[rows] = score.float().cpu()
+            done += len(rows)
+            tick("ranking labels", done, len(prompts))
     return scores
 
 
@@ -308,11 +343,13 @@ def _score_causal(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) 
     return scores
 
 
-def _score_seq2seq(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) -> torch.Tensor:
+def _score_seq2seq(llm: LLM, batch: list[list[int]], label_ids: list[list[int]], lora: Optional[RowLora] = None) -> torch.Tensor:
     model = llm.model
     n_labels = len(label_ids)
     encoded = llm.tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(llm.device)
     hidden = model.get_encoder()(**encoded).last_hidden_state.repeat_interleave(n_labels, 0)
+    if lora is not None and lora.current is not None:  # the decoder sees every prompt once per label
+        lora.current = {p: (a.repeat_interleave(n_labels, 0), b.repeat_interleave(n_labels, 0)) for p, (a, b) in lora.current.items()}
     labels, valid = _label_matrix(llm, label_ids, len(batch))
     start = torch.full((labels.shape[0], 1), model.config.decoder_start_token_id, device=llm.device)
     logits = model(

@@ -47,6 +47,7 @@ class Task:
     max_new_tokens: int = 64
     rank_template: str = "{label}"
     lamp_name: str | None = field(default=None)
+    query_template: str = "{input}"
 
     # ---------- documents and queries ----------
 
@@ -68,6 +69,12 @@ class Task:
                 if rest:
                     return rest
         return task_input
+
+    def item_prompt(self, item_input: str) -> str:
+        """A history item's own input as a query of this task (LaMP's wording), for training in task format."""
+        if self.query_marker and self.query_marker.lower() in item_input.lower():
+            return item_input
+        return self.query_template.format(input=item_input)
 
     def render_item(self, item: dict, text: str) -> str:
         """One history item as a line of a RAG prompt; missing fields render as empty strings."""
@@ -182,25 +189,26 @@ TASKS: dict[str, Task] = {
             "LaMP-4", ("title", "text"), "news headline generation", query_marker="article:",
             rag_header="Headlines this journalist wrote for other articles:", item_template='"{title}" is the title for "{text}"',
             pag_instruction="Describe in two or three sentences the style of the headlines this journalist writes.",
-            max_new_tokens=32, lamp_name="LaMP_4",
+            max_new_tokens=32, lamp_name="LaMP_4", query_template="Generate a headline for the following article: {input}",
         ),
         Task(
             "LaMP-5", ("title", "abstract"), "scholarly title generation", query_marker="abstract:",
             rag_header="Titles this scholar gave other papers:", item_template='"{title}" is the title for "{abstract}"',
             pag_instruction="Describe in two or three sentences the research topics and title style of this scholar.",
-            max_new_tokens=32, lamp_name="LaMP_5",
+            max_new_tokens=32, lamp_name="LaMP_5", query_template="Generate a title for the following abstract of a paper: {input}",
         ),
         Task(
             "LaMP-6", ("text",), "email subject generation", query_marker="email:",
             rag_header="Subjects this user wrote for other emails:", item_template='"{title}" is the subject for "{text}"',
             pag_instruction="Describe in two or three sentences how this user writes email subjects.",
-            max_new_tokens=32, lamp_name="LaMP_6",
+            max_new_tokens=32, lamp_name="LaMP_6", query_template="Generate a subject for the following email: {input}",
         ),
         Task(
             "LaMP-7", ("text",), "tweet paraphrasing", query_marker="before or after it:",
             rag_header="Tweets this user has written:", item_template='"{text}"',
             pag_instruction="Describe in two or three sentences the writing style of the person who wrote these tweets (tone, punctuation, capitalization, hashtags, emoji, typical phrases).",
             max_new_tokens=64, lamp_name="LaMP_7",
+            query_template="Paraphrase the following tweet without any explanation before or after it: {input}",
         ),
     ]
 }  # fmt: skip

@@ -95,3 +95,26 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     created_at: datetime | None = None
+
+
+@dataclass
+class Plugin:
+    """A trained plug-in (task LoRA, one user's OPPU LoRA, …): its weights as safetensors bytes.
+
+    `base` names the plug-in it was trained on top of (None: the bare LLM); `user_id` is set for
+    per-user plug-ins; `config` says how it was made and `metrics` what training measured.
+    """
+
+    name: str
+    kind: str
+    llm: str
+    weights: bytes
+    task: str | None = None
+    user_id: str | None = None
+    encoder: str | None = None
+    base: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    size: int = 0
+    """Bytes of the stored weights (filled in by the store, also when the weights are not read)."""

@@ -93,3 +93,21 @@ PREDICTIONS = pa.schema(
 
 PROFILE_KEY = ["user_id", "task", "llm"]
 RUN_KEY = ["run_id"]
+
+PLUGINS = pa.schema(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("task", pa.string()),
+        pa.field("user_id", pa.string()),
+        pa.field("llm", pa.string(), nullable=False),
+        pa.field("encoder", pa.string()),
+        pa.field("base", pa.string()),
+        pa.field("config", pa.string()),
+        pa.field("weights", pa.large_binary()),
+        pa.field("metrics", pa.string()),
+        pa.field("created_at", TS),
+    ]
+)
+
+PLUGIN_KEY = ["name"]

@@ -1,0 +1,158 @@
+"""`persona adapt` (the task LoRA) and `persona train-oppu` (one LoRA per user)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
+from recipes import PersonaError
+from recipes.adaptation import adapt_task, split_users, train_oppu
+from recipes.backbones import load_llm
+from recipes.data import read_user_ids
+from recipes.lora_plugins import oppu_group, task_lora_name
+from recipes.lora_training import LoraSettings
+from recipes.tasks import get_task
+
+TaskOption = typer.Option(..., "--task", help="Task whose data trains the adapter, e.g. LaMP-7.")
+LlmOption = typer.Option(None, "--llm", help="HF causal or seq2seq LM, name or path (default: embedded SmolLM2-135M-Instruct).")
+ROption = typer.Option(8, "--r", help="LoRA rank.")
+AlphaOption = typer.Option(8.0, "--alpha", help="LoRA alpha (scale alpha/r).")
+DropoutOption = typer.Option(0.05, "--dropout", help="LoRA dropout.")
+TargetsOption = typer.Option(None, "--target-modules", help="Comma-separated module names (default: the attention projections).")
+MaxLengthOption = typer.Option(256, "--max-length", help="Tokens per training example (prompt and target).")
+SeedOption = typer.Option(0, "--seed", help="Seeds initialization, dropout and batch order.")
+PrecisionOption = typer.Option("auto", "--precision", help="auto (bfloat16 mixed precision where supported), float32 or bfloat16.")
+
+
+def _targets(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise PersonaError("--target-modules is empty")
+    return names
+
+
+@handle_errors
+def adapt(
+    ctx: typer.Context,
+    task: str = TaskOption,
+    name: Optional[str] = typer.Option(None, "--name", help="Plug-in name (default: task-lora-TASK)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Train on top of this stored plug-in."),
+    r: int = ROption,
+    alpha: float = AlphaOption,
+    dropout: float = DropoutOption,
+    target_modules: Optional[str] = TargetsOption,
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (linear warm-up and decay)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs passes)."),
+    epochs: float = typer.Option(4.0, "--epochs"),
+    max_length: int = MaxLengthOption,
+    eval_every: int = typer.Option(45, "--eval-every", help="Score the dev split every N steps; the best step is kept."),
+    select: str = typer.Option("loss", "--select", help="loss (dev loss) or metric (the task's first metric on the dev queries, e.g. ROUGE-1; slower)."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Train on at most N training-split queries."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite a stored plug-in of that name."),
+    seed: int = SeedOption,
+    precision: str = PrecisionOption,
+    llm: Optional[str] = LlmOption,
+    device: str = DeviceOption,
+    json_out: bool = JsonOption,
+) -> None:
+    """Train the task LoRA on training-split users' (prompt, gold) pairs; the dev split picks the best step.
+
+    An interrupted run resumes from its last checkpoint when started again with the same options."""
+    store = open_store(ctx)
+    task_spec = get_task(task)
+    settings = LoraSettings(
+        r=r, alpha=alpha, dropout=dropout, target_modules=_targets(target_modules), learning_rate=lr,
+        batch_size=batch_size, steps=steps, epochs=epochs, max_length=max_length, eval_every=eval_every, seed=seed,
+        precision=precision,
+    )  # fmt: skip
+    settings.validate()
+    with progress_bar(enabled=not json_out) as tick:
+        plugin = adapt_task(
+            store, load_llm(llm, device), task_spec, settings, name or task_lora_name(task_spec), base, replace,
+            max_examples, tick, select,
+        )  # fmt: skip
+    summary = {k: v for k, v in plugin.metrics.items() if k != "curve"}
+    if json_out:
+        print_json({"name": plugin.name, "kind": plugin.kind, "task": plugin.task, "base": plugin.base, "llm": plugin.llm, **summary,
+                    "train_examples": plugin.config["train_examples"], "dev_examples": plugin.config["dev_examples"]})
+        return
+    resumed = f", resumed at step {summary['resumed_from']}" if summary.get("resumed_from") else ""
+    console.print(
+        f"stored plug-in [bold]{plugin.name}[/] ({human_bytes(plugin.metrics['adapter_bytes'])}): "
+        f"{plugin.config['train_examples']} examples of {plugin.config['train_users']} training users, "
+        f"{summary['steps']} steps in {summary['train_seconds']:.1f} s{resumed}; "
+        f"final loss {summary['final_loss']}; kept step {summary['best_step']} (dev loss {summary['best_dev_loss']}"
+        + (f", dev {get_task(task).metric_names[0]} {summary['best_dev_score']}" if summary.get("best_dev_score") is not None else "")
+        + ")"
+    )
+
+
+@handle_errors
+def train_oppu_command(
+    ctx: typer.Context,
+    task: str = TaskOption,
+    user: Optional[list[str]] = typer.Option(None, "--user", help="A user to train (repeatable)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Every user of this split: train, dev, test or all."),
+    users: Optional[Path] = typer.Option(None, "--users", help="File with one user id per line."),
+    group: Optional[str] = typer.Option(None, "--name", help="Name prefix of the adapters, stored as NAME/USER (default: oppu-TASK)."),
+    base: Optional[str] = typer.Option("auto", "--base", help="Base plug-in (default: task-lora-TASK when stored; 'none' for the bare LLM)."),
+    r: int = ROption,
+    alpha: float = AlphaOption,
+    dropout: float = DropoutOption,
+    target_modules: Optional[str] = TargetsOption,
+    lr: float = typer.Option(1e-3, "--lr"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per user (default: --epochs passes)."),
+    epochs: float = typer.Option(2.0, "--epochs", help="Passes over the user's history."),
+    max_length: int = MaxLengthOption,
+    retrain: bool = typer.Option(False, "--retrain", help="Train again users whose adapter already exists."),
+    seed: int = SeedOption,
+    precision: str = PrecisionOption,
+    llm: Optional[str] = LlmOption,
+    device: str = DeviceOption,
+    json_out: bool = JsonOption,
+) -> None:
+    """Train one LoRA per user on that user's history only (OPPU), on top of the task base.
+
+    Items with an input train in task format, others by language modelling on their text.
+    Users whose adapter exists with the same settings are skipped, so a stopped run resumes."""
+    store = open_store(ctx)
+    task_spec = get_task(task)
+    chosen = [bool(user), split is not None, users is not None]
+    if sum(chosen) != 1:
+        raise PersonaError("name the users with exactly one of --user, --split or --users")
+    user_ids = list(dict.fromkeys(user)) if user else read_user_ids(users) if users else split_users(store, task_spec, split)
+    if base == "auto":
+        default = task_lora_name(task_spec)
+        base = default if store.get_plugins([default]) else None
+    elif base == "none":
+        base = None
+    settings = LoraSettings(
+        r=r, alpha=alpha, dropout=dropout, target_modules=_targets(target_modules), learning_rate=lr,
+        batch_size=batch_size, steps=steps, epochs=epochs, max_length=max_length, seed=seed, precision=precision,
+    )  # fmt: skip
+    settings.validate()
+    with progress_bar(enabled=not json_out) as tick:
+        result = train_oppu(
+            store, load_llm(llm, device), task_spec, user_ids, settings, group or oppu_group(task_spec), base,
+            retrain, progress=tick,
+        )  # fmt: skip
+    summary = result.summary()
+    if json_out:
+        print_json({**summary, "users": len(user_ids)})
+        return
+    table = Table("group", "base", "users", "trained", "kept", "skipped", "mean train s", "mean adapter", title="OPPU")
+    table.add_row(
+        summary["group"], summary["base"] or "(bare LLM)", str(len(user_ids)), str(summary["trained"]), str(summary["reused"]),
+        str(len(summary["skipped"])), f"{summary['mean_train_seconds']}", human_bytes(summary["mean_adapter_bytes"]),
+    )  # fmt: skip
+    console.print(table)
+    for skipped_user, reason in list(summary["skipped"].items())[:5]:
+        console.print(f"skipped user {skipped_user}: {reason}")

@@ -1,0 +1,226 @@
+"""Train the LoRA plug-ins from the store's data: the task LoRA (task adaptation) on training-split
+users' queries, and OPPU, one LoRA per user on that user's history only, on top of a base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from recipes import PersonaError
+from recipes.answering import answer_prompts
+from recipes.backbones import LLM, cache_dir
+from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, oppu_name
+from recipes.lora_training import Example, LoraSettings, TrainedLora, train_lora
+from recipes.progress import Progress, report
+from recipes.splits import query_split
+from recipes.tasks import Task
+from store import Behavior, Plugin, Query, Store
+
+
+def query_examples(queries: list[Query]) -> list[Example]:
+    """(prompt, gold) pairs: the task's own k=0 prompt and the user's answer."""
+    return [Example(q.input, q.output) for q in queries if q.output is not None]
+
+
+def history_examples(task: Task, history: list[Behavior]) -> list[Example]:
+    """A user's history as training examples: in task format when an item has an input (its
+    text being the user's output), else language modelling on the item's text."""
+    examples = []
+    for item in history:
+        item_input = item.fields.get("input")
+        if isinstance(item_input, str) and item_input.strip():
+            output = item.fields.get("output")
+            target = output if isinstance(output, str) and output.strip() else item.text
+            examples.append(Example(task.item_prompt(item_input), target))
+        else:
+            examples.append(Example(None, item.text))
+    return examples
+
+
+def split_queries(store: Store, task: Task, split: str) -> list[Query]:
+    return [q for q in store.task_queries(task.name) if q.output is not None and query_split(q.split, q.user_id) == split]
+
+
+def checkpoint_path(store: Store, name: str) -> Path:
+    """Where an interrupted training of plug-in `name` in this store keeps its checkpoint."""
+    key = hashlib.sha256(f"{store.uri}\n{name}".encode()).hexdigest()[:16]
+    return cache_dir() / "checkpoints" / f"{key}.pt"
+
+
+def _lora_config(llm: LLM, settings: LoraSettings, trained: TrainedLora, chain: list[Plugin]) -> dict:
+    lora = {**asdict(settings), "target_modules": trained.target_modules}
+    return {"lora": lora, "seq2seq": llm.is_seq2seq, "base_chain": [p.name for p in chain]}
+
+
+def _training_metrics(trained: TrainedLora, weights_bytes: int) -> dict:
+    return {
+        "train_seconds": trained.seconds, "steps": trained.steps, "adapter_bytes": weights_bytes,
+        "final_loss": trained.curve[-1]["loss"] if trained.curve else None, "best_step": trained.best_step,
+        "best_dev_loss": trained.best_dev_loss, "best_dev_score": trained.best_dev_score, "resumed_from": trained.resumed_from, "curve": trained.curve,
+    }  # fmt: skip
+
+
+# ---------- task adaptation ----------
+
+SELECTIONS = ("loss", "metric")
+
+
+def _dev_scorer(llm: LLM, task: Task, dev: list[Query], batch_size: int) -> Callable[[], float]:
+    """The task's first metric of the LLM as it is now on the dev queries (sign flipped where lower is better)."""
+    metric = task.metric_names[0]
+    sign = 1.0 if task.higher_is_better(metric) else -1.0
+
+    def score() -> float:
+        mode = "rank" if task.is_classification else "generate"
+        raw = answer_prompts(llm, task, mode, [q.input for q in dev], max(batch_size, 16))
+        return sign * task.score([task.normalize(r) for r in raw], [q.output for q in dev])[metric]
+
+    return score
+
+
+def adapt_task(
+    store: Store,
+    llm: LLM,
+    task: Task,
+    settings: LoraSettings,
+    name: str,
+    base: Optional[str] = None,
+    replace: bool = False,
+    max_examples: Optional[int] = None,
+    progress: Optional[Progress] = None,
+    select: str = "loss",
+) -> Plugin:
+    """Train the task LoRA on the training-split users' queries, keep the step that does best on
+    the dev-split queries (select 'loss': the lowest dev loss; 'metric': the task's first metric,
+    e.g. ROUGE-1, which generates every dev answer at every evaluation), and store it as plug-in
+    `name`. Test users' queries are never read."""
+    settings.validate()
+    if select not in SELECTIONS:
+        raise PersonaError(f"--select {select}: expected one of {', '.join(SELECTIONS)}")
+    if not replace and store.get_plugins([name]):
+        raise PersonaError(f"plug-in '{name}' exists; pass --replace to train it again")
+    train = split_queries(store, task, "train")[:max_examples]
+    if not train:
+        raise PersonaError(f"store {store.uri} has no {task.name} training-split queries with gold outputs")
+    dev = split_queries(store, task, "dev")
+    chain = base_chain(store, base)
+    apply_chain(llm, chain)
+    scorer = _dev_scorer(llm, task, dev, settings.batch_size) if dev and select == "metric" else None
+    trained = train_lora(
+        llm, query_examples(train), settings, query_examples(dev) or None, progress, checkpoint_path(store, name),
+        stage=f"training {name}", dev_score=scorer,
+    )  # fmt: skip
+    weights = trained.weights.to_bytes()
+    config = _lora_config(llm, settings, trained, chain)
+    config.update(train_users=len({q.user_id for q in train}), train_examples=len(train), dev_examples=len(dev))
+    plugin = Plugin(
+        name=name, kind=TASK_LORA, llm=llm.id, weights=weights, task=task.name, base=base,
+        config=config, metrics=_training_metrics(trained, len(weights)),
+    )  # fmt: skip
+    store.put_plugins([plugin])
+    return plugin
+
+
+# ---------- OPPU: one LoRA per user ----------
+
+
+@dataclass
+class OppuReport:
+    group: str
+    base: Optional[str]
+    trained: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    train_seconds: list[float] = field(default_factory=list)
+    adapter_bytes: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "group": self.group, "base": self.base, "trained": len(self.trained), "reused": len(self.reused),
+            "skipped": self.skipped,
+            "mean_train_seconds": round(statistics.fmean(self.train_seconds), 3) if self.train_seconds else None,
+            "mean_adapter_bytes": round(statistics.fmean(self.adapter_bytes)) if self.adapter_bytes else None,
+        }  # fmt: skip
+
+
+def train_oppu(
+    store: Store,
+    llm: LLM,
+    task: Task,
+    user_ids: list[str],
+    settings: LoraSettings,
+    group: str,
+    base: Optional[str] = None,
+    retrain: bool = False,
+    flush_every: int = 16,
+    progress: Optional[Progress] = None,
+) -> OppuReport:
+    """Train one LoRA per user on that user's history only, on top of `base`, stored as
+    `group/USER`. Users whose adapter already exists with the same settings and base are kept,
+    so a stopped run resumes where it was; finished adapters are written every `flush_every` users."""
+    settings.validate()
+    if not user_ids:
+        raise PersonaError("no users to train")
+    known = {u.user_id for u in store.get_users(user_ids)}
+    unknown = [u for u in user_ids if u not in known]
+    if unknown:
+        raise PersonaError(f"no user '{unknown[0]}' in store {store.uri}")
+    chain = base_chain(store, base)
+    report_ = OppuReport(group=group, base=base)
+    existing = {p.name: p for p in store.list_plugins(kind=OPPU, prefix=f"{group}/")}
+    wanted = json.dumps(asdict(settings), sort_keys=True)
+    todo = []
+    for user in user_ids:
+        old = existing.get(oppu_name(group, user))
+        same = old is not None and old.base == base and json.dumps(old.config.get("settings"), sort_keys=True) == wanted
+        if same and not retrain:
+            report_.reused.append(user)
+            report_.train_seconds.append(old.metrics.get("train_seconds", 0.0))
+            report_.adapter_bytes.append(old.size)
+        else:
+            todo.append(user)
+    if not todo:
+        return report_
+    apply_chain(llm, chain)
+    histories = store.histories(todo, task.name)
+    tick = report(progress)
+    pending: list[Plugin] = []
+    tick("training OPPU adapters", 0, len(todo))
+    for n, user in enumerate(todo, 1):
+        examples = history_examples(task, histories.get(user, []))
+        if not examples:
+            report_.skipped[user] = f"no {task.name} history"
+        else:
+            trained = train_lora(llm, examples, settings)
+            weights = trained.weights.to_bytes()
+            config = {**_lora_config(llm, settings, trained, chain), "settings": asdict(settings), "examples": len(examples)}
+            pending.append(
+                Plugin(
+                    name=oppu_name(group, user), kind=OPPU, llm=llm.id, weights=weights, task=task.name, user_id=user,
+                    base=base, config=config, metrics=_training_metrics(trained, len(weights)),
+                )  # fmt: skip
+            )
+            report_.trained.append(user)
+            report_.train_seconds.append(trained.seconds)
+            report_.adapter_bytes.append(len(weights))
+        if len(pending) >= flush_every or (n == len(todo) and pending):
+            store.put_plugins(pending)
+            pending = []
+        tick("training OPPU adapters", n, len(todo))
+    return report_
+
+
+def split_users(store: Store, task: Task, split: str) -> list[str]:
+    """Users with queries of `task` in a split of the fixed user-level split ('all' for every user
+    with queries), in natural id order."""
+    from store import id_sort_key
+
+    users = {q.user_id for q in store.task_queries(task.name) if split == "all" or query_split(q.split, q.user_id) == split}
+    if not users:
+        raise PersonaError(f"store {store.uri} has no {task.name} users in split '{split}'")
+    return sorted(users, key=id_sort_key)

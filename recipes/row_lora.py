@@ -1,0 +1,119 @@
+"""A different LoRA on every row of one batch, without one model copy per user.
+
+Forward hooks on the adapted modules add B_row·A_row·v_row for each row with two batched
+matrix products; the rows' A and B are stacked once when rows enter the batch and follow them
+as rows leave or join (generation keeps a batch running while its rows change). Ranks differ
+between adapters, so they are zero-padded to the widest one, which changes nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+
+from recipes.adapters import LoraWeights, check_fits
+
+Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per module path: A of shape (rows, R, in) and B·scale of shape (rows, out, R)."""
+
+
+class RowLora:
+    """Serves `adapters[i]` (or nothing, for None) to prompt i of a batched forward pass."""
+
+    def __init__(self, model: torch.nn.Module, adapters: list[Optional[LoraWeights]]) -> None:
+        self.model = model
+        self.adapters = adapters
+        self.paths = sorted({p for a in adapters if a is not None for p in a.modules})
+        for adapter in {id(a): a for a in adapters if a is not None}.values():
+            check_fits(model, adapter)
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        self.current: Optional[Stack] = None
+
+    def stack(self, prompts: list[int]) -> Stack:
+        """The stacked A and B of these prompts' adapters, in this order."""
+        stacked: Stack = {}
+        for path in self.paths:
+            parts = [self._module(self.adapters[i], path) for i in prompts]
+            rank = max((a.shape[0] for a, _ in parts if a is not None), default=1)
+            shape = self._shape(path)
+            a_rows, b_rows = [], []
+            for a, b in parts:
+                if a is None:
+                    a, b = torch.zeros(rank, shape[1]), torch.zeros(shape[0], rank)
+                a_rows.append(_pad_rank_a(a, rank))
+                b_rows.append(_pad_rank_b(b, rank))
+            stacked[path] = (
+                torch.stack(a_rows).to(self.device, self.dtype),
+                torch.stack(b_rows).to(self.device, self.dtype),
+            )
+        return stacked
+
+    def _module(self, adapter: Optional[LoraWeights], path: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if adapter is None or path not in adapter.modules:
+            return None, None
+        a, b = adapter.modules[path]
+        return a.float(), b.float() * adapter.scales[path]
+
+    def _shape(self, path: str) -> tuple[int, int]:
+        for adapter in self.adapters:
+            if adapter is not None and path in adapter.modules:
+                a, b = adapter.modules[path]
+                return b.shape[0], a.shape[1]
+        raise KeyError(path)
+
+    @staticmethod
+    def select(stack: Stack, index: torch.Tensor) -> Stack:
+        return {path: (a[index], b[index]) for path, (a, b) in stack.items()}
+
+    @staticmethod
+    def concat(first: Stack, second: Stack) -> Stack:
+        joined = {}
+        for path in first:
+            (a1, b1), (a2, b2) = first[path], second[path]
+            rank = max(a1.shape[1], a2.shape[1])
+            joined[path] = (
+                torch.cat([_pad_dim(a1, rank, 1), _pad_dim(a2, rank, 1)]),
+                torch.cat([_pad_dim(b1, rank, 2), _pad_dim(b2, rank, 2)]),
+            )
+        return joined
+
+    @contextmanager
+    def hooked(self) -> Iterator["RowLora"]:
+        """Hooks on the adapted modules for the duration of the block; `current` says what they add."""
+        handles = [self.model.get_submodule(path).register_forward_hook(self._hook(path)) for path in self.paths]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.current = None
+
+    def _hook(self, path: str):
+        def add_rows(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            if self.current is None:
+                return output
+            a, b = self.current[path]
+            x = inputs[0]
+            return output + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+        return add_rows
+
+
+def _pad_rank_a(a: torch.Tensor, rank: int) -> torch.Tensor:
+    return a if a.shape[0] == rank else torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+
+
+def _pad_rank_b(b: torch.Tensor, rank: int) -> torch.Tensor:
+    return b if b.shape[1] == rank else torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+
+
+def _pad_dim(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)

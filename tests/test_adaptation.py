@@ -1,0 +1,138 @@
+"""Task LoRA and OPPU through the CLI with the embedded SmolLM2 on the example users: adapters
+are trained, stored, listed, served in mixed-user batches, exported as peft folders that plain
+peft loads with the same outputs, imported back, and bad requests change nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from conftest import EXAMPLES
+from persona_cli.main import app
+from recipes.generation import prompt_token_ids
+from store import Store
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+PROMPT = "Paraphrase the following tweet without any explanation before or after it: The museum opens early on Sundays."
+TEST_USERS = ["2", "4"]
+
+
+def _cli(store: Path, *args: str) -> dict:
+    result = runner.invoke(app, ["--store", str(store), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _fail(store: Path, *args: str) -> str:
+    result = runner.invoke(app, ["--store", str(store), *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """Example users with a small task LoRA and OPPU adapters for two test users."""
+    path = tmp_path_factory.mktemp("adapt") / "store"
+    assert runner.invoke(app, ["--store", str(path), "ingest", str(EXAMPLES), "--task", "LaMP-7"]).exit_code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(store) -> dict:
+    adapted = _cli(store, "adapt", "--task", "LaMP-7", "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--select", "metric")
+    oppu = _cli(store, "train-oppu", "--task", "LaMP-7", "--user", "2", "--user", "4", "--steps", "3", "--batch-size", "4")
+    return {"adapt": adapted, "oppu": oppu}
+
+
+def test_adapt_trains_on_training_users_and_stores_the_plugin(store, trained):
+    adapted = trained["adapt"]
+    assert adapted["name"] == "task-lora-LaMP-7" and adapted["kind"] == "task-lora" and adapted["steps"] == 4
+    assert adapted["train_examples"] == 75 and adapted["dev_examples"] == 9  # 25 training users, 3 dev users
+    assert adapted["best_step"] in (2, 4) and adapted["adapter_bytes"] > 0
+    assert 0 <= adapted["best_dev_score"] <= 1  # ROUGE-1 of the dev users' queries picks the step
+    shown = _cli(store, "plugins", "show", "task-lora-LaMP-7")
+    assert [p["step"] for p in shown["curve"]] == [1, 2, 3, 4]
+    assert shown["config"]["lora"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert shown["config"]["lora"]["r"] == 8 and shown["config"]["lora"]["alpha"] == 8
+
+
+def test_oppu_trains_one_adapter_per_user_on_the_task_base_and_resumes(store, trained):
+    oppu = trained["oppu"]
+    assert oppu["trained"] == 2 and oppu["base"] == "task-lora-LaMP-7" and oppu["mean_adapter_bytes"] > 0
+    listed = _cli(store, "plugins", "list", "--kind", "oppu")["plugins"]
+    assert [p["name"] for p in listed] == ["oppu-LaMP-7/2", "oppu-LaMP-7/4"]
+    assert all(p["metrics"]["train_seconds"] > 0 and p["size"] == p["metrics"]["adapter_bytes"] for p in listed)
+    again = _cli(store, "train-oppu", "--task", "LaMP-7", "--user", "2", "--user", "4", "--steps", "3", "--batch-size", "4")
+    assert again["trained"] == 0 and again["reused"] == 2
+
+
+def test_users_with_items_in_task_format_train_on_their_inputs(store, trained):
+    shown = _cli(store, "plugins", "show", "oppu-LaMP-7/4")
+    history = Store(store).user_history("4")
+    assert shown["config"]["examples"] == len(history) and shown["user_id"] == "4"
+
+
+def test_evaluate_task_lora_and_oppu_on_the_same_queries(store, trained, tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(TEST_USERS) + "\n")
+    common = ["evaluate", "--task", "LaMP-7", "--users", str(users), "--max-new-tokens", "16"]
+    task_run = _cli(store, *common, "--method", "task-lora")
+    oppu_run = _cli(store, *common, "--method", "oppu", "--batch-size", "4")
+    assert task_run["method"] == "task-lora" and task_run["config"]["plugins"] == ["task-lora-LaMP-7"]
+    assert oppu_run["method"] == "oppu" and oppu_run["config"]["per_user_adapters"] == 2
+    assert oppu_run["n_examples"] == task_run["n_examples"] == 6
+    compared = _cli(store, "runs", "compare", task_run["run_id"], oppu_run["run_id"])
+    assert compared["shared_queries"] == 6
+
+
+def test_an_exported_oppu_adapter_loads_in_plain_peft_and_answers_the_same(store, trained, llm, tmp_path):
+    """The export folds the task base in, so plain peft on the bare LLM gives persona's answer."""
+    ours = _cli(store, "generate", "--user", "4", "--method", "oppu", "--max-new-tokens", "20", PROMPT)["output"]
+    exported = _cli(store, "plugins", "export", "oppu-LaMP-7/4", str(tmp_path / "peft"))
+    assert exported["folded_bases"] == ["task-lora-LaMP-7"] and exported["rank"] == 16
+    import copy
+
+    model = PeftModel.from_pretrained(copy.deepcopy(llm.model), str(tmp_path / "peft")).eval()
+    ids = torch.tensor([prompt_token_ids(llm, PROMPT)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    theirs = llm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert theirs == ours
+
+
+def test_an_imported_adapter_serves_like_the_original(store, trained, tmp_path):
+    _cli(store, "plugins", "export", "task-lora-LaMP-7", str(tmp_path / "task"))
+    imported = _cli(store, "plugins", "import", str(tmp_path / "task"), "--name", "task-again", "--kind", "task-lora", "--task", "LaMP-7")
+    assert imported["name"] == "task-again"
+    first = _cli(store, "generate", "--user", "2", "--method", "task-lora", "--max-new-tokens", "16", PROMPT)["output"]
+    again = _cli(store, "generate", "--user", "2", "--method", "task-lora", "--plugin", "task-again", "--max-new-tokens", "16", PROMPT)
+    assert again["output"] == first
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["adapt", "--task", "LaMP-7", "--steps", "1"], "plug-in 'task-lora-LaMP-7' exists; pass --replace"),
+        (["adapt", "--task", "LaMP-7", "--name", "x", "--target-modules", "qq_proj", "--steps", "1"], "no linear layer named 'qq_proj'"),
+        (["adapt", "--task", "LaMP-7", "--name", "x", "--base", "nothing"], "no plug-in 'nothing'"),
+        (["adapt", "--task", "LaMP-7", "--name", "x", "--r", "0"], "--r must be at least 1"),
+        (["train-oppu", "--task", "LaMP-7"], "exactly one of --user, --split or --users"),
+        (["train-oppu", "--task", "LaMP-7", "--user", "nobody"], "no user 'nobody'"),
+        (["evaluate", "--task", "LaMP-7", "--method", "oppu", "--split", "train", "--limit", "4"], "users have no OPPU adapter"),
+        (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--plugin", "missing"], "no plug-in 'missing'"),
+        (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora or oppu"),
+        (["plugins", "export", "nothing", "out"], "no plug-in 'nothing'"),
+        (["plugins", "import", "no-such-dir", "--name", "y"], "no adapter_config.json"),
+    ],
+)
+def test_adapter_errors_are_one_line_and_change_nothing(store, trained, args, message):
+    before = Store(store).info()["tables"]
+    assert message in _fail(store, *args)
+    assert Store(store).info()["tables"] == before
