@@ -206,10 +206,18 @@ def export_peft(adapter: LoraWeights, llm_id: str, directory: str | Path, is_seq
 
 def _padded(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero rows of A and columns of B up to `rank`: the same update, a wider matrix."""
-    missing = rank - a.shape[0]
+    return zero_pad(a, rank, 0), zero_pad(b, rank, 1)
+
+
+def zero_pad(tensor: torch.Tensor, size: int, dim: int, left: bool = False) -> torch.Tensor:
+    """`tensor` grown to `size` along `dim` with zeros after it (before it with `left`)."""
+    missing = size - tensor.shape[dim]
     if missing == 0:
-        return a, b
-    return torch.cat([a, a.new_zeros(missing, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1)
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    zeros = tensor.new_zeros(shape)
+    return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
 
 
 def read_peft_folder(directory: str | Path, model: torch.nn.Module) -> tuple[LoraWeights, dict[str, Any]]:

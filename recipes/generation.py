@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from recipes.backbones import LLM
 from recipes.progress import Progress, report
+from recipes.adapters import zero_pad
 from recipes.row_lora import RowLora
 
 
@@ -180,12 +181,7 @@ class _Rows:
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+    return zero_pad(tensor, width, dim, left=True)
 
 
 def _greedy_causal(

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from recipes.adapters import LoraWeights, check_fits
+from recipes.adapters import LoraWeights, check_fits, zero_pad
 
 Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Per module path: A of shape (rows, R, in) and B·scale of shape (rows, out, R)."""
@@ -43,8 +43,8 @@ class RowLora:
             for a, b in parts:
                 if a is None:
                     a, b = torch.zeros(rank, shape[1]), torch.zeros(shape[0], rank)
-                a_rows.append(_pad_rank_a(a, rank))
-                b_rows.append(_pad_rank_b(b, rank))
+                a_rows.append(zero_pad(a, rank, 0))
+                b_rows.append(zero_pad(b, rank, 1))
             stacked[path] = (
                 torch.stack(a_rows).to(self.device, self.dtype),
                 torch.stack(b_rows).to(self.device, self.dtype),
@@ -75,8 +75,8 @@ class RowLora:
             (a1, b1), (a2, b2) = first[path], second[path]
             rank = max(a1.shape[1], a2.shape[1])
             joined[path] = (
-                torch.cat([_pad_dim(a1, rank, 1), _pad_dim(a2, rank, 1)]),
-                torch.cat([_pad_dim(b1, rank, 2), _pad_dim(b2, rank, 2)]),
+                torch.cat([zero_pad(a1, rank, 1), zero_pad(a2, rank, 1)]),
+                torch.cat([zero_pad(b1, rank, 2), zero_pad(b2, rank, 2)]),
             )
         return joined
 
@@ -100,20 +100,3 @@ class RowLora:
             return output + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
         return add_rows
-
-
-def _pad_rank_a(a: torch.Tensor, rank: int) -> torch.Tensor:
-    return a if a.shape[0] == rank else torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-
-
-def _pad_rank_b(b: torch.Tensor, rank: int) -> torch.Tensor:
-    return b if b.shape[1] == rank else torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
-
-
-def _pad_dim(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    missing = size - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)

@@ -89,3 +89,26 @@ def few_users(tmp_path: Path) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cli_json(store: Path, *args: str) -> dict:
+    """Run `persona --store STORE ARGS --json`, expect success, return the parsed output."""
+    from typer.testing import CliRunner
+
+    from persona_cli.main import app
+
+    result = CliRunner().invoke(app, ["--store", str(store), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def cli_fails(store: Path, *args: str) -> str:
+    """Run `persona --store STORE ARGS`, expect the one-line user error (exit 2), return it."""
+    from typer.testing import CliRunner
+
+    from persona_cli.main import app
+
+    result = CliRunner().invoke(app, ["--store", str(store), *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    return result.output

@@ -4,7 +4,7 @@ peft loads with the same outputs, imported back, and bad requests change nothing
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from typer.testing import CliRunner
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, cli_fails, cli_json
 from persona_cli.main import app
 from recipes.generation import prompt_token_ids
 from store import Store
@@ -23,17 +23,7 @@ PROMPT = "Paraphrase the following tweet without any explanation before or after
 TEST_USERS = ["2", "4"]
 
 
-def _cli(store: Path, *args: str) -> dict:
-    result = runner.invoke(app, ["--store", str(store), *args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _fail(store: Path, *args: str) -> str:
-    result = runner.invoke(app, ["--store", str(store), *args])
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().count("\n") == 0, result.output
-    return result.output
+_cli, _fail = cli_json, cli_fails
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +87,7 @@ def test_an_exported_oppu_adapter_loads_in_plain_peft_and_answers_the_same(store
     ours = _cli(store, "generate", "--user", "4", "--method", "oppu", "--max-new-tokens", "20", PROMPT)["output"]
     exported = _cli(store, "plugins", "export", "oppu-LaMP-7/4", str(tmp_path / "peft"))
     assert exported["folded_bases"] == ["task-lora-LaMP-7"] and exported["rank"] == 16
-    import copy
+
 
     model = PeftModel.from_pretrained(copy.deepcopy(llm.model), str(tmp_path / "peft")).eval()
     ids = torch.tensor([prompt_token_ids(llm, PROMPT)])

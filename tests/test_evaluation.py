@@ -12,7 +12,7 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score
 from typer.testing import CliRunner
 
-from conftest import EXAMPLES, shared
+from conftest import EXAMPLES, cli_fails, cli_json, shared
 from persona_cli.main import app
 from recipes.splits import user_split
 from recipes.tasks import NEWS_CATEGORIES
@@ -30,17 +30,7 @@ def store(tmp_path_factory) -> Path:
     return path
 
 
-def _cli(store: Path, *args: str) -> dict:
-    result = runner.invoke(app, ["--store", str(store), *args, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _fail(store: Path, *args: str) -> str:
-    result = runner.invoke(app, ["--store", str(store), *args])
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().count("\n") == 0, result.output
-    return result.output
+_cli, _fail = cli_json, cli_fails
 
 
 @pytest.fixture(scope="module")
