@@ -28,13 +28,16 @@ SeedOption = typer.Option(0, "--seed", help="Seeds initialization, dropout and b
 PrecisionOption = typer.Option("auto", "--precision", help="auto (bfloat16 mixed precision where supported), float32 or bfloat16.")
 
 
-def _targets(value: Optional[str]) -> Optional[list[str]]:
-    if value is None:
-        return None
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    if not names:
-        raise PersonaError("--target-modules is empty")
-    return names
+def _lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
+    """LoraSettings from the command's options, checked before any model loads."""
+    names = None
+    if target_modules is not None:
+        names = [n.strip() for n in target_modules.split(",") if n.strip()]
+        if not names:
+            raise PersonaError("--target-modules is empty")
+    settings = LoraSettings(target_modules=names, **values)
+    settings.validate()
+    return settings
 
 
 @handle_errors
@@ -67,12 +70,10 @@ def adapt(
     An interrupted run resumes from its last checkpoint when started again with the same options."""
     store = open_store(ctx)
     task_spec = get_task(task)
-    settings = LoraSettings(
-        r=r, alpha=alpha, dropout=dropout, target_modules=_targets(target_modules), learning_rate=lr,
-        batch_size=batch_size, steps=steps, epochs=epochs, max_length=max_length, eval_every=eval_every, seed=seed,
-        precision=precision,
+    settings = _lora_settings(
+        target_modules, r=r, alpha=alpha, dropout=dropout, learning_rate=lr, batch_size=batch_size, steps=steps,
+        epochs=epochs, max_length=max_length, eval_every=eval_every, seed=seed, precision=precision,
     )  # fmt: skip
-    settings.validate()
     with progress_bar(enabled=not json_out) as tick:
         plugin = adapt_task(
             store, load_llm(llm, device), task_spec, settings, name or task_lora_name(task_spec), base, replace,
@@ -134,11 +135,10 @@ def train_oppu_command(
         base = default if store.get_plugins([default]) else None
     elif base == "none":
         base = None
-    settings = LoraSettings(
-        r=r, alpha=alpha, dropout=dropout, target_modules=_targets(target_modules), learning_rate=lr,
-        batch_size=batch_size, steps=steps, epochs=epochs, max_length=max_length, seed=seed, precision=precision,
+    settings = _lora_settings(
+        target_modules, r=r, alpha=alpha, dropout=dropout, learning_rate=lr, batch_size=batch_size, steps=steps,
+        epochs=epochs, max_length=max_length, seed=seed, precision=precision,
     )  # fmt: skip
-    settings.validate()
     with progress_bar(enabled=not json_out) as tick:
         result = train_oppu(
             store, load_llm(llm, device), task_spec, user_ids, settings, group or oppu_group(task_spec), base,
