@@ -286,10 +286,13 @@ def dev_loss(llm: LLM, model: Any, dev: list[Example], settings: LoraSettings) -
     total, tokens = 0.0, 0
     for start in range(0, len(dev), settings.batch_size):
         batch = make_batch(llm, dev[start : start + settings.batch_size], settings.max_length)
-        n = int((batch["labels"] != IGNORE).sum()) - (0 if llm.is_seq2seq else len(batch["labels"]))
+        labels = batch["labels"] if llm.is_seq2seq else batch["labels"][:, 1:]  # a causal first token is never predicted
+        n = int((labels != IGNORE).sum())
+        if n == 0:
+            continue
         with _autocast(llm, settings):
-            total += float(batch_loss(llm, model, batch)) * max(n, 1)
-        tokens += max(n, 1)
+            total += float(batch_loss(llm, model, batch)) * n
+        tokens += n
     return total / max(tokens, 1)
 
 
