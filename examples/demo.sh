@@ -9,7 +9,7 @@ PROMPT="Paraphrase the following tweet without any explanation before or after i
 
 step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
 
-step "Ingest 40 example users, each writing in a planted style (examples/users.jsonl)"
+step "Ingest 48 example users, each writing in a planted style (examples/users.jsonl)"
 persona ingest examples/users.jsonl --task LaMP-7
 
 step "What the store holds"

@@ -5,7 +5,7 @@ punctuation, ALL CAPS, a signature hashtag, a fixed emoji, British spelling, ...
 guess a user's style from the neutral sentence alone, so these users prove personalization.
 Deterministic: the same seed writes the same file.
 
-    python examples/make_users.py [--users 40] [--seed 7] [--out examples/users.jsonl]
+    python examples/make_users.py [--users 48] [--seed 7] [--out examples/users.jsonl]
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ STYLES = {
 }
 
 
-def make_users(n_users: int = 40, seed: int = 7) -> list[dict]:
+def make_users(n_users: int = 48, seed: int = 7) -> list[dict]:
     """n_users users, styles assigned round robin, 15-40 history items and 3 queries each."""
     rng = random.Random(seed)
     styles = list(STYLES)
@@ -161,7 +161,7 @@ def make_users(n_users: int = 40, seed: int = 7) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=40)
+    parser.add_argument("--users", type=int, default=48)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("users.jsonl"))
     args = parser.parse_args()

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from persona_cli.common import (
+    MethodOption, PoolOption, TopKOption,
     DeviceOption, JsonOption, console, handle_errors, open_store, print_json, progress_bar, store_encoder,
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
@@ -23,9 +24,11 @@ from recipes.tasks import get_task
 def evaluate(
     ctx: typer.Context,
     task: str = typer.Option(..., "--task", help="Task of the queries, e.g. LaMP-7 or LaMP-2N."),
-    method: str = typer.Option("none", "--method", help="none (k=0), random, rag, pag, task-lora or oppu."),
+    method: str = MethodOption,
     plugin: Optional[str] = typer.Option(None, "--plugin", help="task-lora: plug-in name; oppu: adapter group (defaults: task-lora-TASK, oppu-TASK)."),
     base: Optional[str] = typer.Option(None, "--base", help="Run a prompt method on this stored plug-in, e.g. task-lora-LaMP-7."),
+    pool: Optional[str] = PoolOption,
+    top_k: Optional[int] = TopKOption,
     k: int = typer.Option(1, "--k", help="History items in the prompt (random, rag)."),
     retriever: str = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense."),
     answer: str = typer.Option("auto", "--answer", help="auto (rank for label tasks), rank or generate."),
@@ -52,7 +55,7 @@ def evaluate(
     request = EvalRequest(
         task=task, method=method, k=k, retriever=retriever, answer=answer, split=split, limit=limit,
         users=read_user_ids(users) if users else None, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base,
+        max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k,
     )  # fmt: skip
     if export is not None and export.is_dir():
         raise PersonaError(f"--export {export}: is a directory; give a file name")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from persona_cli.common import (
+    MethodOption, PoolOption, TopKOption,
     DeviceOption, JsonOption, console, err_console, handle_errors, open_store, print_json, store_encoder,
 )  # fmt: skip
 from recipes.answering import answer, prompt_method, user_task
@@ -21,9 +22,11 @@ def generate(
     ctx: typer.Context,
     text: str = typer.Argument(..., help="The input, e.g. a LaMP query."),
     user: str = typer.Option(..., "--user", help="The user to answer for."),
-    method: str = typer.Option("none", "--method", help="none (k=0), random, rag, pag, task-lora or oppu."),
+    method: str = MethodOption,
     plugin: Optional[str] = typer.Option(None, "--plugin", help="task-lora: plug-in name; oppu: adapter group (defaults: task-lora-TASK, oppu-TASK)."),
     base: Optional[str] = typer.Option(None, "--base", help="Run a prompt method on this stored plug-in, e.g. task-lora-LaMP-7."),
+    pool: Optional[str] = PoolOption,
+    top_k: Optional[int] = TopKOption,
     task: Optional[str] = typer.Option(None, "--task", help="Task of the input (default: the user's only task)."),
     k: int = typer.Option(1, "--k", help="History items in the prompt (random, rag)."),
     retriever: str = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense."),
@@ -37,7 +40,7 @@ def generate(
     json_out: bool = JsonOption,
 ) -> None:
     """Answer one input for one user: a prompt method picks what of the user's history the LLM sees;
-    task-lora answers with the task-adapted LLM, oppu with the user's own adapter."""
+    task-lora answers with the task-adapted LLM, oppu and perpcs with the user's own adapter."""
     store = open_store(ctx)
     task_spec = user_task(store, user, task)
     settings = PromptSettings(method=prompt_method(method), k=k, retriever=retriever, seed=seed)
@@ -45,7 +48,7 @@ def generate(
     started = time.perf_counter()
     result = answer(
         store, user, text, task_spec, settings, mode, lambda: load_llm(llm, device), store_encoder(store, None, device),
-        max_new_tokens, max_input_tokens, method, plugin, base,
+        max_new_tokens, max_input_tokens, method, plugin, base, pool, top_k,
     )  # fmt: skip
     seconds = round(time.perf_counter() - started, 3)
     if json_out:

@@ -15,7 +15,8 @@ from recipes.backbones import load_llm
 from recipes.data import read_user_ids
 from recipes.lora_plugins import oppu_group, task_lora_name
 from recipes.lora_training import LoraSettings
-from recipes.tasks import get_task
+from recipes.tasks import Task, get_task
+from store import Store
 
 TaskOption = typer.Option(..., "--task", help="Task whose data trains the adapter, e.g. LaMP-7.")
 LlmOption = typer.Option(None, "--llm", help="HF causal or seq2seq LM, name or path (default: embedded SmolLM2-135M-Instruct).")
@@ -28,7 +29,7 @@ SeedOption = typer.Option(0, "--seed", help="Seeds initialization, dropout and b
 PrecisionOption = typer.Option("auto", "--precision", help="auto (bfloat16 mixed precision where supported), float32 or bfloat16.")
 
 
-def _lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
+def lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
     """LoraSettings from the command's options, checked before any model loads."""
     names = None
     if target_modules is not None:
@@ -38,6 +39,14 @@ def _lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
     settings = LoraSettings(target_modules=names, **values)
     settings.validate()
     return settings
+
+
+def resolve_base(store: Store, task: Task, base: Optional[str]) -> Optional[str]:
+    """--base auto: the task LoRA when it is stored; none: the bare LLM; else the plug-in named."""
+    if base == "auto":
+        default = task_lora_name(task)
+        return default if store.get_plugins([default]) else None
+    return None if base == "none" else base
 
 
 @handle_errors
@@ -70,7 +79,7 @@ def adapt(
     An interrupted run resumes from its last checkpoint when started again with the same options."""
     store = open_store(ctx)
     task_spec = get_task(task)
-    settings = _lora_settings(
+    settings = lora_settings(
         target_modules, r=r, alpha=alpha, dropout=dropout, learning_rate=lr, batch_size=batch_size, steps=steps,
         epochs=epochs, max_length=max_length, eval_every=eval_every, seed=seed, precision=precision,
     )  # fmt: skip
@@ -130,12 +139,8 @@ def train_oppu_command(
     if sum(chosen) != 1:
         raise PersonaError("name the users with exactly one of --user, --split or --users")
     user_ids = list(dict.fromkeys(user)) if user else read_user_ids(users) if users else split_users(store, task_spec, split)
-    if base == "auto":
-        default = task_lora_name(task_spec)
-        base = default if store.get_plugins([default]) else None
-    elif base == "none":
-        base = None
-    settings = _lora_settings(
+    base = resolve_base(store, task_spec, base)
+    settings = lora_settings(
         target_modules, r=r, alpha=alpha, dropout=dropout, learning_rate=lr, batch_size=batch_size, steps=steps,
         epochs=epochs, max_length=max_length, seed=seed, precision=precision,
     )  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from persona_cli import (
-    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, plugins_cmd, runs_cmd, search_cmd, store_cmd, users_cmd,
+    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, pieces_cmd, plugins_cmd, runs_cmd, search_cmd, store_cmd, users_cmd,
 )  # fmt: skip
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,7 +39,10 @@ app.command("generate")(generate_cmd.generate)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("adapt")(lora_cmd.adapt)
 app.command("train-oppu")(lora_cmd.train_oppu_command)
+app.command("register-sharers")(pieces_cmd.register_sharers_command)
+app.command("assemble")(pieces_cmd.assemble_command)
 app.add_typer(store_cmd.app, name="store")
 app.add_typer(users_cmd.app, name="users")
 app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(plugins_cmd.app, name="plugins")
+app.add_typer(pieces_cmd.app, name="pool")

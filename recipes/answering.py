@@ -8,11 +8,11 @@ from typing import Callable, Optional
 from recipes import PersonaError
 from recipes.backbones import LLM, Encoder
 from recipes.generation import generate, label_logprobs
-from recipes.lora_plugins import TRAINED_METHODS, plan_serving
 from recipes.profiles import ensure_profiles
 from recipes.progress import Progress
-from recipes.prompting import PROMPT_METHODS, PromptSettings, TokenBudget, build_prompts
+from recipes.prompting import PromptSettings, TokenBudget, build_prompts
 from recipes.row_lora import RowLora
+from recipes.serving import plan_serving, split_method
 from recipes.tasks import Task, get_task
 from store import Query, Store
 
@@ -29,12 +29,8 @@ class Answer:
 
 
 def prompt_method(method: str) -> str:
-    """The prompt a method's LLM sees: trained methods (task-lora, oppu) answer the k=0 prompt."""
-    if method in TRAINED_METHODS:
-        return "none"
-    if method not in PROMPT_METHODS:
-        raise PersonaError(f"--method {method}: expected one of {', '.join(PROMPT_METHODS + TRAINED_METHODS)}")
-    return method
+    """The prompt a method's LLM sees: adapter methods answer the k=0 prompt, 'perpcs+rag' the RAG prompt."""
+    return split_method(method)[1]
 
 
 def user_task(store: Store, user_id: str, task: Optional[str]) -> Task:
@@ -113,15 +109,17 @@ def answer(
     method: Optional[str] = None,
     plugin: Optional[str] = None,
     base: Optional[str] = None,
+    pool: Optional[str] = None,
+    top_k: Optional[int] = None,
 ) -> Answer:
     """Build this user's prompt for `text` with `method` (default: the prompt method of
     `settings`) and answer it ('generate', or 'rank' over the task's labels), through the
-    method's plug-ins: a task LoRA, the user's OPPU adapter, or a prompt method on `base`."""
+    method's plug-ins: a task LoRA, the user's OPPU or assembled adapter, or a prompt method on `base`."""
     method = method or settings.method
     settings.validate()
     if not text.strip():
         raise PersonaError("the input text is empty")
-    plan = plan_serving(store, task, method, [user_id], plugin, base)
+    plan = plan_serving(store, task, method, [user_id], plugin, base, pool, top_k)
     llm = load_llm()
     lora = plan.apply(llm)
     query = Query(query_id="input", user_id=user_id, task=task.name, input=text)

@@ -16,9 +16,9 @@ from recipes import PersonaError
 from recipes.backbones import LLM, Encoder
 from recipes.data import read_lamp_outputs
 from recipes.answering import answer_prompts, method_prompts, prompt_method
-from recipes.lora_plugins import plan_serving
 from recipes.progress import Progress
 from recipes.prompting import PromptSettings
+from recipes.serving import plan_serving, split_method
 from recipes.splits import SPLITS, query_split
 from recipes.tasks import Task, get_task
 from store import Prediction, Query, Run, Store, id_sort_key
@@ -44,6 +44,8 @@ class EvalRequest:
     seed: int = 0
     plugin: Optional[str] = None
     base: Optional[str] = None
+    pool: Optional[str] = None
+    top_k: Optional[int] = None
 
     def prompt_settings(self) -> PromptSettings:
         return PromptSettings(method=prompt_method(self.method), k=self.k, retriever=self.retriever, seed=self.seed)
@@ -105,7 +107,9 @@ def evaluate(
     if request.batch_size < 1:
         raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
     queries = select_queries(store, task, request.split, request.limit, request.users)
-    plan = plan_serving(store, task, request.method, [q.user_id for q in queries], request.plugin, request.base)
+    plan = plan_serving(
+        store, task, request.method, [q.user_id for q in queries], request.plugin, request.base, request.pool, request.top_k
+    )  # fmt: skip
     llm = load_llm()
     started = time.perf_counter()
     lora = plan.apply(llm)
@@ -131,15 +135,19 @@ def evaluate(
 
 
 def method_label(request: EvalRequest) -> str:
-    """A short name for tables: 'rag-bm25-k4', 'random-k2', 'pag', 'none', 'oppu', 'none+task-lora-LaMP-7'."""
-    if request.method == "rag":
+    """A short name for tables: 'rag-bm25-k4', 'random-k2', 'pag', 'none', 'oppu', 'none+task-lora-LaMP-7',
+    'perpcs[pool-2]+rag-bm25-k1', 'peft-retrieval-k3'."""
+    adapter, prompt = split_method(request.method)
+    if prompt == "rag":
         label = f"rag-{request.retriever}-k{request.k}"
-    elif request.method == "random":
+    elif prompt == "random":
         label = f"random-k{request.k}"
     else:
-        label = request.method
-    if request.plugin:
-        label += f"[{request.plugin}]"
+        label = prompt
+    if adapter is not None:
+        name = adapter + (f"-k{request.top_k or 3}" if adapter == "peft-retrieval" else "")
+        name += f"[{request.plugin or request.pool}]" if request.plugin or request.pool else ""
+        label = name if prompt == "none" else f"{name}+{label}"
     return f"{label}+{request.base}" if request.base else label
 
 

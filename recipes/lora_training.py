@@ -208,7 +208,7 @@ def train_lora(
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
         warmup = int(settings.warmup * steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
         state = _State()
         resumed = _resume(checkpoint, fingerprint, model, optimizer, schedule, state)
         tick = report(progress)
@@ -217,7 +217,7 @@ def train_lora(
         while state.step < steps:
             model.train()
             batch = make_batch(llm, [examples[i] for i in plan[state.step]], settings.max_length)
-            with _autocast(llm, settings):
+            with autocast_for(llm, settings.precision):
                 loss = batch_loss(llm, model, batch)
             loss.backward()
             optimizer.step()
@@ -267,12 +267,12 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def _autocast(llm: LLM, settings: LoraSettings):
-    dtype = autocast_dtype(llm, settings.precision)
+def autocast_for(llm: LLM, precision: str):
+    dtype = autocast_dtype(llm, precision)
     return torch.autocast(llm.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then linear decay to zero."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
@@ -290,7 +290,7 @@ def dev_loss(llm: LLM, model: Any, dev: list[Example], settings: LoraSettings) -
         n = int((labels != IGNORE).sum())
         if n == 0:
             continue
-        with _autocast(llm, settings):
+        with autocast_for(llm, settings.precision):
             total += float(batch_loss(llm, model, batch)) * n
         tokens += n
     return total / max(tokens, 1)

@@ -7,7 +7,7 @@ LanceDB directory. Callers use the typed functions here and never see a LanceDB 
 from store.errors import StoreError
 from store.sql import id_sort_key
 from store.db import Store, default_store_path, FORMAT_VERSION
-from store.records import Behavior, Plugin, Prediction, Profile, Query, Run, SearchHit, UserRow
+from store.records import AssemblyRecord, Behavior, Piece, Plugin, PoolVersion, Prediction, Profile, Query, Run, SearchHit, UserRow
 
 __all__ = [
     "Store",
@@ -23,4 +23,7 @@ __all__ = [
     "Prediction",
     "Run",
     "Plugin",
+    "Piece",
+    "PoolVersion",
+    "AssemblyRecord",
 ]

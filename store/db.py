@@ -18,6 +18,7 @@ import platformdirs
 from store import schemas
 from store.errors import StoreError
 from store.records import Behavior, Query, SearchHit, UserRow
+from store.pieces import PieceTables
 from store.plugins import PluginTables
 from store.results import ResultTables
 from store.sql import id_sort_key as _id_sort_key, in_list as _in_list, scan as _scan, sql_str as _sql_str
@@ -42,7 +43,7 @@ def _user_filter(user_id: str, task: str | None) -> str:
     return where + f" AND task = {_sql_str(task)}" if task else where
 
 
-class Store(ResultTables, PluginTables):
+class Store(ResultTables, PluginTables, PieceTables):
     """One LanceDB directory (or object-store URI) holding everything persona keeps."""
 
     def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:

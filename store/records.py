@@ -118,3 +118,52 @@ class Plugin:
     created_at: datetime | None = None
     size: int = 0
     """Bytes of the stored weights (filled in by the store, also when the weights are not read)."""
+
+
+@dataclass
+class Piece:
+    """One shared LoRA piece: the (A, B, gate) of one module of one sharer, as safetensors bytes.
+
+    `registration` is the number N of the `pool-N` registration that wrote it; `config` says how
+    it was trained and `metrics` what its sharer's training measured."""
+
+    task: str
+    sharer_id: str
+    module: str
+    r: int
+    alpha: float
+    llm: str
+    tensors: bytes
+    registration: int
+    layer: int | None = None
+    base: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    size: int = 0
+    """Bytes of the stored tensors (filled in by the store, also when they are not read)."""
+
+
+@dataclass
+class PoolVersion:
+    """One version of the pieces table that carries at least one tag."""
+
+    version: int
+    tags: list[str]
+    created_at: datetime | None = None
+
+
+@dataclass
+class AssemblyRecord:
+    """A target user's assembled adapter: per module the chosen sharers and weights, packed in
+    `choice` (indices into the pool version's sharer list), against one pool version."""
+
+    task: str
+    user_id: str
+    pool_version: int
+    top_k: int
+    llm: str
+    choice: bytes
+    base: str | None = None
+    seconds: float | None = None
+    created_at: datetime | None = None

@@ -111,3 +111,39 @@ PLUGINS = pa.schema(
 )
 
 PLUGIN_KEY = ["name"]
+
+PIECES = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("sharer_id", pa.string(), nullable=False),
+        pa.field("module", pa.string(), nullable=False),
+        pa.field("layer", pa.int64()),
+        pa.field("r", pa.int64(), nullable=False),
+        pa.field("alpha", pa.float64(), nullable=False),
+        pa.field("llm", pa.string(), nullable=False),
+        pa.field("base", pa.string()),
+        pa.field("tensors", pa.large_binary(), nullable=False),
+        pa.field("registration", pa.int64(), nullable=False),
+        pa.field("config", pa.string()),
+        pa.field("metrics", pa.string()),
+        pa.field("created_at", TS),
+    ]
+)
+
+PIECE_KEY = ["task", "sharer_id", "module"]
+
+ASSEMBLIES = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("pool_version", pa.int64(), nullable=False),
+        pa.field("top_k", pa.int64(), nullable=False),
+        pa.field("llm", pa.string(), nullable=False),
+        pa.field("base", pa.string()),
+        pa.field("choice", pa.large_binary(), nullable=False),
+        pa.field("seconds", pa.float64()),
+        pa.field("created_at", TS),
+    ]
+)
+
+ASSEMBLY_KEY = ["task", "user_id", "pool_version"]

@@ -44,7 +44,7 @@ def trained(store) -> dict:
 def test_adapt_trains_on_training_users_and_stores_the_plugin(store, trained):
     adapted = trained["adapt"]
     assert adapted["name"] == "task-lora-LaMP-7" and adapted["kind"] == "task-lora" and adapted["steps"] == 4
-    assert adapted["train_examples"] == 75 and adapted["dev_examples"] == 9  # 25 training users, 3 dev users
+    assert adapted["train_examples"] == 96 and adapted["dev_examples"] == 9  # 32 training users, 3 dev users
     assert adapted["best_step"] in (2, 4) and adapted["adapter_bytes"] > 0
     assert 0 <= adapted["best_dev_score"] <= 1  # ROUGE-1 of the dev users' queries picks the step
     shown = _cli(store, "plugins", "show", "task-lora-LaMP-7")

@@ -19,7 +19,7 @@ def demo_store(tmp_path_factory):
     result = runner.invoke(app, ["--store", str(path), "ingest", str(EXAMPLES), "--task", "LaMP-7", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert (summary["users"], summary["items"], summary["queries"]) == (40, 1057, 120)
+    assert (summary["users"], summary["items"], summary["queries"]) == (48, 1259, 144)
     assert summary["encoder"] == "all-MiniLM-L6-v2" and summary["seconds"] > 0
     return path
 
@@ -32,7 +32,7 @@ def _json(store, *args):
 
 def test_store_info_and_optimize(demo_store):
     info = _json(demo_store, "store", "info")
-    assert {t["table"]: t["rows"] for t in info["tables"]} == {"behaviors": 1057, "queries": 120, "users": 40}
+    assert {t["table"]: t["rows"] for t in info["tables"]} == {"behaviors": 1259, "queries": 144, "users": 48}
     assert info["disk_bytes"] > 0 and info["encoder_dim"] == 384
     optimized = _json(demo_store, "store", "optimize")
     assert optimized["disk_bytes_after"] > 0
@@ -40,7 +40,7 @@ def test_store_info_and_optimize(demo_store):
 
 def test_users_list_and_show(demo_store):
     listing = _json(demo_store, "users", "list", "--limit", "5")
-    assert listing["total"] == 40 and [u["user_id"] for u in listing["users"]] == ["0", "1", "2", "3", "4"]
+    assert listing["total"] == 48 and [u["user_id"] for u in listing["users"]] == ["0", "1", "2", "3", "4"]
     shown = _json(demo_store, "users", "show", "4")
     assert shown["user"]["metadata"] == {"style": "british"}
     assert len(shown["history"]) == shown["user"]["n_items"] and len(shown["queries"]) == 3
@@ -61,7 +61,7 @@ def test_search_finds_the_users_own_nearest_items(demo_store):
 def test_store_from_environment_variable(demo_store, monkeypatch):
     monkeypatch.setenv("PERSONA_STORE", str(demo_store))
     result = runner.invoke(app, ["users", "list", "--json"])
-    assert result.exit_code == 0 and json.loads(result.stdout)["total"] == 40
+    assert result.exit_code == 0 and json.loads(result.stdout)["total"] == 48
 
 
 def test_generate_with_the_embedded_llm(demo_store):

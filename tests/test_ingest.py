@@ -19,9 +19,9 @@ def test_example_users_ingest_with_normalized_vectors(store_path, encoder):
     store = Store(store_path)
     summary = ingest(store, users_jsonl_source(EXAMPLES, get_task("LaMP-7")), encoder)
     expected = read_jsonl(EXAMPLES)
-    assert summary["users"] == len(expected) == 40
+    assert summary["users"] == len(expected) == 48
     assert summary["items"] == sum(len(u["history"]) for u in expected)
-    assert summary["queries"] == 120
+    assert summary["queries"] == 144
     history = store.user_history("4", with_vectors=True)
     assert [b.text for b in history] == [h["text"] for h in expected[4]["history"]]
     norms = np.linalg.norm(np.stack([b.vector for b in history]), axis=1)

@@ -170,7 +170,7 @@ def test_unknown_target_modules_are_a_clear_error(tiny_llama):
 
 
 def test_history_trains_in_task_format_when_items_have_inputs_else_as_text():
-    from recipes.adaptation import history_examples
+    from recipes.training_data import history_examples
     from recipes.tasks import get_task
     from store import Behavior
 

@@ -1,0 +1,242 @@
+"""Per-Pcs assembly: a target user's adapter built from the pool without training.
+
+The target's history runs through the base model in batches. At every pooled module, in
+forward order, each candidate piece is scored by the mean cosine between its gate and the
+module's inputs at the scored positions (the output tokens of task-format items, every token of
+plain texts); the top-k pieces get weights softmax(score/sqrt(n)) and the module adds their
+mixed update, so later layers are scored on activations the earlier assembled layers changed.
+Weights are averaged over batches; the k heaviest per module, renormalized, are the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from recipes import PersonaError
+from recipes.training_data import history_examples
+from recipes.backbones import LLM
+from recipes.lora_plugins import apply_chain, base_chain
+from recipes.lora_training import IGNORE, PRECISIONS, Example, autocast_for, make_batch
+from recipes.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label
+from recipes.progress import Progress, report
+from recipes.tasks import Task
+from store import AssemblyRecord, Store
+
+
+class _Assembler:
+    """Forward hooks that choose and apply the top-k pieces of every pooled module, batch by batch."""
+
+    def __init__(self, pool: Pool, top_k: int, device: torch.device) -> None:
+        self.pool = pool
+        self.top_k = top_k
+        self.modules = {path: module.to(device) for path, module in pool.modules.items()}
+        self.sums = {path: torch.zeros(len(module.sharers), dtype=torch.float64) for path, module in pool.modules.items()}
+        self.masks: dict[int, torch.Tensor] = {}
+        self.batches = 0
+
+    @contextmanager
+    def hooked(self, model: torch.nn.Module) -> Iterator[None]:
+        handles = [model.get_submodule(path).register_forward_hook(self._hook(path)) for path in self.modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, path: str):
+        module = self.modules[path]
+
+        def assemble_here(_: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = inputs[0]
+            mask = self.masks[x.shape[1]].to(x.dtype)
+            cosines = torch.nn.functional.normalize(x.float(), dim=-1) @ module.gates.T  # (B, T, S)
+            scores = (cosines * mask[..., None]).sum((0, 1)) / mask.sum()
+            top = scores.topk(min(self.top_k, len(module.sharers)))
+            weights = torch.softmax(top.values / math.sqrt(x.shape[-1]), dim=0)
+            self.sums[path][top.indices.cpu()] += weights.double().cpu()
+            a = module.a[top.indices].flatten(0, 1)
+            b = (module.b[top.indices] * weights[:, None, None]).permute(1, 0, 2).flatten(1)
+            return output + (x @ a.T.to(x.dtype)) @ b.T.to(x.dtype)
+
+        return assemble_here
+
+    def choices(self) -> Choices:
+        """Per module the k sharers with the most weight averaged over batches, renormalized."""
+        chosen: Choices = {}
+        for path, sums in self.sums.items():
+            mean = sums / max(self.batches, 1)
+            top = mean.topk(min(self.top_k, len(mean)))
+            total = float(top.values.sum()) or 1.0
+            sharers = self.modules[path].sharers
+            chosen[path] = [(sharers[int(i)], float(v) / total) for i, v in zip(top.indices, top.values) if float(v) > 0]
+        return chosen
+
+
+def _scored_positions(llm: LLM, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Which positions score the pieces, keyed by sequence length: the output tokens (labels) on
+    the causal / decoder side, every real token on a seq2seq encoder side."""
+    labels = batch["labels"] != IGNORE
+    masks = {labels.shape[1]: labels}
+    if llm.is_seq2seq:
+        masks[batch["attention_mask"].shape[1]] = batch["attention_mask"].bool()
+    return masks
+
+
+def _distinct_lengths(llm: LLM, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A seq2seq batch whose encoder and decoder lengths are equal gets one more (masked) encoder
+    pad, so a module's input length tells which side it is on."""
+    if llm.is_seq2seq and batch["input_ids"].shape[1] == batch["labels"].shape[1]:
+        pad = torch.full_like(batch["input_ids"][:, :1], llm.tokenizer.pad_token_id)
+        batch = {**batch, "input_ids": torch.cat([batch["input_ids"], pad], 1),
+                 "attention_mask": torch.cat([batch["attention_mask"], torch.zeros_like(pad)], 1)}  # fmt: skip
+    return batch
+
+
+@torch.inference_mode()
+def assemble_user(
+    llm: LLM, pool: Pool, examples: list[Example], top_k: int = 3, batch_size: int = 16, max_length: int = 256,
+    precision: str = "auto",
+) -> Choices:  # fmt: skip
+    """The chosen pieces and weights of one target user, from their history examples, over the
+    LLM as loaded (the pool's base already merged into it). Examples are batched by length (less
+    padding); `precision` 'auto' runs in bfloat16 where the hardware has it, like training."""
+    if top_k < 1:
+        raise PersonaError(f"--top-k must be at least 1, got {top_k}")
+    if not examples:
+        raise PersonaError("the target user has no history to assemble from")
+    assembler = _Assembler(pool, top_k, llm.device)
+    llm.model.eval()
+    ordered = sorted(examples, key=lambda e: len(e.prompt or "") + len(e.target))
+    with assembler.hooked(llm.model), autocast_for(llm, precision):
+        for start in range(0, len(ordered), batch_size):
+            batch = _distinct_lengths(llm, make_batch(llm, ordered[start : start + batch_size], max_length))
+            assembler.masks = _scored_positions(llm, batch)
+            inputs = {k: v for k, v in batch.items() if k != "labels"} if not llm.is_seq2seq else batch
+            extra = {} if llm.is_seq2seq else {"logits_to_keep": 1}
+            llm.model(**inputs, **extra)
+            assembler.batches += 1
+    return assembler.choices()
+
+
+# ---------- assembling users of the store ----------
+
+
+@dataclass
+class AssemblyReport:
+    pool: str
+    pool_version: int
+    top_k: int
+    assembled: dict[str, Choices] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    stored_bytes: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def assemble_users(
+    store: Store,
+    llm: LLM,
+    task: Task,
+    user_ids: list[str],
+    top_k: int = 3,
+    pool_ref: Optional[str] = None,
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: Optional[Progress] = None,
+    precision: str = "auto",
+) -> AssemblyReport:
+    """Assemble every user's adapter against one pool version and store (sharer, weight) per
+    module for each, in one write. Seconds per user count the history's forward passes only."""
+    if top_k < 1:
+        raise PersonaError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise PersonaError(f"--batch-size must be at least 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise PersonaError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    known = {u.user_id for u in store.get_users(user_ids)}
+    unknown = [u for u in user_ids if u not in known]
+    if unknown:
+        raise PersonaError(f"no user '{unknown[0]}' in store {store.uri}")
+    pool = load_pool(store, task.name, pool_ref)
+    if pool.llm != llm.id:
+        raise PersonaError(f"pool {pool.label} was made for LLM '{pool.llm}', not '{llm.id}' (pass --llm {pool.llm})")
+    apply_chain(llm, base_chain(store, pool.base))
+    histories = store.histories(user_ids, task.name)
+    result = AssemblyReport(pool.label, pool.version, top_k)
+    records = []
+    tick = report(progress)
+    tick("assembling adapters", 0, len(user_ids))
+    for n, user in enumerate(user_ids, 1):
+        examples = history_examples(task, histories.get(user, []))
+        if not examples:
+            result.skipped[user] = f"no {task.name} history"
+        else:
+            started = time.perf_counter()
+            choices = assemble_user(llm, pool, examples, top_k, batch_size, max_length, precision)
+            seconds = round(time.perf_counter() - started, 4)
+            choice = encode_choices(pool, choices, top_k)
+            records.append(AssemblyRecord(task.name, user, pool.version, top_k, llm.id, choice, pool.base, seconds))
+            result.assembled[user], result.seconds[user], result.stored_bytes[user] = choices, seconds, len(choice)
+        tick("assembling adapters", n, len(user_ids))
+    store.put_assemblies(records)
+    return result
+
+
+# ---------- the PEFT-retrieval baseline ----------
+
+
+def user_embedding(vectors: list[np.ndarray]) -> np.ndarray:
+    """E_u: the mean of a user's (normalized) history vectors."""
+    return np.mean(np.stack(vectors), axis=0)
+
+
+def retrieval_choices(pool: Pool, target: np.ndarray, sharer_embeddings: dict[str, np.ndarray], top_k: int) -> Choices:
+    """Whole adapters of the k sharers most similar to the target (cosine of user embeddings),
+    weighted by a softmax over those cosines; the same mix at every module."""
+    sharers = [s for s in pool.sharers if s in sharer_embeddings]
+    if not sharers:
+        raise PersonaError(f"no sharer of pool {pool.label} has a history in the store")
+    matrix = np.stack([sharer_embeddings[s] for s in sharers])
+    cosines = matrix @ target / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(target) + 1e-12)
+    top = np.argsort(-cosines, kind="stable")[:top_k]
+    weights = np.exp(cosines[top] - cosines[top].max())
+    weights /= weights.sum()
+    mix = [(sharers[i], float(w)) for i, w in zip(top, weights)]
+    choices: Choices = {}
+    for path, module in pool.modules.items():
+        picked = [(s, w) for s, w in mix if s in module.sharers]
+        if picked:
+            choices[path] = picked
+    return choices
+
+
+# ---------- export ----------
+
+
+def export_assembly(store: Store, task: Task, user_id: str, directory: str, pool_ref: Optional[str] = None) -> dict:
+    """Write a user's stored assembly as a standard peft adapter folder for the bare LLM: the
+    chosen pieces concatenated (rank k·r per module) with the pool's base chain folded in."""
+    from recipes.adapters import combine, export_peft
+    from recipes.lora_plugins import lora_weights
+
+    version = store.resolve_pool(pool_ref)
+    record = store.get_assemblies(task.name, [user_id], version.version).get(user_id)
+    if record is None:
+        raise PersonaError(
+            f"user '{user_id}' has no {task.name} assembly against pool {pool_label(version)} (run `persona assemble --user {user_id}`)"
+        )
+    pool = load_pool(store, task.name, str(version.version))
+    chain = base_chain(store, pool.base)
+    assembled = mixed_lora(pool, decode_choices(pool, record.choice))
+    weights = combine([lora_weights(p) for p in chain] + [assembled])
+    path = export_peft(weights, pool.llm, directory, pool.seq2seq)
+    return {
+        "user_id": user_id, "directory": str(path), "pool": pool.label, "pool_version": pool.version, "top_k": record.top_k,
+        "folded_bases": [p.name for p in chain], "rank": max(weights.ranks.values()), "modules": len(weights.modules),
+    }  # fmt: skip

@@ -1,0 +1,118 @@
+"""Per-Pcs gates: one vector per LoRA module of a sharer that learns when its piece should speak.
+
+The gated module computes z = W·v + c·B·A·v·sigmoid(g·v). The LoRA (A, B, c) stays frozen; only
+g is trained, zero-initialized (every gate half open at the start), with the usual next-token
+loss on the sharer's own history. Assembly later scores a piece by how well its gate direction
+matches a target user's activations.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from recipes import PersonaError
+from recipes.adapters import LoraWeights, check_fits
+from recipes.backbones import LLM
+from recipes.lora_training import PRECISIONS, Example, autocast_for, batch_loss, batch_order, lr_factor, make_batch
+from recipes.progress import Progress, report
+
+
+@dataclass
+class GateSettings:
+    """How the gates of one sharer are trained (the paper: about 50-200 steps)."""
+
+    steps: int = 50
+    learning_rate: float = 2e-2
+    batch_size: int = 4
+    max_length: int = 256
+    precision: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, f"--gate-steps must be at least 1, got {self.steps}"),
+            (self.learning_rate > 0, f"--gate-lr must be positive, got {self.learning_rate}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.max_length >= 32, f"--max-length must be at least 32, got {self.max_length}"),
+            (self.precision in PRECISIONS, f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PersonaError(message)
+
+
+@dataclass
+class TrainedGates:
+    gates: dict[str, torch.Tensor]
+    seconds: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+@contextmanager
+def gated_lora(model: torch.nn.Module, lora: LoraWeights, gates: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While the block runs, every module of `lora` outputs W·v + c·B·A·v·sigmoid(g·v)."""
+    check_fits(model, lora)
+    weight = next(model.parameters())
+    handles = []
+    for path, (a, b) in lora.modules.items():
+        a_t = a.to(weight.device, torch.float32)
+        b_t = (b.float() * lora.scales[path]).to(weight.device)
+        handles.append(model.get_submodule(path).register_forward_hook(_gated_hook(a_t, b_t, gates[path])))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _gated_hook(a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor):
+    def add_gated(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        opening = torch.sigmoid(x @ gate.to(x.dtype)).unsqueeze(-1)
+        return output + ((x @ a.T.to(x.dtype)) @ b.T.to(x.dtype)) * opening
+
+    return add_gated
+
+
+def train_gates(
+    llm: LLM,
+    lora: LoraWeights,
+    examples: list[Example],
+    settings: GateSettings,
+    progress: Optional[Progress] = None,
+    stage: str = "training gates",
+) -> TrainedGates:
+    """Train one gate per module of the frozen `lora` on `examples` over the LLM as loaded."""
+    settings.validate()
+    if not examples:
+        raise PersonaError("no examples to train the gates on")
+    device = next(llm.model.parameters()).device
+    for parameter in llm.model.parameters():  # only the gates learn; no gradients for the LLM
+        parameter.requires_grad_(False)
+    gates = {path: torch.zeros(a.shape[1], device=device, requires_grad=True) for path, (a, _) in lora.modules.items()}
+    optimizer = torch.optim.AdamW(list(gates.values()), lr=settings.learning_rate, weight_decay=0.0)
+    warmup = int(0.1 * settings.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, settings.steps))
+    plan = batch_order(len(examples), settings.steps, settings.batch_size, settings.seed)
+    tick = report(progress)
+    curve: list[dict[str, float]] = []
+    started = time.perf_counter()
+    llm.model.eval()
+    with gated_lora(llm.model, lora, gates):
+        for step, chosen in enumerate(plan, 1):
+            batch = make_batch(llm, [examples[i] for i in chosen], settings.max_length)
+            with autocast_for(llm, settings.precision):
+                loss = batch_loss(llm, llm.model, batch)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append({"step": step, "loss": round(loss.item(), 5)})
+            tick(stage, step, settings.steps)
+    trained = {path: g.detach().cpu().clone() for path, g in gates.items()}
+    return TrainedGates(trained, round(time.perf_counter() - started, 3), curve)

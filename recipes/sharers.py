@@ -1,0 +1,246 @@
+"""Per-Pcs sharers: choose a few users, train each one's LoRA and gates, and register all their
+pieces as one new version of the piece pool.
+
+Registration is the longest job, so every finished sharer is kept in a staging folder under
+the cache until the pool version is written; running the same command again picks up there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from recipes import PersonaError
+from recipes.training_data import history_examples
+from recipes.adapters import LoraWeights
+from recipes.assembly import user_embedding
+from recipes.backbones import LLM, cache_dir
+from recipes.gates import GateSettings, train_gates
+from recipes.lora_plugins import apply_chain, base_chain
+from recipes.lora_training import LoraSettings, train_lora
+from recipes.pool import layer_of, piece_tensors
+from recipes.progress import Progress, report
+from recipes.splits import SPLITS, query_split, user_split
+from recipes.tasks import Task
+from store import Behavior, Piece, Store, id_sort_key
+
+STRATEGIES = ("history-cluster", "most-active", "random")
+
+
+# ---------- selection ----------
+
+
+def candidate_histories(store: Store, task: Task, splits: list[str]) -> dict[str, list[Behavior]]:
+    """Histories (with vectors) of the users who may share: those of the allowed splits. Test
+    users never share; a user's split is that of their queries, else of their id."""
+    if "test" in splits:
+        raise PersonaError("test users never become sharers; choose from train and dev")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise PersonaError(f"--candidates {','.join(splits)}: expected train, dev or both")
+    query_splits: dict[str, set[str]] = {}
+    for query in store.task_queries(task.name):
+        query_splits.setdefault(query.user_id, set()).add(query_split(query.split, query.user_id))
+    users = [u.user_id for u in store.list_users()]
+    allowed = [u for u in users if (query_splits.get(u) or {user_split(u)}) <= set(splits)]
+    histories = store.histories(allowed, task.name, with_vectors=True)
+    if not histories:
+        raise PersonaError(f"store {store.uri} has no {task.name} users of split {' or '.join(splits)} with a history")
+    return histories
+
+
+def select_sharers(
+    histories: dict[str, list[Behavior]], strategy: str, k: int, min_history: int = 10, seed: int = 0
+) -> list[str]:
+    """Up to k sharers. history-cluster: k-means (k clusters at most) over user embeddings, the
+    user with the most history in each cluster, if they have at least `min_history` items;
+    most-active: the k users with the most history; random: k users with enough history."""
+    if strategy not in STRATEGIES:
+        raise PersonaError(f"--strategy {strategy}: expected one of {', '.join(STRATEGIES)}")
+    if k < 1:
+        raise PersonaError(f"--k must be at least 1, got {k}")
+    users = sorted(histories, key=id_sort_key)
+    enough = [u for u in users if len(histories[u]) >= min_history]
+    if not enough:
+        raise PersonaError(f"no candidate user has at least {min_history} history items (lower --min-history)")
+    if strategy == "most-active":
+        return sorted(sorted(enough, key=lambda u: -len(histories[u]))[:k], key=id_sort_key)
+    if strategy == "random":
+        return sorted(random.Random(seed).sample(enough, min(k, len(enough))), key=id_sort_key)
+    return _cluster_sharers(histories, users, k, min_history, seed)
+
+
+def _cluster_sharers(histories: dict[str, list[Behavior]], users: list[str], k: int, min_history: int, seed: int) -> list[str]:
+    from sklearn.cluster import KMeans
+
+    embeddings = np.stack([user_embedding([item.vector for item in histories[u]]) for u in users])
+    clusters = min(k, len(users))
+    labels = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit_predict(embeddings)
+    sharers = []
+    for cluster in range(clusters):
+        members = [u for u, label in zip(users, labels) if label == cluster and len(histories[u]) >= min_history]
+        if members:
+            sharers.append(max(members, key=lambda u: (len(histories[u]), -users.index(u))))
+    return sorted(sharers, key=id_sort_key)
+
+
+# ---------- training and registering ----------
+
+
+@dataclass
+class Registration:
+    """What one register-sharers run did."""
+
+    task: str
+    pool_version: int = 0
+    tags: list[str] = field(default_factory=list)
+    sharers: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    pieces: int = 0
+    bytes: int = 0
+    lora_seconds: list[float] = field(default_factory=list)
+    gate_seconds: list[float] = field(default_factory=list)
+
+
+def register_sharers(
+    store: Store,
+    llm: LLM,
+    task: Task,
+    sharers: list[str],
+    lora: LoraSettings,
+    gates: GateSettings,
+    base: Optional[str] = None,
+    share_ratio: float = 1.0,
+    tags: Optional[list[str]] = None,
+    selection: Optional[dict] = None,
+    progress: Optional[Progress] = None,
+) -> Registration:
+    """Train each sharer's LoRA on their history (the OPPU trainer, on top of `base`) and then its
+    gates with the LoRA frozen; write the pieces (a `share_ratio` share of each sharer's modules)
+    as a new pool version tagged pool-N plus `tags`. A stopped run resumes from finished sharers."""
+    lora.validate()
+    gates.validate()
+    if not 0 < share_ratio <= 1:
+        raise PersonaError(f"--share-ratio must be in (0, 1], got {share_ratio}")
+    if not sharers:
+        raise PersonaError("no sharers to register")
+    known = {u.user_id for u in store.get_users(sharers)}
+    missing = [s for s in sharers if s not in known]
+    if missing:
+        raise PersonaError(f"no user '{missing[0]}' in store {store.uri}")
+    _check_pool_compatible(store, task, llm.id, base)
+    tag_list = [next_pool_tag(store), *(tags or [])]
+    for tag in tags or []:
+        if tag in store.pool_tags():
+            raise PersonaError(f"pool tag '{tag}' exists")
+    histories = store.histories(sharers, task.name)
+    empty = [s for s in sharers if not histories.get(s)]
+    if empty:
+        raise PersonaError(f"sharer '{empty[0]}' has no {task.name} history")
+    staging = _staging_dir(store, task, llm, sharers, lora, gates, base)
+    apply_chain(llm, base_chain(store, base))
+    result = Registration(task=task.name, sharers=list(sharers))
+    tick = report(progress)
+    config = {"lora": asdict(lora), "gates": asdict(gates), "share_ratio": share_ratio, "selection": selection or {}, "seq2seq": llm.is_seq2seq}
+    pieces: list[Piece] = []
+    tick("registering sharers", 0, len(sharers))
+    for n, sharer in enumerate(sharers, 1):
+        path = staging / f"{n:04d}.safetensors"
+        if path.exists():
+            weights, gate_vectors, metrics = _read_staged(path)
+            result.resumed.append(sharer)
+        else:
+            examples = history_examples(task, histories[sharer])
+            trained = train_lora(llm, examples, lora, progress=progress, stage=f"sharer {sharer}: LoRA")
+            trained_gates = train_gates(llm, trained.weights, examples, gates, progress, stage=f"sharer {sharer}: gates")
+            weights, gate_vectors = trained.weights, trained_gates.gates
+            metrics = {
+                "examples": len(examples), "lora_seconds": trained.seconds, "gate_seconds": trained_gates.seconds,
+                "lora_final_loss": trained.curve[-1]["loss"], "gate_first_loss": trained_gates.curve[0]["loss"],
+                "gate_final_loss": trained_gates.curve[-1]["loss"],
+            }  # fmt: skip
+            _stage(path, weights, gate_vectors, metrics)
+        result.lora_seconds.append(metrics["lora_seconds"])
+        result.gate_seconds.append(metrics["gate_seconds"])
+        shared = _shared_modules(sorted(weights.modules), share_ratio, f"{lora.seed}:{sharer}")
+        for module in shared:
+            a, b = weights.modules[module]
+            pieces.append(
+                Piece(
+                    task=task.name, sharer_id=sharer, module=module, r=a.shape[0], alpha=weights.scales[module] * a.shape[0],
+                    llm=llm.id, tensors=piece_tensors(a, b, gate_vectors[module]), registration=int(tag_list[0].split("-")[1]),
+                    layer=layer_of(module), base=base, config=config, metrics=metrics,
+                )  # fmt: skip
+            )
+        tick("registering sharers", n, len(sharers))
+    version = store.add_pool_version(pieces, tag_list)
+    shutil.rmtree(staging, ignore_errors=True)
+    result.pool_version, result.tags = version.version, tag_list
+    result.pieces, result.bytes = len(pieces), sum(len(p.tensors) for p in pieces)
+    return result
+
+
+def next_pool_tag(store: Store) -> str:
+    """pool-N for the next registration (one more than the highest N so far)."""
+    numbers = [int(m.group(1)) for t in store.pool_tags() if (m := re.fullmatch(r"pool-(\d+)", t))]
+    return f"pool-{max(numbers, default=0) + 1}"
+
+
+def _check_pool_compatible(store: Store, task: Task, llm_id: str, base: Optional[str]) -> None:
+    """One task's pool holds pieces of one LLM on one base; mixing them would be meaningless."""
+    if not store.pool_versions():
+        return
+    pieces = store.pool_pieces(store.resolve_pool().version, task.name, with_tensors=False)
+    if pieces and (pieces[0].llm, pieces[0].base) != (llm_id, base):
+        raise PersonaError(
+            f"the {task.name} pool holds pieces of LLM '{pieces[0].llm}' on base '{pieces[0].base}'; "
+            f"register on the same (--llm, --base {pieces[0].base or 'none'})"
+        )
+
+
+def _shared_modules(modules: list[str], ratio: float, seed: str) -> list[str]:
+    """The modules a sharer shares: all of them, or a seeded random `ratio` of them (at least one)."""
+    if ratio >= 1:
+        return modules
+    count = max(1, round(ratio * len(modules)))
+    return sorted(random.Random(seed).sample(modules, count), key=id_sort_key)
+
+
+def _staging_dir(
+    store: Store, task: Task, llm: LLM, sharers: list[str], lora: LoraSettings, gates: GateSettings, base: Optional[str]
+) -> Path:
+    """Where this exact registration keeps its finished sharers until the pool version is written."""
+    key = json.dumps([store.uri, task.name, llm.id, base, sharers, asdict(lora), asdict(gates)], sort_keys=True)
+    return cache_dir() / "registrations" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _stage(path: Path, weights: LoraWeights, gates: dict[str, torch.Tensor], metrics: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in weights.modules.items():
+        tensors[f"{module}.A"], tensors[f"{module}.B"], tensors[f"{module}.gate"] = a.contiguous(), b.contiguous(), gates[module]
+    scales = {module: weights.scales[module] for module in weights.modules}
+    partial = path.with_suffix(".partial")
+    save_file(tensors, str(partial), metadata={"metrics": json.dumps(metrics), "scales": json.dumps(scales)})
+    partial.replace(path)
+
+
+def _read_staged(path: Path) -> tuple[LoraWeights, dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    scales = json.loads(metadata["scales"])
+    weights = LoraWeights({m: (tensors[f"{m}.A"], tensors[f"{m}.B"]) for m in scales}, scales)
+    return weights, {m: tensors[f"{m}.gate"] for m in scales}, json.loads(metadata["metrics"])

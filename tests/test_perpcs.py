@@ -1,0 +1,175 @@
+"""Per-Pcs through the CLI with the embedded SmolLM2 on the example users (planted styles): sharers
+are registered as a tagged pool version, targets are assembled without training, the weights
+fall on sharers of the target's style, assembled adapters serve mixed-user batches, export as
+peft folders that plain peft loads, and bad requests change nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from conftest import EXAMPLES, cli_fails, cli_json
+from persona_cli.main import app
+from recipes.generation import prompt_token_ids
+from store import Store
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+PROMPT = "Paraphrase the following tweet without any explanation before or after it: The museum opens early on Sundays."
+STYLES = {json.loads(line)["user_id"]: json.loads(line)["style"] for line in EXAMPLES.read_text().splitlines()}
+# one non-test sharer for each of the ten planted styles
+SHARERS = ["0", "1", "12", "3", "14", "5", "6", "7", "18", "9"]
+TRAINING = ["--steps", "12", "--gate-steps", "12", "--max-length", "128", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("perpcs") / "store"
+    assert runner.invoke(app, ["--store", str(path), "ingest", str(EXAMPLES), "--task", "LaMP-7"]).exit_code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def registered(store) -> dict:
+    sharers = [arg for s in SHARERS for arg in ("--sharer", s)]
+    return cli_json(store, "register-sharers", "--task", "LaMP-7", *sharers, *TRAINING)
+
+
+@pytest.fixture(scope="module")
+def test_users_assembled(store, registered) -> dict:
+    return cli_json(store, "assemble", "--task", "LaMP-7", "--split", "test", "--top-k", "1")
+
+
+def _tables(store: Path) -> dict[str, int]:
+    s = Store(store)
+    return {t["table"]: (t["rows"], t["version"]) for t in s.info()["tables"]}
+
+
+def test_register_sharers_writes_one_tagged_pool_version(store, registered):
+    assert registered["tags"] == ["pool-1"] and registered["sharers"] == SHARERS and registered["base"] is None
+    assert registered["pieces"] == 10 * 120  # q/k/v/o of 30 layers per sharer
+    assert registered["mean_gate_seconds"] > 0 and registered["mean_lora_seconds"] > 0
+    listed = cli_json(store, "pool", "list")["versions"]
+    assert [v["tags"] for v in listed] == [["pool-1"]] and listed[0]["sharers"] == {"LaMP-7": 10}
+    shown = cli_json(store, "pool", "show", "pool-1")
+    entry = shown["tasks"]["LaMP-7"]
+    assert entry["modules"] == {"q_proj": 300, "k_proj": 300, "v_proj": 300, "o_proj": 300}
+    assert all(info["pieces"] == 120 and info["gate_final_loss"] is not None for info in entry["sharers"].values())
+
+
+def test_assemble_user_42_top_3_as_written_is_stored_and_repeatable(store, registered):
+    first = cli_json(store, "assemble", "--user", "42", "--top-k", "3", "--explain")
+    second = cli_json(store, "assemble", "--user", "42", "--top-k", "3", "--explain")
+    user = first["users"]["42"]
+    assert first["pool"] == "pool-1" and first["top_k"] == 3
+    assert user["modules"] == second["users"]["42"]["modules"]  # same pool version, same weights
+    assert len(user["modules"]) == 120 and all(len(p) == 3 for p in user["modules"].values())
+    assert all(abs(sum(c["weight"] for c in p) - 1) < 1e-4 for p in user["modules"].values())
+    assert user["stored_bytes"] < 2400  # indices and weights only: OPPU stores 3.7 MB per user
+    assert len(Store(store).list_assemblies("LaMP-7", "42")) == 1  # replaced, not duplicated
+    result = runner.invoke(app, ["--store", str(store), "assemble", "--user", "42", "--top-k", "3", "--explain"])
+    assert result.exit_code == 0 and "chosen pieces per layer" in result.output
+
+
+def test_assembled_weights_fall_on_sharers_of_the_target_users_style(test_users_assembled):
+    """With one sharer per style and top-1 per module, the share of modules that pick the target's
+    own style (chance: 1 in 10) measures whether the gates recognise a user's style."""
+    masses = {u: info["sharer_mass"] for u, info in test_users_assembled["users"].items()}
+    same = {u: sum(w for s, w in mass.items() if STYLES[s] == STYLES[u]) for u, mass in masses.items()}
+    assert len(same) == 13
+    mean = sum(same.values()) / len(same)
+    assert mean >= 0.1 * 3, same  # at least three times chance
+
+
+def test_perpcs_serves_mixed_user_batches_like_one_user_at_a_time(store, test_users_assembled):
+    (store.parent / "users.txt").write_text("2\n4\n8\n")
+    run = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "perpcs", "--users", str(store.parent / "users.txt"))
+    assert run["method"] == "perpcs" and run["config"]["pool"] == "pool-1" and run["config"]["per_user_adapters"] == 3
+    predictions = cli_json(store, "runs", "show", run["run_id"], "--predictions")["predictions"]
+    for prediction in predictions[:3:2]:
+        query = next(q for q in Store(store).user_queries(prediction["user_id"]) if q.query_id == prediction["query_id"])
+        alone = cli_json(store, "generate", "--user", prediction["user_id"], "--method", "perpcs", query.input)
+        assert alone["raw"] == prediction["raw"]
+
+
+def test_perpcs_with_rag_and_the_peft_retrieval_baseline_run(store, test_users_assembled):
+    users = store.parent / "users.txt"
+    users.write_text("2\n4\n")
+    rag = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "perpcs+rag", "--k", "1", "--users", str(users))
+    retrieval = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "peft-retrieval", "--top-k", "2", "--users", str(users))
+    assert rag["method"] == "perpcs+rag-bm25-k1" and rag["n_examples"] == 6
+    assert retrieval["method"] == "peft-retrieval-k2" and retrieval["config"]["top_k"] == 2
+
+
+def test_an_exported_assembly_loads_in_plain_peft_and_answers_the_same(store, llm, registered, tmp_path):
+    cli_json(store, "assemble", "--user", "8", "--top-k", "3")
+    facts = cli_json(store, "pool", "export", str(tmp_path / "user-8"), "--user", "8")
+    assert facts["rank"] == 3 * 8 and facts["modules"] == 120 and facts["folded_bases"] == []
+    ours = cli_json(store, "generate", "--user", "8", "--method", "perpcs", PROMPT)["raw"]
+    model = PeftModel.from_pretrained(copy.deepcopy(llm.model), str(tmp_path / "user-8"))
+    ids = torch.tensor([prompt_token_ids(llm, PROMPT)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
+    assert llm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == ours.strip()
+
+
+def test_a_new_registration_grows_the_pool_and_old_assemblies_stay_exact(store, registered):
+    before = cli_json(store, "assemble", "--user", "42", "--top-k", "3", "--explain")["users"]["42"]["modules"]
+    grown = cli_json(store, "register-sharers", "--task", "LaMP-7", "--sharer", "21", "--tag", "with-21", *TRAINING[:2], "--gate-steps", "2")
+    assert grown["tags"] == ["pool-2", "with-21"]
+    diff = cli_json(store, "pool", "diff", "pool-1", "pool-2")
+    assert diff["sharers_added"] == ["LaMP-7/21"] and diff["pieces_added"] == 120 and diff["pieces_removed"] == 0
+    again = cli_json(store, "assemble", "--user", "42", "--top-k", "3", "--pool", "pool-1", "--explain")["users"]["42"]["modules"]
+    assert again == before
+    cli_json(store, "pool", "tag", "pool-1", "first-ten")
+    assert cli_json(store, "pool", "show", "first-ten")["version"] == registered["pool_version"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["register-sharers", "--task", "LaMP-7", "--candidates", "test"], "test users never become sharers"),
+        (["register-sharers", "--task", "LaMP-7", "--sharer", "nobody"], "no user 'nobody'"),
+        (["register-sharers", "--task", "LaMP-7", "--sharer", "0", "--share-ratio", "0"], "--share-ratio"),
+        (["register-sharers", "--task", "LaMP-7", "--sharer", "0", "--tag", "pool-1"], "exists"),
+        (["assemble", "--user", "nobody"], "no user 'nobody'"),
+        (["assemble", "--user", "42", "--top-k", "0"], "--top-k"),
+        (["assemble", "--user", "42", "--pool", "pool-99"], "no pool tag 'pool-99'"),
+        (["evaluate", "--task", "LaMP-7", "--method", "perpcs", "--split", "train"], "have no assembly against pool"),
+        (["evaluate", "--task", "LaMP-7", "--method", "none", "--pool", "pool-1"], "--pool goes with"),
+        (["evaluate", "--task", "LaMP-7", "--method", "perpcs+magic"], "--method perpcs+magic"),
+        (["pool", "tag", "pool-1", "pool-1"], "exists"),
+        (["pool", "export", "/tmp/never-written", "--user", "40"], "has no LaMP-7 assembly"),
+    ],
+)
+def test_bad_requests_fail_in_one_line_and_change_nothing(store, registered, args, message):
+    before = _tables(store)
+    assert message in cli_fails(store, *args)
+    assert _tables(store) == before
+
+
+def test_a_stopped_registration_resumes_from_finished_sharers(store, llm, monkeypatch, tmp_path):
+    from recipes.gates import GateSettings
+    from recipes.lora_training import LoraSettings
+    from recipes.sharers import register_sharers
+    from recipes.tasks import get_task
+
+    monkeypatch.setenv("PERSONA_CACHE", str(tmp_path))
+    lora, gates = LoraSettings(steps=2, batch_size=2, max_length=96), GateSettings(steps=2, batch_size=2, max_length=96)
+
+    def stop_after_first(stage: str, done: int, total: int) -> None:
+        if stage == "registering sharers" and done == 1:
+            raise KeyboardInterrupt
+
+    opened = Store(store)
+    before = opened.pool_tags()
+    with pytest.raises(KeyboardInterrupt):
+        register_sharers(opened, llm, get_task("LaMP-7"), ["22", "23"], lora, gates, progress=stop_after_first)
+    assert opened.pool_tags() == before  # nothing half-registered
+    result = register_sharers(opened, llm, get_task("LaMP-7"), ["22", "23"], lora, gates)
+    assert result.resumed == ["22"] and result.sharers == ["22", "23"]
