@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-ingest bench-generation clean
+.PHONY: install demo test bench-ingest bench-generation bench-perpcs clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ bench-ingest: install
 
 bench-generation: install
 	$(BIN)/python benchmarks/generation/run.py
+
+bench-perpcs: install
+	$(BIN)/python benchmarks/perpcs_vs_oppu/run.py --store "$(STORE)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

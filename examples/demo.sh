@@ -63,6 +63,27 @@ rm -rf .persona-demo/oppu-8
 persona plugins export oppu-LaMP-7/8 .persona-demo/oppu-8
 ls .persona-demo/oppu-8
 
+step "Per-Pcs: ten sharers (one per style, none a test user) each train a LoRA and then its gates; all pieces become pool version pool-1"
+SHARERS=(); for U in 0 1 12 3 14 5 6 7 18 9; do SHARERS+=(--sharer "$U"); done
+persona register-sharers --task LaMP-7 "${SHARERS[@]}" --steps 10 --gate-steps 10 --max-length 128
+persona pool list
+
+step "Assemble user 42's adapter from the pool without any training: per module the top-3 pieces by gate score"
+persona assemble --user 42 --top-k 3
+persona assemble --user 42 --top-k 3 --explain | sed -n '/chosen pieces per layer/,$p' | head -12
+
+step "Assemble every test user, then evaluate Per-Pcs, Per-Pcs with RAG and PEFT retrieval on the same queries as task-lora"
+persona assemble --task LaMP-7 --split test --top-k 3
+persona evaluate --task LaMP-7 --method perpcs
+persona evaluate --task LaMP-7 --method perpcs+rag --k 2
+persona evaluate --task LaMP-7 --method peft-retrieval --top-k 3
+persona evaluate --task LaMP-7 --method task-lora
+persona runs compare 5 6 7 8
+
+step "User 42's assembled adapter as a standard peft folder (rank 3x8 pieces + the task LoRA's 8, folded in)"
+rm -rf .persona-demo/perpcs-42
+persona pool export .persona-demo/perpcs-42 --user 42
+
 step "Bad input is refused with file, line and field, and the store is left as it was"
 printf '{"user_id": "99", "history": [{"id": "a", "text": ""}]}\n' > .persona-demo/bad.jsonl
 persona ingest .persona-demo/bad.jsonl --task LaMP-7 || echo "(exit code $?, store unchanged)"

@@ -26,6 +26,7 @@ DropoutOption = typer.Option(0.05, "--dropout", help="LoRA dropout.")
 TargetsOption = typer.Option(None, "--target-modules", help="Comma-separated module names (default: the attention projections).")
 MaxLengthOption = typer.Option(256, "--max-length", help="Tokens per training example (prompt and target).")
 SeedOption = typer.Option(0, "--seed", help="Seeds initialization, dropout and batch order.")
+AutoBaseOption = typer.Option("auto", "--base", help="Base plug-in (default: task-lora-TASK when stored; 'none' for the bare LLM).")
 PrecisionOption = typer.Option("auto", "--precision", help="auto (bfloat16 mixed precision where supported), float32 or bfloat16.")
 
 
@@ -112,7 +113,7 @@ def train_oppu_command(
     split: Optional[str] = typer.Option(None, "--split", help="Every user of this split: train, dev, test or all."),
     users: Optional[Path] = typer.Option(None, "--users", help="File with one user id per line."),
     group: Optional[str] = typer.Option(None, "--name", help="Name prefix of the adapters, stored as NAME/USER (default: oppu-TASK)."),
-    base: Optional[str] = typer.Option("auto", "--base", help="Base plug-in (default: task-lora-TASK when stored; 'none' for the bare LLM)."),
+    base: Optional[str] = AutoBaseOption,
     r: int = ROption,
     alpha: float = AlphaOption,
     dropout: float = DropoutOption,

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
 from persona_cli.lora_cmd import (
-    AlphaOption, DropoutOption, LlmOption, MaxLengthOption, PrecisionOption, ROption, SeedOption, TargetsOption,
+    AlphaOption, AutoBaseOption, DropoutOption, LlmOption, MaxLengthOption, PrecisionOption, ROption, SeedOption, TargetsOption,
     lora_settings, resolve_base,
 )  # fmt: skip
 from recipes import PersonaError
@@ -36,7 +36,7 @@ def register_sharers_command(
     min_history: int = typer.Option(10, "--min-history", help="A sharer has at least this many history items."),
     candidates: str = typer.Option("train,dev", "--candidates", help="Splits sharers come from (never test)."),
     sharer: Optional[list[str]] = typer.Option(None, "--sharer", help="Register exactly these users instead (repeatable)."),
-    base: Optional[str] = typer.Option("auto", "--base", help="Base plug-in (default: task-lora-TASK when stored; 'none' for the bare LLM)."),
+    base: Optional[str] = AutoBaseOption,
     r: int = ROption,
     alpha: float = AlphaOption,
     dropout: float = DropoutOption,

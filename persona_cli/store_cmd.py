@@ -39,3 +39,5 @@ def optimize(
         print_json(result)
         return
     console.print(f"optimized: {human_bytes(result['disk_bytes_before'])} -> {human_bytes(result['disk_bytes_after'])} on disk")
+    if result["versions_kept"]:
+        console.print(f"kept the versions of {', '.join(result['versions_kept'])}: tagged pool versions stay readable")

@@ -147,10 +147,7 @@ def train_oppu(
     settings.validate()
     if not user_ids:
         raise PersonaError("no users to train")
-    known = {u.user_id for u in store.get_users(user_ids)}
-    unknown = [u for u in user_ids if u not in known]
-    if unknown:
-        raise PersonaError(f"no user '{unknown[0]}' in store {store.uri}")
+    store.require_users(user_ids)
     chain = base_chain(store, base)
     report_ = OppuReport(group=group, base=base)
     existing = {p.name: p for p in store.list_plugins(kind=OPPU, prefix=f"{group}/")}

@@ -159,10 +159,7 @@ def assemble_users(
         raise PersonaError(f"--batch-size must be at least 1, got {batch_size}")
     if precision not in PRECISIONS:
         raise PersonaError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    known = {u.user_id for u in store.get_users(user_ids)}
-    unknown = [u for u in user_ids if u not in known]
-    if unknown:
-        raise PersonaError(f"no user '{unknown[0]}' in store {store.uri}")
+    store.require_users(user_ids)
     pool = load_pool(store, task.name, pool_ref)
     if pool.llm != llm.id:
         raise PersonaError(f"pool {pool.label} was made for LLM '{pool.llm}', not '{llm.id}' (pass --llm {pool.llm})")

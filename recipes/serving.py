@@ -142,7 +142,7 @@ def _perpcs_plan(store: Store, task: Task, user_ids: list[str], ref: Optional[st
     if missing:
         raise PersonaError(
             f"{len(missing)} of {len(wanted)} users have no assembly against pool {label}, e.g. user '{missing[0]}'"
-            f" (run `persona assemble --task {task.name} --pool {label}` for them)"
+            f" (run `persona assemble --task {task.name} --pool {label} --user {missing[0]}`, or --split/--users for many)"
         )
     ks = {r.top_k for r in records.values()}
     if top_k is not None and ks != {top_k}:

@@ -33,6 +33,7 @@ from recipes.progress import Progress, report
 from recipes.splits import SPLITS, query_split, user_split
 from recipes.tasks import Task
 from store import Behavior, Piece, Store, id_sort_key
+from store.pieces import check_tag
 
 STRATEGIES = ("history-cluster", "most-active", "random")
 
@@ -48,15 +49,23 @@ def candidate_histories(store: Store, task: Task, splits: list[str]) -> dict[str
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise PersonaError(f"--candidates {','.join(splits)}: expected train, dev or both")
-    query_splits: dict[str, set[str]] = {}
-    for query in store.task_queries(task.name):
-        query_splits.setdefault(query.user_id, set()).add(query_split(query.split, query.user_id))
     users = [u.user_id for u in store.list_users()]
-    allowed = [u for u in users if (query_splits.get(u) or {user_split(u)}) <= set(splits)]
+    splits_of = user_splits(store, task, users)
+    allowed = [u for u in users if splits_of[u] <= set(splits)]
     histories = store.histories(allowed, task.name, with_vectors=True)
     if not histories:
         raise PersonaError(f"store {store.uri} has no {task.name} users of split {' or '.join(splits)} with a history")
     return histories
+
+
+def user_splits(store: Store, task: Task, users: list[str]) -> dict[str, set[str]]:
+    """The splits of each user's queries of `task` (the split of their id when they have none)."""
+    found: dict[str, set[str]] = {}
+    wanted = set(users)
+    for query in store.task_queries(task.name):
+        if query.user_id in wanted:
+            found.setdefault(query.user_id, set()).add(query_split(query.split, query.user_id))
+    return {u: found.get(u) or {user_split(u)} for u in users}
 
 
 def select_sharers(
@@ -134,13 +143,15 @@ def register_sharers(
         raise PersonaError(f"--share-ratio must be in (0, 1], got {share_ratio}")
     if not sharers:
         raise PersonaError("no sharers to register")
-    known = {u.user_id for u in store.get_users(sharers)}
-    missing = [s for s in sharers if s not in known]
-    if missing:
-        raise PersonaError(f"no user '{missing[0]}' in store {store.uri}")
+    store.require_users(sharers)
+    splits = user_splits(store, task, sharers)
+    testers = [s for s in sharers if "test" in splits[s]]
+    if testers:
+        raise PersonaError(f"user '{testers[0]}' is a test user; test users never become sharers")
     _check_pool_compatible(store, task, llm.id, base)
     tag_list = [next_pool_tag(store), *(tags or [])]
     for tag in tags or []:
+        check_tag(tag)
         if tag in store.pool_tags():
             raise PersonaError(f"pool tag '{tag}' exists")
     histories = store.histories(sharers, task.name)
@@ -161,8 +172,8 @@ def register_sharers(
             result.resumed.append(sharer)
         else:
             examples = history_examples(task, histories[sharer])
-            trained = train_lora(llm, examples, lora, progress=progress, stage=f"sharer {sharer}: LoRA")
-            trained_gates = train_gates(llm, trained.weights, examples, gates, progress, stage=f"sharer {sharer}: gates")
+            trained = train_lora(llm, examples, lora, progress=progress, stage="this sharer's LoRA")
+            trained_gates = train_gates(llm, trained.weights, examples, gates, progress, stage="this sharer's gates")
             weights, gate_vectors = trained.weights, trained_gates.gates
             metrics = {
                 "examples": len(examples), "lora_seconds": trained.seconds, "gate_seconds": trained_gates.seconds,

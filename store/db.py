@@ -265,6 +265,13 @@ class Store(ResultTables, PluginTables, PieceTables):
         data = _scan(table, _in_list("user_id", user_ids))
         return [_user_from_row(r) for r in data.to_pylist()]
 
+    def require_users(self, user_ids: list[str]) -> None:
+        """A clear error naming the first of these users that the store does not hold."""
+        known = {u.user_id for u in self.get_users(user_ids)}
+        unknown = [u for u in user_ids if u not in known]
+        if unknown:
+            raise StoreError(f"no user '{unknown[0]}' in store {self.uri}")
+
     def get_user(self, user_id: str) -> UserRow | None:
         found = self.get_users([user_id])
         return found[0] if found else None
@@ -365,17 +372,22 @@ class Store(ResultTables, PluginTables, PieceTables):
         }
 
     def optimize(self, prune_versions: bool = False) -> dict[str, Any]:
-        """Compact small fragments and update indices; with prune_versions also drop old untagged versions."""
+        """Compact small fragments and update indices; with prune_versions also drop the old versions of
+        tables without tags (a tagged table, the piece pool, keeps its versions: assemblies name them)."""
         before = _disk_bytes(self.uri)
+        kept = []
         for name in self.table_names():
             table = self._db.open_table(name)
-            if prune_versions:  # asked for explicitly: LanceDB's warning about concurrent readers is the CLI's help text
+            if prune_versions and table.tags.list():  # tagged versions (pool-N) must stay readable
+                kept.append(name)
+                table.optimize()
+            elif prune_versions:  # asked for explicitly: LanceDB's warning about concurrent readers is the CLI's help text
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
             else:
                 table.optimize()
-        return {"disk_bytes_before": before, "disk_bytes_after": _disk_bytes(self.uri)}
+        return {"disk_bytes_before": before, "disk_bytes_after": _disk_bytes(self.uri), "versions_kept": kept}
 
 
 def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: str, dim: int) -> pa.RecordBatch:

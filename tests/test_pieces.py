@@ -193,3 +193,8 @@ def test_pool_versions_are_tagged_and_stay_readable_after_the_pool_grows(tmp_pat
     diff = pool_diff(store, "pool-1", "pool-2")
     assert diff["sharers_added"] == ["LaMP-7/30"] and diff["sharers_retrained"] == ["LaMP-7/12"]
     assert diff["pieces_added"] == len(pool.module_order) and diff["pieces_removed"] == 0
+    # pruning old versions keeps the tagged ones: assemblies name them
+    assert store.optimize(prune_versions=True)["versions_kept"] == ["pieces"]
+    assert {p.sharer_id for p in store.pool_pieces(store.resolve_pool("pool-1").version)} == {"7", "12"}
+    with pytest.raises(PersonaError, match="tag 'bad tag'"):
+        store.tag_pool(first.version, "bad tag")
