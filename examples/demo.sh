@@ -74,10 +74,10 @@ persona assemble --user 42 --top-k 3 --explain | sed -n '/chosen pieces per laye
 
 step "Assemble every test user, then evaluate Per-Pcs, Per-Pcs with RAG and PEFT retrieval on the same queries as task-lora"
 persona assemble --task LaMP-7 --split test --top-k 3
-persona evaluate --task LaMP-7 --method perpcs
-persona evaluate --task LaMP-7 --method perpcs+rag --k 2
-persona evaluate --task LaMP-7 --method peft-retrieval --top-k 3
-persona evaluate --task LaMP-7 --method task-lora
+persona evaluate --task LaMP-7 --method perpcs --limit 12
+persona evaluate --task LaMP-7 --method perpcs+rag --k 2 --limit 12
+persona evaluate --task LaMP-7 --method peft-retrieval --top-k 3 --limit 12
+persona evaluate --task LaMP-7 --method task-lora --limit 12
 persona runs compare 5 6 7 8
 
 step "User 42's assembled adapter as a standard peft folder (rank 3x8 pieces + the task LoRA's 8, folded in)"

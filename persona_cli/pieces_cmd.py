@@ -108,6 +108,7 @@ def assemble_command(
     pool: Optional[str] = PoolOption,
     batch_size: int = typer.Option(16, "--batch-size", help="History items per forward pass."),
     max_length: int = MaxLengthOption,
+    max_items: Optional[int] = typer.Option(None, "--max-items", help="Assemble from the user's N most recent items only (default: all)."),
     explain: bool = typer.Option(False, "--explain", help="Show, per layer, the chosen sharers and weights."),
     precision: str = PrecisionOption,
     llm: Optional[str] = LlmOption,
@@ -130,7 +131,7 @@ def assemble_command(
         user_ids = read_user_ids(users) if users else split_users(store, task_spec, split)
     with progress_bar(enabled=not json_out) as tick:
         result = assemble_users(
-            store, load_llm(llm, device), task_spec, user_ids, top_k, pool, batch_size, max_length, tick, precision
+            store, load_llm(llm, device), task_spec, user_ids, top_k, pool, batch_size, max_length, tick, precision, max_items
         )  # fmt: skip
     if json_out:
         print_json({

@@ -150,13 +150,17 @@ def assemble_users(
     max_length: int = 256,
     progress: Optional[Progress] = None,
     precision: str = "auto",
+    max_items: Optional[int] = None,
 ) -> AssemblyReport:
     """Assemble every user's adapter against one pool version and store (sharer, weight) per
-    module for each, in one write. Seconds per user count the history's forward passes only."""
+    module for each, in one write. Seconds per user count the history's forward passes only.
+    `max_items` assembles from each user's most recent items only (faster, fewer scored tokens)."""
     if top_k < 1:
         raise PersonaError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise PersonaError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_items is not None and max_items < 1:
+        raise PersonaError(f"--max-items must be at least 1, got {max_items}")
     if precision not in PRECISIONS:
         raise PersonaError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     store.require_users(user_ids)
@@ -170,7 +174,8 @@ def assemble_users(
     tick = report(progress)
     tick("assembling adapters", 0, len(user_ids))
     for n, user in enumerate(user_ids, 1):
-        examples = history_examples(task, histories.get(user, []))
+        items = histories.get(user, [])
+        examples = history_examples(task, items[-max_items:] if max_items else items)
         if not examples:
             result.skipped[user] = f"no {task.name} history"
         else:
@@ -178,7 +183,8 @@ def assemble_users(
             choices = assemble_user(llm, pool, examples, top_k, batch_size, max_length, precision)
             seconds = round(time.perf_counter() - started, 4)
             choice = encode_choices(pool, choices, top_k)
-            records.append(AssemblyRecord(task.name, user, pool.version, top_k, llm.id, choice, pool.base, seconds))
+            config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items, "items": len(examples)}
+            records.append(AssemblyRecord(task.name, user, pool.version, top_k, llm.id, choice, pool.base, config, seconds))
             result.assembled[user], result.seconds[user], result.stored_bytes[user] = choices, seconds, len(choice)
         tick("assembling adapters", n, len(user_ids))
     store.put_assemblies(records)

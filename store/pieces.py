@@ -132,7 +132,7 @@ class PieceTables:
         if not records:
             return
         now = _now()
-        rows = [{**r.__dict__, "created_at": r.created_at or now} for r in records]
+        rows = [{**r.__dict__, "config": json.dumps(r.config, sort_keys=True), "created_at": r.created_at or now} for r in records]
         with self.transaction():
             table = self._open_or_create(ASSEMBLIES, schemas.ASSEMBLIES)
             data = pa.Table.from_pylist(rows, schema=schemas.ASSEMBLIES)
@@ -144,7 +144,7 @@ class PieceTables:
         if table is None or not user_ids:
             return {}
         where = f"task = {_q(task)} AND pool_version = {int(pool_version)} AND {in_list('user_id', sorted(set(user_ids)))}"
-        return {r["user_id"]: AssemblyRecord(**r) for r in scan(table, where).to_pylist()}
+        return {r["user_id"]: _assembly(r) for r in scan(table, where).to_pylist()}
 
     def list_assemblies(self, task: Optional[str] = None, user_id: Optional[str] = None) -> list[AssemblyRecord]:
         """Stored assemblies (newest pool version last), optionally of one task or user."""
@@ -154,7 +154,7 @@ class PieceTables:
         where = [f"task = {_q(task)}"] if task else []
         if user_id is not None:
             where.append(f"user_id = {_q(user_id)}")
-        records = [AssemblyRecord(**r) for r in scan(table, " AND ".join(where) or None).to_pylist()]
+        records = [_assembly(r) for r in scan(table, " AND ".join(where) or None).to_pylist()]
         return sorted(records, key=lambda r: (r.task, id_sort_key(r.user_id), r.pool_version))
 
 
@@ -170,3 +170,7 @@ def _piece(row: dict[str, Any], size: int) -> Piece:
     row["config"] = json.loads(row["config"] or "{}")
     row["metrics"] = json.loads(row["metrics"] or "{}")
     return Piece(**{"tensors": b"", **row}, size=size or 0)
+
+
+def _assembly(row: dict[str, Any]) -> AssemblyRecord:
+    return AssemblyRecord(**{**row, "config": json.loads(row["config"] or "{}")})

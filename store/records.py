@@ -165,5 +165,7 @@ class AssemblyRecord:
     llm: str
     choice: bytes
     base: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    """How it was assembled (batch size, history items, precision): the same options give the same weights."""
     seconds: float | None = None
     created_at: datetime | None = None

@@ -141,6 +141,7 @@ ASSEMBLIES = pa.schema(
         pa.field("llm", pa.string(), nullable=False),
         pa.field("base", pa.string()),
         pa.field("choice", pa.large_binary(), nullable=False),
+        pa.field("config", pa.string()),
         pa.field("seconds", pa.float64()),
         pa.field("created_at", TS),
     ]

@@ -8,7 +8,7 @@ Goals (issue 5): assembly at least 20x faster, storage at least 1000x smaller, q
 least 99% of OPPU's (ROUGE-1 for generation tasks).
 
     .venv/bin/python benchmarks/perpcs_vs_oppu/run.py --store STORE [--task LaMP-7] [--users 32]
-        [--pool TAG] [--top-k 3] [--out benchmarks/perpcs_vs_oppu/results.json]
+        [--pool TAG] [--top-k 3] [--max-items N] [--out benchmarks/perpcs_vs_oppu/results.json]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=32, help="the first N test-split users")
     parser.add_argument("--pool", default=None, help="pool tag or version (default: the newest)")
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--max-items", type=int, default=None, help="assemble from each user's N most recent items (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
@@ -57,7 +58,9 @@ def main() -> None:
     # OPPU: the paper's settings and the CLI's defaults, trained again so the time is measured now
     oppu = train_oppu(store, load_llm(None, args.device), task, users, LoraSettings(learning_rate=1e-3, batch_size=4, epochs=2.0),
                       group, pool.base, retrain=True)  # fmt: skip
-    assembly = assemble_users(store, load_llm(None, args.device), task, users, args.top_k, str(pool.version))
+    assembly = assemble_users(
+        store, load_llm(None, args.device), task, users, args.top_k, str(pool.version), max_items=args.max_items
+    )  # fmt: skip
 
     def quality(method: str, **extra) -> dict:
         request = EvalRequest(task=task.name, method=method, split="test", users=users, **extra)
@@ -77,7 +80,7 @@ def main() -> None:
     ratio = runs["perpcs"][metric] / runs["oppu"][metric] if task.higher_is_better(metric) else runs["oppu"][metric] / runs["perpcs"][metric]
     results = {
         "task": task.name, "store": str(args.store), "users": len(users), "pool": pool.label, "pool_version": pool.version,
-        "sharers": len(pool.sharers), "top_k": args.top_k, "base": pool.base,
+        "sharers": len(pool.sharers), "top_k": args.top_k, "max_items": args.max_items, "base": pool.base,
         "per_user": {
             "oppu_train_seconds": round(oppu_s, 3), "assembly_seconds": round(assembly_s, 3),
             "speedup": round(oppu_s / assembly_s, 1), "oppu_adapter_bytes": round(oppu_bytes),
