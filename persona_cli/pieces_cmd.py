@@ -75,8 +75,6 @@ def register_sharers_command(
     gates = GateSettings(gate_steps, gate_lr, batch_size, max_length, precision, seed)
     gates.validate()
     base_name = resolve_base(store, task_spec, base)
-    if not json_out:
-        console.print(f"{len(chosen)} sharers ({selection['strategy']}): {', '.join(chosen[:20])}{' …' if len(chosen) > 20 else ''}")
     with progress_bar(enabled=not json_out) as tick:
         result = register_sharers(
             store, load_llm(llm, device), task_spec, chosen, settings, gates, base_name, share_ratio, tag, selection, tick
@@ -90,6 +88,7 @@ def register_sharers_command(
     if json_out:
         print_json(summary)
         return
+    console.print(f"{len(chosen)} sharers ({selection['strategy']}): {', '.join(chosen[:20])}{' …' if len(chosen) > 20 else ''}")
     console.print(
         f"pool version {result.pool_version} [bold]{', '.join(result.tags)}[/]: {len(result.sharers)} sharers, "
         f"{result.pieces} pieces, {human_bytes(result.bytes)}; per sharer {summary['mean_lora_seconds']} s LoRA + "

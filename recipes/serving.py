@@ -30,10 +30,10 @@ ADAPTER_METHODS = (TASK_LORA, *USER_ADAPTER_METHODS)
 
 def split_method(method: str) -> tuple[Optional[str], str]:
     """(adapter method or None, prompt method): 'perpcs+rag' -> ('perpcs', 'rag'), 'oppu' -> ('oppu', 'none')."""
-    adapter, _, prompt = method.partition("+")
-    if adapter in PROMPT_METHODS and not prompt:
+    adapter, plus, prompt = method.partition("+")
+    if adapter in PROMPT_METHODS and not plus:
         return None, adapter
-    if adapter in ADAPTER_METHODS and (not prompt or (adapter in USER_ADAPTER_METHODS and prompt in PROMPT_METHODS)):
+    if adapter in ADAPTER_METHODS and (not plus or (adapter in USER_ADAPTER_METHODS and prompt in PROMPT_METHODS)):
         return adapter, prompt or "none"
     combos = ", ".join(f"{a}+rag" for a in USER_ADAPTER_METHODS)
     raise PersonaError(f"--method {method}: expected one of {', '.join(PROMPT_METHODS + ADAPTER_METHODS)} or {combos} (any prompt method after +)")

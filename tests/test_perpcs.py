@@ -25,7 +25,7 @@ PROMPT = "Paraphrase the following tweet without any explanation before or after
 STYLES = {json.loads(line)["user_id"]: json.loads(line)["style"] for line in EXAMPLES.read_text().splitlines()}
 # one non-test sharer for each of the ten planted styles
 SHARERS = ["0", "1", "12", "3", "14", "5", "6", "7", "18", "9"]
-MASS_FLOOR, TOP3_FLOOR = 0.12, 6  # chance: 0.10 and about 4 of 13
+MASS_FLOOR, TOP3_FLOOR = 0.12, 5  # chance: 0.10 and about 4 of 13; measured 0.170 and 7 of 13
 TRAINING = ["--steps", "12", "--gate-steps", "12", "--max-length", "128", "--batch-size", "4"]
 
 
@@ -95,11 +95,11 @@ def test_perpcs_serves_mixed_user_batches_like_one_user_at_a_time(store, test_us
     (store.parent / "users.txt").write_text("2\n4\n8\n")
     run = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "perpcs", "--users", str(store.parent / "users.txt"))
     assert run["method"] == "perpcs" and run["config"]["pool"] == "pool-1" and run["config"]["per_user_adapters"] == 3
-    predictions = cli_json(store, "runs", "show", run["run_id"], "--predictions")["predictions"]
-    for prediction in predictions[:3:2]:
-        query = next(q for q in Store(store).user_queries(prediction["user_id"]) if q.query_id == prediction["query_id"])
-        alone = cli_json(store, "generate", "--user", prediction["user_id"], "--method", "perpcs", query.input)
-        assert alone["raw"] == prediction["raw"]
+    predictions = Store(store).run_predictions(run["run_id"])
+    for prediction in predictions[::4]:  # users 2 and 8, answered alone
+        query = next(q for q in Store(store).user_queries(prediction.user_id) if q.query_id == prediction.query_id)
+        alone = cli_json(store, "generate", "--user", prediction.user_id, "--method", "perpcs", query.input)
+        assert alone["raw"] == prediction.raw
 
 
 def test_perpcs_with_rag_and_the_peft_retrieval_baseline_run(store, test_users_assembled):

@@ -198,3 +198,15 @@ def test_pool_versions_are_tagged_and_stay_readable_after_the_pool_grows(tmp_pat
     assert {p.sharer_id for p in store.pool_pieces(store.resolve_pool("pool-1").version)} == {"7", "12"}
     with pytest.raises(PersonaError, match="tag 'bad tag'"):
         store.tag_pool(first.version, "bad tag")
+
+
+def test_methods_combine_a_per_user_adapter_with_a_prompt_method():
+    from recipes.serving import split_method
+
+    assert split_method("perpcs") == ("perpcs", "none")
+    assert split_method("perpcs+rag") == ("perpcs", "rag")
+    assert split_method("oppu+pag") == ("oppu", "pag")
+    assert split_method("rag") == (None, "rag")
+    for bad in ("task-lora+rag", "rag+perpcs", "perpcs+", "perpcs+perpcs"):
+        with pytest.raises(PersonaError, match="--method"):
+            split_method(bad)
