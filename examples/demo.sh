@@ -70,7 +70,8 @@ persona pool list
 
 step "Assemble user 42's adapter from the pool without any training: per module the top-3 pieces by gate score"
 persona assemble --user 42 --top-k 3
-persona assemble --user 42 --top-k 3 --explain | sed -n '/chosen pieces per layer/,$p' | head -12
+persona assemble --user 42 --top-k 3 --explain > .persona-demo/explain-42.txt
+awk '/chosen pieces per layer/ {show = 1} show && shown++ < 12' .persona-demo/explain-42.txt
 
 step "Assemble every test user, then evaluate Per-Pcs, Per-Pcs with RAG and PEFT retrieval on the same queries as task-lora"
 persona assemble --task LaMP-7 --split test --top-k 3
