@@ -24,7 +24,7 @@ from recipes.training_data import history_examples
 from recipes.backbones import LLM
 from recipes.lora_plugins import apply_chain, base_chain
 from recipes.lora_training import IGNORE, PRECISIONS, Example, autocast_for, make_batch
-from recipes.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label
+from recipes.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
 from recipes.progress import Progress, report
 from recipes.tasks import Task
 from store import AssemblyRecord, Store
@@ -234,7 +234,7 @@ def export_assembly(store: Store, task: Task, user_id: str, directory: str, pool
         raise PersonaError(
             f"user '{user_id}' has no {task.name} assembly against pool {pool_label(version)} (run `persona assemble --user {user_id}`)"
         )
-    pool = load_pool(store, task.name, str(version.version))
+    pool = read_pool(store, task.name, version)
     chain = base_chain(store, pool.base)
     assembled = mixed_lora(pool, decode_choices(pool, record.choice))
     weights = combine([lora_weights(p) for p in chain] + [assembled])

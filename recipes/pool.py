@@ -98,7 +98,11 @@ def pool_from_pieces(task: str, pool: PoolVersion, pieces: list[Piece]) -> Pool:
 
 def load_pool(store: Store, task: str, ref: Optional[str] = None) -> Pool:
     """The pool version named by `ref` (tag or version; default the newest), only `task`'s pieces."""
-    version = store.resolve_pool(ref)
+    return read_pool(store, task, store.resolve_pool(ref))
+
+
+def read_pool(store: Store, task: str, version: PoolVersion) -> Pool:
+    """`task`'s pieces of a pool version the caller has already resolved."""
     return pool_from_pieces(task, version, store.pool_pieces(version.version, task))
 
 

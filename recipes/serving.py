@@ -17,7 +17,7 @@ from recipes.adapters import LoraWeights
 from recipes.assembly import retrieval_choices, user_embedding
 from recipes.backbones import LLM
 from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, lora_weights, oppu_group, oppu_name, task_lora_name
-from recipes.pool import Pool, decode_choices, load_pool, mixed_lora, pool_label
+from recipes.pool import Pool, decode_choices, load_pool, mixed_lora, pool_label, read_pool
 from recipes.prompting import PROMPT_METHODS
 from recipes.row_lora import RowLora
 from recipes.tasks import Task
@@ -147,7 +147,7 @@ def _perpcs_plan(store: Store, task: Task, user_ids: list[str], ref: Optional[st
     ks = {r.top_k for r in records.values()}
     if top_k is not None and ks != {top_k}:
         raise PersonaError(f"the stored assemblies use top-k {sorted(ks)}; assemble again with --top-k {top_k}")
-    pool = load_pool(store, task.name, str(version.version))
+    pool = read_pool(store, task.name, version)
     choose = lambda: {u: decode_choices(pool, r.choice) for u, r in records.items()}  # noqa: E731
     return _pool_plan(store, pool, user_ids, choose, {"top_k": sorted(ks)})
 
