@@ -22,7 +22,7 @@ JsonOption = typer.Option(False, "--json", help="Print a JSON object for scripts
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
 MethodOption = typer.Option(
     "none", "--method",
-    help="none (k=0), random, rag, pag, task-lora, oppu, perpcs, peft-retrieval, or an adapter method with a prompt method, e.g. perpcs+rag.",
+    help="none (k=0), random, rag, pag, task-lora, oppu, perpcs, peft-retrieval, pplug, or a per-user method with a prompt method, e.g. pplug+rag.",
 )  # fmt: skip
 PoolOption = typer.Option(None, "--pool", help="perpcs, peft-retrieval: pool tag or version (default: the newest).")
 TopKOption = typer.Option(None, "--top-k", help="peft-retrieval: sharers mixed (default 3); perpcs: must match the stored assemblies.")

@@ -23,7 +23,7 @@ def generate(
     text: str = typer.Argument(..., help="The input, e.g. a LaMP query."),
     user: str = typer.Option(..., "--user", help="The user to answer for."),
     method: str = MethodOption,
-    plugin: Optional[str] = typer.Option(None, "--plugin", help="task-lora: plug-in name; oppu: adapter group (defaults: task-lora-TASK, oppu-TASK)."),
+    plugin: Optional[str] = typer.Option(None, "--plugin", help="task-lora, pplug: plug-in name; oppu: adapter group (defaults: task-lora-TASK, pplug-TASK, oppu-TASK)."),
     base: Optional[str] = typer.Option(None, "--base", help="Run a prompt method on this stored plug-in, e.g. task-lora-LaMP-7."),
     pool: Optional[str] = PoolOption,
     top_k: Optional[int] = TopKOption,

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from persona_cli import (
-    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, pieces_cmd, plugins_cmd, runs_cmd, search_cmd, store_cmd, users_cmd,
+    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, pieces_cmd, plugins_cmd, pplug_cmd, runs_cmd, search_cmd, store_cmd,
+    users_cmd,
 )  # fmt: skip
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,6 +42,8 @@ app.command("adapt")(lora_cmd.adapt)
 app.command("train-oppu")(lora_cmd.train_oppu_command)
 app.command("register-sharers")(pieces_cmd.register_sharers_command)
 app.command("assemble")(pieces_cmd.assemble_command)
+app.command("train-embedder")(pplug_cmd.train_embedder)
+app.command("explain")(pplug_cmd.explain_command)
 app.add_typer(store_cmd.app, name="store")
 app.add_typer(users_cmd.app, name="users")
 app.add_typer(runs_cmd.app, name="runs")

@@ -4,33 +4,21 @@ users' queries, and OPPU, one LoRA per user on that user's history only, on top 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 from recipes import PersonaError
 from recipes.answering import answer_prompts
-from recipes.backbones import LLM, cache_dir
+from recipes.backbones import LLM
 from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, oppu_name
 from recipes.lora_training import LoraSettings, TrainedLora, train_lora
 from recipes.progress import Progress, report
 from recipes.splits import query_split
 from recipes.tasks import Task
-from recipes.training_data import history_examples, query_examples
+from recipes.training_data import checkpoint_path, history_examples, query_examples, split_queries
 from store import Plugin, Query, Store
-
-
-def split_queries(store: Store, task: Task, split: str) -> list[Query]:
-    return [q for q in store.task_queries(task.name) if q.output is not None and query_split(q.split, q.user_id) == split]
-
-
-def checkpoint_path(store: Store, name: str) -> Path:
-    """Where an interrupted training of plug-in `name` in this store keeps its checkpoint."""
-    key = hashlib.sha256(f"{store.uri}\n{name}".encode()).hexdigest()[:16]
-    return cache_dir() / "checkpoints" / f"{key}.pt"
 
 
 def _lora_config(llm: LLM, settings: LoraSettings, trained: TrainedLora, chain: list[Plugin]) -> dict:

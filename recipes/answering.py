@@ -12,6 +12,7 @@ from recipes.profiles import ensure_profiles
 from recipes.progress import Progress
 from recipes.prompting import PromptSettings, TokenBudget, build_prompts
 from recipes.row_lora import RowLora
+from recipes.soft_prompts import SoftTokens
 from recipes.serving import plan_serving, split_method
 from recipes.tasks import Task, get_task
 from store import Query, Store
@@ -84,14 +85,15 @@ def answer_prompts(
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
     lora: Optional[RowLora] = None,
+    soft: Optional[SoftTokens] = None,
 ) -> list[str]:
     """Raw answers: the most likely label ('rank'), or the LLM's greedy text ('generate');
-    with `lora`, prompt i goes through its own user's adapter."""
+    with `lora`, prompt i goes through its own user's adapter; with `soft`, it opens with its own soft tokens."""
     if mode == "rank":
-        scores = label_logprobs(llm, prompts, task.rank_answers(), batch_size, max_input_tokens, progress, lora)
+        scores = label_logprobs(llm, prompts, task.rank_answers(), batch_size, max_input_tokens, progress, lora, soft)
         return [task.labels[int(i)] for i in scores.argmax(dim=1)]
     return generate(
-        llm, prompts, max_new_tokens or task.max_new_tokens, batch_size, max_input_tokens, progress, lora=lora
+        llm, prompts, max_new_tokens or task.max_new_tokens, batch_size, max_input_tokens, progress, lora=lora, soft=soft
     )
 
 
@@ -114,7 +116,8 @@ def answer(
 ) -> Answer:
     """Build this user's prompt for `text` with `method` (default: the prompt method of
     `settings`) and answer it ('generate', or 'rank' over the task's labels), through the
-    method's plug-ins: a task LoRA, the user's OPPU or assembled adapter, or a prompt method on `base`."""
+    method's plug-ins: a task LoRA, the user's OPPU or assembled adapter, PPlug's soft tokens, or a
+    prompt method on `base`."""
     method = method or settings.method
     settings.validate()
     if not text.strip():
@@ -124,5 +127,6 @@ def answer(
     lora = plan.apply(llm)
     query = Query(query_id="input", user_id=user_id, task=task.name, input=text)
     [prompt], _ = method_prompts(store, llm, task, settings, [query], load_encoder, 1, max_input_tokens)
-    [raw] = answer_prompts(llm, task, mode, [prompt], 1, max_new_tokens, max_input_tokens, lora=lora)
+    soft = plan.soft_tokens(llm, [query])
+    [raw] = answer_prompts(llm, task, mode, [prompt], 1, max_new_tokens, max_input_tokens, lora=lora, soft=soft)
     return Answer(user_id, task.name, method, llm.id, prompt, raw, task.normalize(raw))

@@ -119,8 +119,9 @@ def evaluate(
         store, llm, task, settings, queries, load_encoder, request.batch_size, request.max_input_tokens, progress
     )
     config.update(facts)
+    soft = plan.soft_tokens(llm, queries)
     raw = answer_prompts(
-        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, lora
+        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, lora, soft
     )
     outputs = [task.normalize(r) for r in raw]
     metrics = task.score(outputs, [q.output for q in queries])

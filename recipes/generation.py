@@ -19,37 +19,8 @@ from recipes.backbones import LLM
 from recipes.progress import Progress, report
 from recipes.adapters import zero_pad
 from recipes.row_lora import RowLora
-
-
-def render_prompt(llm: LLM, prompt: str) -> str:
-    """A chat model gets the prompt as the user turn of its own template; others get it as is."""
-    if llm.is_chat and not llm.is_seq2seq:
-        messages = [{"role": "user", "content": prompt}]
-        return llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt
-
-
-def prompt_token_ids(llm: LLM, prompt: str, max_input_tokens: int = 1024) -> list[int]:
-    """Token ids of one rendered prompt; an over-long prompt keeps its beginning and the answer header."""
-    tokenizer = llm.tokenizer
-    ids = tokenizer(render_prompt(llm, prompt), add_special_tokens=not llm.is_chat)["input_ids"]
-    if len(ids) <= max_input_tokens:
-        return ids
-    header = tokenizer(render_prompt(llm, ""), add_special_tokens=not llm.is_chat)["input_ids"]
-    content = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    shortened = tokenizer.decode(content[: max(1, max_input_tokens - len(header))])
-    return tokenizer(render_prompt(llm, shortened), add_special_tokens=not llm.is_chat)["input_ids"]
-
-
-def stop_token_ids(llm: LLM) -> set[int]:
-    """Tokens that end an answer: the tokenizer's eos and whatever the model's generation config lists."""
-    stops = {llm.tokenizer.eos_token_id}
-    configured = getattr(getattr(llm.model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        stops.add(configured)
-    elif configured:
-        stops.update(configured)
-    return {s for s in stops if s is not None}
+from recipes.prompt_tokens import prompt_token_ids, stop_token_ids
+from recipes.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start
 
 
 def _length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -76,13 +47,15 @@ def generate(
     progress: Optional[Progress] = None,
     stage: str = "generating",
     lora: Optional[RowLora] = None,
+    soft: Optional[SoftTokens] = None,
 ) -> list[str]:
     """Greedy answers to `prompts`, in the order given (progress is reported under `stage`).
 
-    With `lora`, prompt i is answered through its own adapter (RowLora.adapters[i]) while rows
-    of different users share every batch."""
+    With `lora`, prompt i is answered through its own adapter (RowLora.adapters[i]); with `soft`,
+    prompt i opens with its own soft tokens (soft.vectors[i]). Either way rows of different
+    users share every batch."""
     tick = report(progress)
-    encoded = [prompt_token_ids(llm, p, max_input_tokens) for p in prompts]
+    encoded, starts = encode_prompts(llm, prompts, max_input_tokens, soft)
     outputs: list[str] = [""] * len(prompts)
     done = 0
     tick(stage, 0, len(prompts))
@@ -100,11 +73,47 @@ def generate(
                 rows = order[start : start + batch_size]
                 if lora is not None:
                     lora.current = lora.stack(rows)
-                for row, tokens in zip(rows, _greedy_seq2seq(llm, [encoded[i] for i in rows], max_new_tokens)):
+                outputs_ = _greedy_seq2seq(llm, [encoded[i] for i in rows], max_new_tokens, _Soft.of(soft, starts, rows))
+                for row, tokens in zip(rows, outputs_):
                     finish(row, tokens)
         else:
-            _greedy_causal(llm, encoded, order, batch_size, max_new_tokens, finish, lora)
+            _greedy_causal(llm, encoded, order, batch_size, max_new_tokens, finish, lora, soft, starts)
     return outputs
+
+
+def encode_prompts(
+    llm: LLM, prompts: list[str], max_input_tokens: int, soft: Optional[SoftTokens] = None
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every prompt, with placeholders for its soft tokens when there are some, and
+    where in each prompt they start."""
+    if soft is None:
+        return [prompt_token_ids(llm, p, max_input_tokens) for p in prompts], [0] * len(prompts)
+    if len(soft.vectors) != len(prompts):
+        raise ValueError(f"{len(soft.vectors)} rows of soft tokens for {len(prompts)} prompts")
+    start = soft_start(llm)
+    pairs = [soft_prompt_ids(llm, p, soft.count, max_input_tokens, start) for p in prompts]
+    return [ids for ids, _ in pairs], [at for _, at in pairs]
+
+
+class _Soft:
+    """The soft tokens of some rows of a batch and where each row's start in its unpadded ids."""
+
+    def __init__(self, vectors: torch.Tensor, starts: list[int]) -> None:
+        self.vectors, self.starts = vectors, starts
+
+    @staticmethod
+    def of(soft: Optional[SoftTokens], starts: list[int], rows: list[int]) -> Optional["_Soft"]:
+        return None if soft is None else _Soft(soft.rows(rows), [starts[r] for r in rows])
+
+    def inputs(self, llm: LLM, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """inputs_embeds for a padded batch whose prompts begin where prompt_mask first has a 1."""
+        first = prompt_mask.int().argmax(-1).tolist()
+        offsets = [f + s for f, s in zip(first, self.starts)]
+        return {"inputs_embeds": embed_with_soft(llm, input_ids, self.vectors.to(llm.device), offsets)}
+
+
+def _inputs(llm: LLM, input_ids: torch.Tensor, prompt_mask: torch.Tensor, soft: Optional[_Soft]) -> dict[str, torch.Tensor]:
+    return {"input_ids": input_ids} if soft is None else soft.inputs(llm, input_ids, prompt_mask)
 
 
 @contextmanager
@@ -120,7 +129,9 @@ class _Rows:
     """Rows being decoded together: KV cache, left-padded attention mask, next position, last logits,
     and each row's LoRA when rows carry their own."""
 
-    def __init__(self, llm: LLM, batch: list[list[int]], rows: list[int], lora: Optional[RowLora] = None) -> None:
+    def __init__(
+        self, llm: LLM, batch: list[list[int]], rows: list[int], lora: Optional[RowLora] = None, soft: Optional[_Soft] = None
+    ) -> None:
         input_ids, self.mask = _left_padded(llm, batch)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.llm, self.rows = llm, list(rows)
@@ -128,7 +139,7 @@ class _Rows:
         self.cache = DynamicCache(config=llm.model.config)
         self._use_lora()
         self.logits = llm.model(
-            input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+            **_inputs(llm, input_ids, self.mask, soft), attention_mask=self.mask, position_ids=positions,
             past_key_values=self.cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]  # fmt: skip
         self.next_position = positions[:, -1] + 1
@@ -192,6 +203,8 @@ def _greedy_causal(
     max_new_tokens: int,
     finish: Callable[[int, list[int]], None],
     lora: Optional[RowLora] = None,
+    soft: Optional[SoftTokens] = None,
+    starts: Optional[list[int]] = None,
 ) -> None:
     """Greedy decoding with continuous batching: a finished row leaves the batch at once, and when a
     quarter of the batch is free, waiting prompts are prefilled and join the rows still decoding."""
@@ -204,7 +217,7 @@ def _greedy_causal(
         free = batch_size - (len(live.rows) if live else 0)
         if pending and (live is None or (free >= refill_at and live.can_join())):
             admitted, pending = pending[:free], pending[free:]
-            fresh = _Rows(llm, [encoded[i] for i in admitted], admitted, lora)
+            fresh = _Rows(llm, [encoded[i] for i in admitted], admitted, lora, _Soft.of(soft, starts or [], admitted))
             answers.update({row: [] for row in admitted})
             if live is None:
                 live = fresh
@@ -226,11 +239,12 @@ def _greedy_causal(
         live.step(tokens[torch.tensor(keep, device=llm.device)] if len(keep) < len(tokens) else tokens)
 
 
-def _greedy_seq2seq(llm: LLM, batch: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def _greedy_seq2seq(llm: LLM, batch: list[list[int]], max_new_tokens: int, soft: Optional[_Soft] = None) -> list[list[int]]:
     tokenizer = llm.tokenizer
     encoded = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(llm.device)
+    mask = encoded["attention_mask"]
     generated = llm.model.generate(
-        **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id
+        **_inputs(llm, encoded["input_ids"], mask, soft), attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id
     )
     stops = stop_token_ids(llm) | {tokenizer.pad_token_id}
     return [[t for t in row.tolist() if t not in stops] for row in generated]
@@ -253,6 +267,7 @@ def label_logprobs(
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
     lora: Optional[RowLora] = None,
+    soft: Optional[SoftTokens] = None,
 ) -> torch.Tensor:
     """log P(answer | prompt) for every prompt and candidate answer, shape (prompts, labels).
 
@@ -262,7 +277,7 @@ def label_logprobs(
     only the prompt and itself); seq2seq LMs run the encoder once per prompt.
     """
     tick = report(progress)
-    encoded = [prompt_token_ids(llm, p, max_input_tokens) for p in prompts]
+    encoded, starts = encode_prompts(llm, prompts, max_input_tokens, soft)
     label_ids = [label_token_ids(llm, label) for label in labels]
     scores = torch.zeros(len(prompts), len(labels))
     done = 0
@@ -272,7 +287,11 @@ def label_logprobs(
             batch = [encoded[i] for i in rows]
             if lora is not None:
                 lora.current = lora.stack(rows)
-            score = _score_seq2seq(llm, batch, label_ids, lora) if llm.is_seq2seq else _score_causal(llm, batch, label_ids)
+            soft_rows = _Soft.of(soft, starts, rows)
+            if llm.is_seq2seq:
+                score = _score_seq2seq(llm, batch, label_ids, lora, soft_rows)
+            else:
+                score = _score_causal(llm, batch, label_ids, soft_rows)
             scores[rows] = score.float().cpu()
             done += len(rows)
             tick("ranking labels", done, len(prompts))
@@ -301,7 +320,7 @@ def _label_matrix(llm: LLM, label_ids: list[list[int]], repeats: int) -> tuple[t
     return one.repeat(repeats, 1), valid.repeat(repeats, 1)
 
 
-def _score_causal(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) -> torch.Tensor:
+def _score_causal(llm: LLM, batch: list[list[int]], label_ids: list[list[int]], soft: Optional[_Soft] = None) -> torch.Tensor:
     """All labels of a batch in one forward pass: each row is [left padding, prompt, label 1, …, label L],
     and a 4-D mask lets every label see the prompt and its own earlier tokens only, with positions
     restarting after the prompt, so no prompt is run or cached more than once."""
@@ -329,7 +348,8 @@ def _score_causal(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) 
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(rows, 1, total, total, dtype=dtype, device=llm.device)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=len(flat) + 1).logits
+    inputs = _inputs(llm, ids, torch.cat([prompt_mask, prompt_mask.new_zeros(rows, len(flat))], dim=1), soft)
+    logits = model(**inputs, attention_mask=mask, position_ids=positions, logits_to_keep=len(flat) + 1).logits
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # position p of logits predicts token p+1 - (width - 1)
     scores = torch.zeros(rows, len(label_ids), device=llm.device)
     for j, (start, ids_) in enumerate(zip(starts, label_ids)):
@@ -339,11 +359,14 @@ def _score_causal(llm: LLM, batch: list[list[int]], label_ids: list[list[int]]) 
     return scores
 
 
-def _score_seq2seq(llm: LLM, batch: list[list[int]], label_ids: list[list[int]], lora: Optional[RowLora] = None) -> torch.Tensor:
+def _score_seq2seq(
+    llm: LLM, batch: list[list[int]], label_ids: list[list[int]], lora: Optional[RowLora] = None, soft: Optional[_Soft] = None
+) -> torch.Tensor:
     model = llm.model
     n_labels = len(label_ids)
     encoded = llm.tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(llm.device)
-    hidden = model.get_encoder()(**encoded).last_hidden_state.repeat_interleave(n_labels, 0)
+    mask = encoded["attention_mask"]
+    hidden = model.get_encoder()(**_inputs(llm, encoded["input_ids"], mask, soft), attention_mask=mask).last_hidden_state.repeat_interleave(n_labels, 0)
     if lora is not None and lora.current is not None:  # the decoder sees every prompt once per label
         lora.current = {p: (a.repeat_interleave(n_labels, 0), b.repeat_interleave(n_labels, 0)) for p, (a, b) in lora.current.items()}
     labels, valid = _label_matrix(llm, label_ids, len(batch))

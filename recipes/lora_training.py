@@ -23,7 +23,7 @@ import torch
 from recipes import PersonaError
 from recipes.adapters import LoraWeights, check_target_modules, find_target_modules, from_peft_model
 from recipes.backbones import LLM
-from recipes.generation import prompt_token_ids
+from recipes.prompt_tokens import prompt_token_ids
 from recipes.progress import Progress, report
 
 IGNORE = -100
@@ -209,8 +209,8 @@ def train_lora(
         optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
         warmup = int(settings.warmup * steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
-        state = _State()
-        resumed = _resume(checkpoint, fingerprint, model, optimizer, schedule, state)
+        state = TrainState()
+        resumed = resume_checkpoint(checkpoint, fingerprint, model, optimizer, schedule, state)
         tick = report(progress)
         started = time.perf_counter() - state.seconds
         tick(stage, state.step, steps)
@@ -229,10 +229,10 @@ def train_lora(
                 _evaluate_dev(llm, model, dev, settings, state, dev_score)
             if checkpoint is not None and state.step % settings.checkpoint_every == 0 and state.step < steps:
                 state.seconds = time.perf_counter() - started
-                _save(checkpoint, fingerprint, model, optimizer, schedule, state)
+                save_checkpoint(checkpoint, fingerprint, model, optimizer, schedule, state)
             tick(stage, state.step, steps)
         if state.best is not None:
-            _load_trainable(model, state.best)
+            load_trainable(model, state.best)
         weights = from_peft_model(model)
     finally:
         model.unload()
@@ -297,7 +297,7 @@ def dev_loss(llm: LLM, model: Any, dev: list[Example], settings: LoraSettings) -
 
 
 @dataclass
-class _State:
+class TrainState:
     step: int = 0
     seconds: float = 0.0
     curve: list[dict[str, float]] = field(default_factory=list)
@@ -308,7 +308,7 @@ class _State:
 
 
 def _evaluate_dev(
-    llm: LLM, model: Any, dev: list[Example], settings: LoraSettings, state: _State, dev_score: Optional[Callable[[], float]]
+    llm: LLM, model: Any, dev: list[Example], settings: LoraSettings, state: TrainState, dev_score: Optional[Callable[[], float]]
 ) -> None:
     rng_state = torch.get_rng_state()
     loss = round(dev_loss(llm, model, dev, settings), 5)
@@ -321,16 +321,16 @@ def _evaluate_dev(
     else:
         better = state.best_dev_loss is None or loss < state.best_dev_loss
     if better:
-        state.best = _trainable_state(model)
+        state.best = trainable_state(model)
         state.best_step, state.best_dev_loss, state.best_dev_score = state.step, loss, score
 
 
-def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
-def _load_trainable(model: Any, tensors: dict[str, torch.Tensor]) -> None:
+def load_trainable(model: Any, tensors: dict[str, torch.Tensor]) -> None:
     parameters = dict(model.named_parameters())
     for name, tensor in tensors.items():
         parameters[name].copy_(tensor)
@@ -348,13 +348,13 @@ def _fingerprint(llm: LLM, examples: list[Example], settings: LoraSettings, targ
     return digest.hexdigest()
 
 
-def _save(path: Path, fingerprint: str, model: Any, optimizer: Any, schedule: Any, state: _State) -> None:
+def save_checkpoint(path: Path, fingerprint: str, model: Any, optimizer: Any, schedule: Any, state: TrainState) -> None:
     """Write the checkpoint beside its final name and rename it, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".partial")
     torch.save(
         {
-            "fingerprint": fingerprint, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+            "fingerprint": fingerprint, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "state": state.__dict__,
         },
         staging,
@@ -362,14 +362,14 @@ def _save(path: Path, fingerprint: str, model: Any, optimizer: Any, schedule: An
     os.replace(staging, path)
 
 
-def _resume(path: Optional[Path], fingerprint: str, model: Any, optimizer: Any, schedule: Any, state: _State) -> Optional[int]:
+def resume_checkpoint(path: Optional[Path], fingerprint: str, model: Any, optimizer: Any, schedule: Any, state: TrainState) -> Optional[int]:
     """Load a checkpoint of this very run if there is one; returns the step resumed from."""
     if path is None or not path.exists():
         return None
     saved = torch.load(path, weights_only=False)
     if saved.get("fingerprint") != fingerprint:
         return None
-    _load_trainable(model, saved["trainable"])
+    load_trainable(model, saved["trainable"])
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
     torch.set_rng_state(saved["rng"])

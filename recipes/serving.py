@@ -3,8 +3,10 @@ before any model loads, then applied to the loaded LLM.
 
 Methods: prompt methods (none, random, rag, pag) on the bare LLM or a `base`; task-lora; and the
 per-user adapter methods oppu, perpcs (assembled from the piece pool) and peft-retrieval (whole
-sharer adapters of the most similar sharers), each alone (k=0 prompt) or with a prompt method,
-e.g. perpcs+rag. Every prompt of a batch gets its own user's adapter through RowLora.
+sharer adapters of the most similar sharers); and pplug (a trained embedder's soft tokens from
+the user's history). Each per-user method runs alone (k=0 prompt) or with a prompt method, e.g.
+perpcs+rag or pplug+rag. Every prompt of a batch gets its own user's adapter through RowLora, or
+its own soft tokens.
 """
 
 from __future__ import annotations
@@ -12,20 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from recipes.soft_prompts import SoftTokens
+
 from recipes import PersonaError
 from recipes.adapters import LoraWeights
 from recipes.assembly import retrieval_choices, user_embedding
 from recipes.backbones import LLM
 from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, lora_weights, oppu_group, oppu_name, task_lora_name
+from recipes.pplug import PPLUG, get_pplug, query_soft_tokens, require_histories, check_encoder as check_pplug_encoder, history_vectors
 from recipes.pool import Pool, decode_choices, load_pool, mixed_lora, pool_label, read_pool
 from recipes.prompting import PROMPT_METHODS
 from recipes.row_lora import RowLora
 from recipes.tasks import Task
-from store import Plugin, Store
+from store import Plugin, Query, Store
 
 PERPCS, PEFT_RETRIEVAL = "perpcs", "peft-retrieval"
-USER_ADAPTER_METHODS = (OPPU, PERPCS, PEFT_RETRIEVAL)
+USER_ADAPTER_METHODS = (OPPU, PERPCS, PEFT_RETRIEVAL, PPLUG)
 ADAPTER_METHODS = (TASK_LORA, *USER_ADAPTER_METHODS)
+PLUGIN_METHODS = (TASK_LORA, OPPU, PPLUG)
 
 
 def split_method(method: str) -> tuple[Optional[str], str]:
@@ -43,13 +49,15 @@ def split_method(method: str) -> tuple[Optional[str], str]:
 class ServingPlan:
     """What the LLM needs for a method, read from the store before any model is loaded: a chain
     merged into the weights for every prompt, and per-prompt adapters (OPPU, Per-Pcs, ...):
-    `per_prompt[i]` names prompt i's adapter in `adapters`, made for LLM `adapter_llm`."""
+    `per_prompt[i]` names prompt i's adapter in `adapters`, made for LLM `adapter_llm`; or
+    per-query soft tokens (PPlug), made once the LLM is loaded."""
 
     chain: list[Plugin] = field(default_factory=list)
     per_prompt: Optional[list[str]] = None
     adapters: Callable[[], dict[str, LoraWeights]] = dict
     adapter_llm: Optional[str] = None
     details: dict = field(default_factory=dict)
+    soft: Optional[Callable[[LLM, list[Query]], SoftTokens]] = None
 
     def facts(self) -> dict:
         facts: dict = {"plugins": [p.name for p in self.chain], **self.details}
@@ -66,6 +74,10 @@ class ServingPlan:
             raise PersonaError(f"the per-user adapters were made for LLM '{self.adapter_llm}', not '{llm.id}' (pass --llm {self.adapter_llm})")
         adapters = self.adapters()
         return RowLora(llm.model, [adapters[key] for key in self.per_prompt])
+
+    def soft_tokens(self, llm: LLM, queries: list[Query]) -> Optional[SoftTokens]:
+        """Each query's soft tokens (None for methods without them)."""
+        return None if self.soft is None else self.soft(llm, queries)
 
 
 def plan_serving(
@@ -89,8 +101,8 @@ def plan_serving(
         raise PersonaError(f"--base goes with prompt methods; {adapter} runs on the base its adapters were made on")
     if pool is not None and adapter not in (PERPCS, PEFT_RETRIEVAL):
         raise PersonaError("--pool goes with --method perpcs or peft-retrieval")
-    if plugin and adapter not in (TASK_LORA, OPPU):
-        raise PersonaError(f"--plugin goes with --method task-lora or oppu, not {method} (use --base NAME)")
+    if plugin and adapter not in PLUGIN_METHODS:
+        raise PersonaError(f"--plugin goes with --method task-lora, oppu or pplug, not {method} (use --base NAME)")
     if top_k is not None and top_k < 1:
         raise PersonaError(f"--top-k must be at least 1, got {top_k}")
     if adapter == TASK_LORA:
@@ -101,6 +113,8 @@ def plan_serving(
         return _perpcs_plan(store, task, user_ids, pool, top_k)
     if adapter == PEFT_RETRIEVAL:
         return _retrieval_plan(store, task, user_ids, pool, top_k or 3)
+    if adapter == PPLUG:
+        return _pplug_plan(store, task, user_ids, plugin or f"{PPLUG}-{task.name}")
     return ServingPlan(chain=base_chain(store, base))
 
 
@@ -162,3 +176,16 @@ def _retrieval_plan(store: Store, task: Task, user_ids: list[str], ref: Optional
     sharers = {s: embeddings[s] for s in pool.sharers if s in embeddings}
     choose = lambda: {u: retrieval_choices(pool, embeddings[u], sharers, top_k) for u in set(user_ids)}  # noqa: E731
     return _pool_plan(store, pool, user_ids, choose, {"top_k": top_k})
+
+
+def _pplug_plan(store: Store, task: Task, user_ids: list[str], name: str) -> ServingPlan:
+    plugin = get_pplug(store, name)
+    check_pplug_encoder(store, plugin.encoder)
+    if plugin.task not in (None, task.name):
+        raise PersonaError(f"plug-in '{name}' was trained for {plugin.task}, not {task.name}")
+    if plugin.config["shape"].get("personal", True):
+        require_histories(history_vectors(store, task, user_ids, 1), user_ids, task)
+    return ServingPlan(
+        chain=base_chain(store, plugin.base), details={"pplug": name, "pooling": plugin.config["shape"]["pooling"]},
+        soft=lambda llm, queries: query_soft_tokens(store, plugin, llm, task, queries),
+    )  # fmt: skip

@@ -1,10 +1,16 @@
-"""What LoRA training, gate training and assembly learn from: a user's queries or history as examples."""
+"""What training learns from: a split's queries or a user's history as examples, and where an
+interrupted training keeps its checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
+from recipes.backbones import cache_dir
 from recipes.lora_training import Example
+from recipes.splits import query_split
 from recipes.tasks import Task
-from store import Behavior, Query
+from store import Behavior, Query, Store
 
 
 def query_examples(queries: list[Query]) -> list[Example]:
@@ -25,3 +31,14 @@ def history_examples(task: Task, history: list[Behavior]) -> list[Example]:
         else:
             examples.append(Example(None, item.text))
     return examples
+
+
+def split_queries(store: Store, task: Task, split: str) -> list[Query]:
+    """Queries of a task with gold outputs whose users fall in `split` (train, dev or test)."""
+    return [q for q in store.task_queries(task.name) if q.output is not None and query_split(q.split, q.user_id) == split]
+
+
+def checkpoint_path(store: Store, name: str) -> Path:
+    """Where an interrupted training of plug-in `name` in this store keeps its checkpoint."""
+    key = hashlib.sha256(f"{store.uri}\n{name}".encode()).hexdigest()[:16]
+    return cache_dir() / "checkpoints" / f"{key}.pt"

@@ -1,0 +1,432 @@
+"""PPlug: train the user embedder with the LLM frozen, store it as a plug-in, turn any user's stored
+history into soft tokens at serving time (no per-user training), and explain which history items
+an input attended to.
+
+Training reads training-split users' queries (the task's k=0 prompt and the user's gold answer)
+with each user's stored history vectors; the dev split's loss picks the step that is kept. With
+history dropout every example also appears once more with a random part of the history dropped,
+as the paper does. A stopped run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from recipes import PersonaError
+from recipes.training_data import checkpoint_path, split_queries
+from recipes.backbones import LLM, Encoder, load_encoder
+from recipes.lora_plugins import apply_chain, base_chain, check_llm
+from recipes.lora_training import (
+    IGNORE, PRECISIONS, TrainState, autocast_for, batch_order, causal_loss, encode_example, Example, load_trainable,
+    lr_factor, resume_checkpoint, save_checkpoint, trainable_state,
+)  # fmt: skip
+from recipes.pplug_model import POOLINGS, EmbedderShape, UserEmbedder, describe, pad_histories, recent
+from recipes.progress import Progress, report
+from recipes.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start, token_norm
+from recipes.tasks import Task
+from store import Plugin, Query, Store
+
+PPLUG = "pplug"
+
+
+def pplug_name(task: Task) -> str:
+    """The default name of a task's trained embedder."""
+    return f"{PPLUG}-{task.name}"
+
+
+@dataclass
+class PPlugSettings:
+    """How the embedder is trained. `steps` None means `epochs` passes over the examples."""
+
+    pooling: str = "attention"
+    personal: bool = True
+    history_dropout: bool = False
+    history_cap: int = 512
+    learning_rate: float = 1e-3
+    encoder_learning_rate: float = 2e-5
+    batch_size: int = 8
+    steps: Optional[int] = None
+    epochs: float = 2.0
+    warmup: float = 0.1
+    eval_every: int = 50
+    checkpoint_every: int = 25
+    max_length: int = 256
+    precision: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (self.pooling in POOLINGS, f"--pooling {self.pooling}: expected one of {', '.join(POOLINGS)}"),
+            (self.history_cap >= 1, f"--history-cap must be at least 1, got {self.history_cap}"),
+            (self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}"),
+            (self.encoder_learning_rate >= 0, f"--encoder-lr must not be negative, got {self.encoder_learning_rate}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+            (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
+            (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
+            (self.max_length >= 32, f"--max-length must be at least 32, got {self.max_length}"),
+            (self.precision in PRECISIONS, f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PersonaError(message)
+
+    def total_steps(self, n_examples: int) -> int:
+        return self.steps or max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+
+
+@dataclass
+class PPlugExample:
+    """One query to learn from: the prompt the LLM sees, the gold answer, what the input encoder
+    reads, and (for history-dropout copies) which of the user's history items are kept."""
+
+    user_id: str
+    prompt: str
+    target: str
+    text: str
+    keep: Optional[list[int]] = None
+
+
+# ---------- histories ----------
+
+
+def history_vectors(store: Store, task: Task, user_ids: list[str], cap: int) -> dict[str, np.ndarray]:
+    """Each user's `cap` most recent stored history vectors of the task (users without history are absent)."""
+    histories = store.histories(sorted(set(user_ids)), task.name, with_vectors=True)
+    return {u: recent([item.vector for item in items], cap) for u, items in histories.items() if items}
+
+
+def require_histories(vectors: dict[str, np.ndarray], user_ids: list[str], task: Task) -> None:
+    missing = [u for u in dict.fromkeys(user_ids) if u not in vectors]
+    if missing:
+        raise PersonaError(f"user '{missing[0]}' has no {task.name} history for PPlug's personal embedding ({len(missing)} users without)")
+
+
+def check_encoder(store: Store, encoder_id: str) -> None:
+    """The embedder reads the store's vectors: they must come from the encoder it was trained with."""
+    known = store.encoder()
+    if known is None:
+        raise PersonaError(f"store {store.uri} has no history vectors (ingest users first)")
+    if known[0] != encoder_id:
+        raise PersonaError(f"the embedder was trained on vectors of encoder '{encoder_id}', but this store's are of '{known[0]}'")
+
+
+# ---------- training ----------
+
+
+def pplug_examples(task: Task, queries: list[Query], vectors: dict[str, np.ndarray], dropout: bool, seed: int) -> list[PPlugExample]:
+    """Examples of the queries whose users have history; with `dropout`, each once more with a
+    random part (uniform from none to all but one) of its user's history dropped."""
+    rng = random.Random(seed)
+    examples = []
+    for q in queries:
+        if q.output is None or q.user_id not in vectors:
+            continue
+        examples.append(PPlugExample(q.user_id, q.input, q.output, task.query_text(q.input)))
+        n = len(vectors[q.user_id])
+        if dropout and n > 1:
+            kept = sorted(rng.sample(range(n), rng.randint(1, n - 1)))
+            examples.append(PPlugExample(q.user_id, q.input, q.output, task.query_text(q.input), kept))
+    return examples
+
+
+def _user_history(vectors: dict[str, np.ndarray], example: PPlugExample) -> np.ndarray:
+    history = vectors[example.user_id]
+    return history if example.keep is None else history[example.keep]
+
+
+def _causal_inputs(llm: LLM, examples: list[PPlugExample], n_soft: int, max_length: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Left-padded ids with soft-token placeholders, labels on the gold answer only, and where each row's soft tokens go."""
+    start = soft_start(llm)
+    rows = []
+    for e in examples:
+        ids, labels = encode_example(llm, Example(e.prompt, e.target), max_length - n_soft)
+        rows.append((ids[:start] + [llm.tokenizer.pad_token_id] * n_soft + ids[start:], labels[:start] + [IGNORE] * n_soft + labels[start:]))
+    width = max(len(ids) for ids, _ in rows)
+    pad = llm.tokenizer.pad_token_id
+    tensor = lambda values: torch.tensor(values, device=llm.device)  # noqa: E731
+    mask = tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in rows])
+    batch = {
+        "input_ids": tensor([[pad] * (width - len(i)) + i for i, _ in rows]), "attention_mask": mask,
+        "labels": tensor([[IGNORE] * (width - len(lab)) + lab for _, lab in rows]),
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }  # fmt: skip
+    return batch, [width - len(i) + start for i, _ in rows]
+
+
+def _seq2seq_inputs(llm: LLM, examples: list[PPlugExample], n_soft: int, max_length: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    tokenizer = llm.tokenizer
+    prompts = [soft_prompt_ids(llm, e.prompt, n_soft, max_length, start=0)[0] for e in examples]
+    encoded = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    targets = tokenizer([e.target for e in examples], max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+    labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, IGNORE)
+    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
+    return {k: v.to(llm.device) for k, v in batch.items()}, [0] * len(examples)
+
+
+def example_loss(llm: LLM, embedder: UserEmbedder, examples: list[PPlugExample], vectors: dict[str, np.ndarray], max_length: int) -> torch.Tensor:
+    """Mean cross-entropy of the gold answers given [soft tokens; prompt], through the frozen LLM."""
+    history, mask = pad_histories([_user_history(vectors, e) for e in examples], embedder.device)
+    soft = embedder([e.text for e in examples], history, mask)
+    make = _seq2seq_inputs if llm.is_seq2seq else _causal_inputs
+    batch, offsets = make(llm, examples, soft.shape[1], max_length)
+    inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+    inputs["inputs_embeds"] = embed_with_soft(llm, batch["input_ids"], soft, offsets)
+    if llm.is_seq2seq:
+        return llm.model(**inputs).loss
+    return causal_loss(llm.model, inputs)
+
+
+@torch.no_grad()
+def dev_loss(llm: LLM, embedder: UserEmbedder, dev: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings) -> float:
+    """Mean loss over the dev examples (weighted by examples)."""
+    embedder.eval()
+    total = 0.0
+    for start in range(0, len(dev), settings.batch_size):
+        chunk = dev[start : start + settings.batch_size]
+        with autocast_for(llm, settings.precision):
+            total += float(example_loss(llm, embedder, chunk, vectors, settings.max_length)) * len(chunk)
+    return total / max(1, len(dev))
+
+
+@dataclass
+class TrainedEmbedder:
+    embedder: UserEmbedder
+    steps: int
+    seconds: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+    best_step: Optional[int] = None
+    best_dev_loss: Optional[float] = None
+    resumed_from: Optional[int] = None
+
+
+def build_embedder(encoder: Encoder, llm: LLM, settings: PPlugSettings) -> UserEmbedder:
+    """A fresh embedder for this encoder and LLM (seeded), on the LLM's device."""
+    torch.manual_seed(settings.seed)
+    shape = EmbedderShape(
+        encoder_dim=encoder.dim, llm_dim=llm.model.get_input_embeddings().weight.shape[1], pooling=settings.pooling,
+        personal=settings.personal, token_norm=token_norm(llm), history_cap=settings.history_cap,
+    )  # fmt: skip
+    embedder = UserEmbedder(encoder.model, shape).to(llm.device)
+    for parameter in embedder.input_encoder.parameters():
+        parameter.requires_grad_(embedder.uses_input_encoder and settings.encoder_learning_rate > 0)
+    return embedder
+
+
+def train_embedder(
+    llm: LLM,
+    embedder: UserEmbedder,
+    train: list[PPlugExample],
+    dev: list[PPlugExample],
+    vectors: dict[str, np.ndarray],
+    settings: PPlugSettings,
+    progress: Optional[Progress] = None,
+    checkpoint: Optional[Any] = None,
+    stage: str = "training embedder",
+) -> TrainedEmbedder:
+    """Train the embedder's trainable parts on `train` with the LLM frozen; the dev loss, measured
+    every `eval_every` steps and at the end, picks the state that is kept."""
+    settings.validate()
+    if not train:
+        raise PersonaError("no training examples")
+    steps = settings.total_steps(len(train))
+    plan = batch_order(len(train), steps, settings.batch_size, settings.seed)
+    encoder_params = [p for p in embedder.input_encoder.parameters() if p.requires_grad]
+    head_params = [p for n, p in embedder.named_parameters() if p.requires_grad and not n.startswith("input_encoder.")]
+    groups = [{"params": head_params, "lr": settings.learning_rate}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": settings.encoder_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    warmup = int(settings.warmup * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
+    state = TrainState()
+    fingerprint = _fingerprint(llm, train, vectors, settings)
+    resumed = resume_checkpoint(checkpoint, fingerprint, embedder, optimizer, schedule, state)
+    tick = report(progress)
+    started = time.perf_counter() - state.seconds
+    tick(stage, state.step, steps)
+    while state.step < steps:
+        embedder.train()
+        with autocast_for(llm, settings.precision):
+            loss = example_loss(llm, embedder, [train[i] for i in plan[state.step]], vectors, settings.max_length)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.curve.append({"step": state.step, "loss": round(loss.item(), 5)})
+        if dev and (state.step % settings.eval_every == 0 or state.step == steps):
+            _evaluate(llm, embedder, dev, vectors, settings, state)
+        if checkpoint is not None and state.step % settings.checkpoint_every == 0 and state.step < steps:
+            state.seconds = time.perf_counter() - started
+            save_checkpoint(checkpoint, fingerprint, embedder, optimizer, schedule, state)
+        tick(stage, state.step, steps)
+    if state.best is not None:
+        load_trainable(embedder, state.best)
+    embedder.eval()
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
+    return TrainedEmbedder(
+        embedder, steps, round(time.perf_counter() - started, 3), state.curve, state.best_step, state.best_dev_loss, resumed
+    )
+
+
+def _evaluate(llm: LLM, embedder: UserEmbedder, dev: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings, state: TrainState) -> None:
+    rng = torch.get_rng_state()
+    loss = round(dev_loss(llm, embedder, dev, vectors, settings), 5)
+    torch.set_rng_state(rng)
+    state.curve[-1]["dev_loss"] = loss
+    if state.best_dev_loss is None or loss < state.best_dev_loss:
+        state.best = trainable_state(embedder)
+        state.best_step, state.best_dev_loss = state.step, loss
+
+
+def _fingerprint(llm: LLM, train: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings) -> str:
+    """What a checkpoint must match to be resumed: the LLM, the examples, the histories and every setting."""
+    digest = hashlib.sha256(json.dumps([llm.id, asdict(settings)], sort_keys=True).encode())
+    for e in train:
+        digest.update(json.dumps([e.user_id, e.prompt, e.target, e.keep]).encode())
+        digest.update(vectors[e.user_id].tobytes())
+    return digest.hexdigest()
+
+
+def train_pplug(
+    store: Store,
+    llm: LLM,
+    task: Task,
+    settings: PPlugSettings,
+    name: str,
+    base: Optional[str] = None,
+    encoder: Optional[Encoder] = None,
+    replace: bool = False,
+    max_examples: Optional[int] = None,
+    progress: Optional[Progress] = None,
+) -> Plugin:
+    """Train PPlug's embedder on the training-split users' queries with the LLM (and `base`, merged
+    in) frozen, keep the step with the lowest dev-split loss, and store it as plug-in `name`.
+    Test users' queries are never read."""
+    settings.validate()
+    if not replace and store.get_plugins([name]):
+        raise PersonaError(f"plug-in '{name}' exists; pass --replace to train it again")
+    known = store.encoder()
+    if known is None:
+        raise PersonaError(f"store {store.uri} has no history vectors (ingest users first)")
+    train_queries = split_queries(store, task, "train")
+    dev_queries = split_queries(store, task, "dev")
+    vectors = history_vectors(store, task, [q.user_id for q in train_queries + dev_queries], settings.history_cap)
+    train = pplug_examples(task, train_queries, vectors, settings.history_dropout, settings.seed)[: max_examples]
+    dev = pplug_examples(task, dev_queries, vectors, False, settings.seed)
+    if not train:
+        raise PersonaError(f"store {store.uri} has no {task.name} training-split queries with gold outputs and history")
+    chain = base_chain(store, base)
+    apply_chain(llm, chain)
+    encoder = encoder or load_encoder(known[0], str(llm.device))
+    if encoder.id != known[0]:
+        raise PersonaError(f"the store's vectors are of encoder '{known[0]}', not '{encoder.id}'")
+    embedder = build_embedder(encoder, llm, settings)
+    trained = train_embedder(llm, embedder, train, dev, vectors, settings, progress, checkpoint_path(store, name), f"training {name}")
+    weights = embedder.to_bytes()
+    plugin = Plugin(
+        name=name, kind=PPLUG, llm=llm.id, encoder=encoder.id, weights=weights, task=task.name, base=base,
+        config={
+            "shape": embedder.shape.as_config(), "settings": asdict(settings), "seq2seq": llm.is_seq2seq,
+            "base_chain": [p.name for p in chain], "train_users": len({e.user_id for e in train}),
+            "train_examples": len(train), "dev_examples": len(dev),
+        },
+        metrics={
+            "train_seconds": trained.seconds, "steps": trained.steps, "weights_bytes": len(weights),
+            "final_loss": trained.curve[-1]["loss"] if trained.curve else None, "best_step": trained.best_step,
+            "best_dev_loss": trained.best_dev_loss, "resumed_from": trained.resumed_from, "curve": trained.curve,
+            **describe(embedder),
+        },
+    )  # fmt: skip
+    store.put_plugins([plugin])
+    return plugin
+
+
+# ---------- serving ----------
+
+
+def get_pplug(store: Store, name: str) -> Plugin:
+    plugin = store.get_plugin(name)
+    if plugin.kind != PPLUG:
+        raise PersonaError(f"plug-in '{name}' is a {plugin.kind}, not a PPlug embedder")
+    return plugin
+
+
+def load_embedder(plugin: Plugin, device: str | torch.device = "cpu", encoder: Optional[Encoder] = None) -> UserEmbedder:
+    """The stored embedder, ready to make soft tokens (its input encoder built from the recorded encoder)."""
+    encoder = encoder or load_encoder(plugin.encoder, str(device))
+    embedder = UserEmbedder(encoder.model, EmbedderShape(**plugin.config["shape"]))
+    try:
+        embedder.load_bytes(plugin.weights)
+    except ValueError as exc:
+        raise PersonaError(f"plug-in '{plugin.name}': {exc}") from None
+    return embedder.to(device).eval()
+
+
+@torch.inference_mode()
+def soft_tokens(embedder: UserEmbedder, texts: list[str], histories: list[np.ndarray], batch_size: int = 64) -> SoftTokens:
+    """Soft tokens for each input given its user's history vectors (rows follow `texts`)."""
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        history, mask = pad_histories(histories[start : start + batch_size], embedder.device)
+        rows.append(embedder(texts[start : start + batch_size], history, mask).float())
+    return SoftTokens(torch.cat(rows) if rows else torch.zeros(0, embedder.shape.n_soft, embedder.shape.llm_dim))
+
+
+def query_soft_tokens(store: Store, plugin: Plugin, llm: LLM, task: Task, queries: list[Query]) -> SoftTokens:
+    """The soft tokens of each query from its user's stored history, with the stored embedder
+    (a user ingested after training needs nothing else)."""
+    check_llm([plugin], llm.id)
+    embedder = load_embedder(plugin, llm.device)
+    vectors = history_vectors(store, task, [q.user_id for q in queries], embedder.shape.history_cap)
+    require_histories(vectors, [q.user_id for q in queries], task)
+    return soft_tokens(embedder, [task.query_text(q.input) for q in queries], [vectors[q.user_id] for q in queries])
+
+
+# ---------- explanation ----------
+
+
+@torch.inference_mode()
+def explain(store: Store, task: Task, user_id: str, text: str, name: str, top: int = 5, device: str = "cpu") -> dict:
+    """Which of the user's history items the personal embedding draws on for this input, and how much."""
+    if top < 1:
+        raise PersonaError(f"--top must be at least 1, got {top}")
+    if not text.strip():
+        raise PersonaError("the input text is empty")
+    plugin = get_pplug(store, name)
+    store.require_users([user_id])
+    check_encoder(store, plugin.encoder)
+    shape = EmbedderShape(**plugin.config["shape"])
+    if not shape.personal:
+        raise PersonaError(f"plug-in '{name}' was trained without a personal token (--no-personal): it reads no history")
+    items = store.histories([user_id], task.name, with_vectors=True).get(user_id, [])[-shape.history_cap :]
+    if not items:
+        raise PersonaError(f"user '{user_id}' has no {task.name} history")
+    embedder = load_embedder(plugin, device)
+    history, mask = pad_histories([np.stack([i.vector for i in items]).astype(np.float32)], embedder.device)
+    inputs = embedder.encode_inputs([task.query_text(text)]) if shape.pooling == "attention" else torch.zeros(1, history.shape[-1])
+    weights = embedder.weights(inputs.to(embedder.device), history, mask)[0].cpu()
+    order = torch.argsort(weights, descending=True)[:top].tolist()
+    n = len(items)
+    entropy = float(-(weights * weights.clamp_min(1e-12).log()).sum())
+    return {
+        "user_id": user_id, "task": task.name, "plugin": name, "pooling": shape.pooling, "history_items": n,
+        "uniform_weight": round(1 / n, 6), "max_weight": round(float(weights.max()), 6),
+        "effective_items": round(math.exp(entropy), 2),
+        "items": [
+            {"rank": r + 1, "item_id": items[i].item_id, "weight": round(float(weights[i]), 6), "text": items[i].text,
+             "timestamp": items[i].timestamp.isoformat() if items[i].timestamp else None}
+            for r, i in enumerate(order)
+        ],
+    }  # fmt: skip
