@@ -127,6 +127,26 @@ STYLES = {
 }
 
 
+def shows_style(style: str, text: str, source: str) -> bool | None:
+    """Whether `text` carries the planted `style` as a rewrite of `source` (None: the style would
+    not change this source, e.g. British spelling of a sentence without American words)."""
+    text = text.strip()
+    if style == "british":
+        wanted = [w for w in re.findall(r"[a-z']+", _british(source).lower()) if w not in source.lower()]
+        return any(w in text.lower() for w in wanted) if wanted else None
+    if style == "lowercase":
+        return text == STYLES["lowercase"](text) and any(c.isalpha() for c in text)
+    if style == "caps":
+        return text == text.upper() and any(c.isalpha() for c in text)
+    markers = {
+        "hashtag": lambda t: "#blessed" in t, "emoji": lambda t: "\U0001f33b" in t,
+        "opener": lambda t: t.lower().startswith("honestly"), "exclaim": lambda t: t.endswith("!!!"),
+        "ellipsis": lambda t: t.endswith("..."), "signoff": lambda t: t.endswith("- Sam"),
+        "question": lambda t: t.endswith("right?"),
+    }
+    return markers[style](text)
+
+
 def make_users(n_users: int = 48, seed: int = 7) -> list[dict]:
     """n_users users, styles assigned round robin, 15-40 history items and 3 queries each."""
     rng = random.Random(seed)

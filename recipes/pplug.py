@@ -33,7 +33,7 @@ from recipes.pplug_model import POOLINGS, EmbedderShape, UserEmbedder, describe,
 from recipes.progress import Progress, report
 from recipes.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start, token_norm
 from recipes.tasks import Task
-from store import Plugin, Query, Store
+from store import Behavior, Plugin, Query, Store
 
 PPLUG = "pplug"
 
@@ -50,6 +50,7 @@ class PPlugSettings:
     pooling: str = "attention"
     personal: bool = True
     history_dropout: bool = False
+    history_examples: bool = False
     history_cap: int = 512
     learning_rate: float = 1e-3
     encoder_learning_rate: float = 2e-5
@@ -136,6 +137,20 @@ def pplug_examples(task: Task, queries: list[Query], vectors: dict[str, np.ndarr
         if dropout and n > 1:
             kept = sorted(rng.sample(range(n), rng.randint(1, n - 1)))
             examples.append(PPlugExample(q.user_id, q.input, q.output, task.query_text(q.input), kept))
+    return examples
+
+
+def history_item_examples(task: Task, histories: dict[str, list[Behavior]], cap: int) -> list[PPlugExample]:
+    """History items that have an input (the user's text being their answer to it) as extra
+    examples, each read against the rest of the user's history (the item itself left out)."""
+    examples = []
+    for user, items in histories.items():
+        kept = items[-cap:]
+        for position, item in enumerate(kept):
+            item_input = item.fields.get("input")
+            if isinstance(item_input, str) and item_input.strip() and len(kept) > 1:
+                others = [i for i in range(len(kept)) if i != position]
+                examples.append(PPlugExample(user, task.item_prompt(item_input), item.text, item_input, others))
     return examples
 
 
@@ -313,6 +328,7 @@ def train_pplug(
 ) -> Plugin:
     """Train PPlug's embedder on the training-split users' queries with the LLM (and `base`, merged
     in) frozen, keep the step with the lowest dev-split loss, and store it as plug-in `name`.
+    With `history_examples`, training users' history items that have an input are examples too.
     Test users' queries are never read."""
     settings.validate()
     if not replace and store.get_plugins([name]):
@@ -323,7 +339,11 @@ def train_pplug(
     train_queries = split_queries(store, task, "train")
     dev_queries = split_queries(store, task, "dev")
     vectors = history_vectors(store, task, [q.user_id for q in train_queries + dev_queries], settings.history_cap)
-    train = pplug_examples(task, train_queries, vectors, settings.history_dropout, settings.seed)[: max_examples]
+    train = pplug_examples(task, train_queries, vectors, settings.history_dropout, settings.seed)
+    if settings.history_examples:
+        train_users = sorted({q.user_id for q in train_queries})
+        train += history_item_examples(task, store.histories(train_users, task.name), settings.history_cap)
+    train = train[:max_examples]
     dev = pplug_examples(task, dev_queries, vectors, False, settings.seed)
     if not train:
         raise PersonaError(f"store {store.uri} has no {task.name} training-split queries with gold outputs and history")
