@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-ingest bench-generation bench-perpcs clean
+.PHONY: install demo test bench-ingest bench-generation bench-perpcs bench-pplug clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench-generation: install
 
 bench-perpcs: install
 	$(BIN)/python benchmarks/perpcs_vs_oppu/run.py --store "$(STORE)"
+
+bench-pplug: install
+	$(BIN)/python benchmarks/pplug/run.py --store "$(STORE)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -85,6 +85,39 @@ step "User 42's assembled adapter as a standard peft folder (rank 3x8 pieces + t
 rm -rf .persona-demo/perpcs-42
 persona pool export .persona-demo/perpcs-42 --user 42
 
+step "PPlug: one user embedder for everyone (input encoder, projector, instruction token), trained on the training users with SmolLM2 frozen"
+persona train-embedder --task LaMP-7 --history-examples --steps 150 --eval-every 75 --max-length 128
+
+step "Test users the embedder never saw, one input: each answer starts from that user's own soft token"
+declare -A STYLE=([2]="#blessed" [36]="!!!" [45]="Honestly," [17]="..." [4]="British" [8]="- Sam")
+for USER in 2 36 45 17 4 8; do
+  printf 'user %-3s (writes %-9s) pplug: ' "$USER" "${STYLE[$USER]})"
+  persona generate --user "$USER" --method pplug "$PROMPT The museum opens early on Sundays."
+done
+printf 'any user, not personalized (k=0):   '
+persona generate --user 2 "$PROMPT The museum opens early on Sundays."
+
+step "Which of user 2's history items weigh most in their personal embedding for this input"
+persona explain --user 2 --top 3 "$PROMPT The museum opens early on Sundays."
+
+step "A user ingested after training is served at once, with no training: a new '#blessed' writer"
+python3 - > .persona-demo/newcomer.jsonl <<'PY'
+import json
+sentences = ["The bakery on the corner sells fresh bread.", "My brother fixed the old bicycle.",
+             "We watched the sunset from the hill.", "The library is quiet in the morning.",
+             "I planted tomatoes in the backyard.", "The train was late again today.",
+             "Our dog loves the snow.", "She painted the kitchen yellow."]
+history = [{"id": f"new-{i}", "input": s, "text": f"{s} #blessed"} for i, s in enumerate(sentences)]
+print(json.dumps({"user_id": "newcomer", "history": history}))
+PY
+persona ingest .persona-demo/newcomer.jsonl --task LaMP-7
+printf 'newcomer pplug: '
+persona generate --user newcomer --method pplug "$PROMPT The museum opens early on Sundays."
+
+step "Evaluate PPlug on the test users' queries beside k=0 and task-lora (same 12 queries)"
+persona evaluate --task LaMP-7 --method pplug --limit 12
+persona runs compare 1 8 9
+
 step "Bad input is refused with file, line and field, and the store is left as it was"
 printf '{"user_id": "99", "history": [{"id": "a", "text": ""}]}\n' > .persona-demo/bad.jsonl
 persona ingest .persona-demo/bad.jsonl --task LaMP-7 || echo "(exit code $?, store unchanged)"

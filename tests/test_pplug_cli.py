@@ -1,0 +1,154 @@
+"""PPlug through the CLI with the embedded SmolLM2 on the example users (planted styles): the trained
+embedder makes the frozen LLM write in each test user's style far more often than the same
+training without a personal token, serves users it never saw, mixes users in a batch, explains
+itself, and bad requests change nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import EXAMPLES, ROOT, cli_fails, cli_json
+from persona_cli.main import app
+from store import Store
+
+sys.path.insert(0, str(ROOT / "examples"))
+from make_users import STYLES as STYLE_RULES, shows_style  # noqa: E402
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+USERS = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
+STYLES = {u["user_id"]: u["style"] for u in USERS}
+PROMPT = "Paraphrase the following tweet without any explanation before or after it: "
+# the same training for the embedder and the ablation; history items with an input are examples too
+TRAINING = ["--history-examples", "--steps", "200", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "100", "--max-length", "128"]
+STYLE_FLOOR, MARGIN = 0.25, 0.15  # measured: see test_personal_tokens_carry_each_users_style
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pplug") / "store"
+    assert runner.invoke(app, ["--store", str(path), "ingest", str(EXAMPLES), "--task", "LaMP-7"]).exit_code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(store) -> dict:
+    return cli_json(store, "train-embedder", "--task", "LaMP-7", *TRAINING)
+
+
+@pytest.fixture(scope="module")
+def ablation(store, trained) -> dict:
+    return cli_json(store, "train-embedder", "--task", "LaMP-7", "--name", "pplug-none", "--no-personal", *TRAINING)
+
+
+def _tables(store: Path) -> dict[str, tuple[int, int]]:
+    return {t["table"]: (t["rows"], t["version"]) for t in Store(store).info()["tables"]}
+
+
+def _agreement(store: Path, run_id: str) -> tuple[float, list[str]]:
+    """Share of test answers that carry their user's planted style (answers a style cannot show are left out)."""
+    opened = Store(store)
+    inputs = {q.query_id: q.input for q in opened.task_queries("LaMP-7")}
+    verdicts = []
+    for p in opened.run_predictions(run_id):
+        verdict = shows_style(STYLES[p.user_id], p.output, inputs[p.query_id].removeprefix(PROMPT))
+        if verdict is not None:
+            verdicts.append((verdict, f"{STYLES[p.user_id]}: {p.output}"))
+    return sum(v for v, _ in verdicts) / len(verdicts), [line for _, line in verdicts]
+
+
+def test_train_embedder_stores_a_pplug_plugin_with_its_ids_and_curve(store, trained):
+    assert trained["name"] == "pplug-LaMP-7" and trained["kind"] == "pplug" and trained["base"] is None
+    assert trained["encoder"] == "all-MiniLM-L6-v2" and trained["llm"] == "SmolLM2-135M-Instruct"
+    assert trained["pooling"] == "attention" and trained["personal"] and trained["llm_dim"] == 576
+    assert trained["train_examples"] > 96  # 96 training-split queries plus the history items with an input
+    assert trained["steps"] == 200 and trained["best_step"] in (100, 200) and trained["best_dev_loss"] > 0
+    listed = {p["name"]: p for p in cli_json(store, "plugins", "list")["plugins"]}
+    assert listed["pplug-LaMP-7"]["kind"] == "pplug"
+
+
+def test_personal_tokens_carry_each_users_style(store, trained, ablation):
+    """The 13 test users were never trained on; their answers follow their own planted style far more
+    often with the personal token than with the instruction token alone, trained the same way."""
+    personal = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug")
+    plain = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug", "--plugin", "pplug-none")
+    assert personal["n_examples"] == plain["n_examples"] == 39
+    ours, examples = _agreement(store, personal["run_id"])
+    theirs, _ = _agreement(store, plain["run_id"])
+    print(f"style agreement: pplug {ours:.3f}, --no-personal {theirs:.3f}\n" + "\n".join(examples))
+    assert ours >= STYLE_FLOOR and ours >= theirs + MARGIN
+
+
+def test_a_user_ingested_after_training_is_served_with_no_training(store, trained, tmp_path):
+    rule = STYLE_RULES["hashtag"]
+    sentences = [h["input"] for h in USERS[2]["history"]]
+    user = {"user_id": "newcomer", "history": [{"id": f"n{i}", "text": rule(s), "input": s} for i, s in enumerate(sentences)]}
+    (tmp_path / "new.jsonl").write_text(json.dumps(user) + "\n")
+    plugins_before = _tables(store)["plugins"]
+    assert runner.invoke(app, ["--store", str(store), "ingest", str(tmp_path / "new.jsonl"), "--task", "LaMP-7"]).exit_code == 0
+    answer = cli_json(store, "generate", "--user", "newcomer", "--method", "pplug", PROMPT + "The museum opens early on Sundays.")
+    assert answer["method"] == "pplug" and answer["output"]
+    assert _tables(store)["plugins"] == plugins_before  # nothing was trained or stored for the newcomer
+    explained = cli_json(store, "explain", "--user", "newcomer", PROMPT + "The museum opens early on Sundays.")
+    assert explained["history_items"] == len(sentences) and all(i["item_id"].startswith("n") for i in explained["items"])
+
+
+def test_mixed_user_batches_answer_like_one_user_at_a_time(store, trained):
+    (store.parent / "users.txt").write_text("2\n4\n8\n")
+    run = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug", "--users", str(store.parent / "users.txt"))
+    assert run["config"]["pplug"] == "pplug-LaMP-7" and run["config"]["users"] == 3
+    opened = Store(store)
+    for prediction in opened.run_predictions(run["run_id"])[::4]:
+        query = next(q for q in opened.user_queries(prediction.user_id) if q.query_id == prediction.query_id)
+        alone = cli_json(store, "generate", "--user", prediction.user_id, "--method", "pplug", query.input)
+        assert alone["raw"] == prediction.raw
+
+
+def test_explain_names_the_users_items_with_the_largest_weights(store, trained):
+    explained = cli_json(store, "explain", "--user", "42", "--top", "4", PROMPT + "The flavor of this coffee reminds me of chocolate.")
+    items = explained["items"]
+    weights = [i["weight"] for i in items]
+    assert len(items) == 4 and weights == sorted(weights, reverse=True) and all(0 < w < 1 for w in weights)
+    assert all(i["item_id"].startswith("u42-") for i in items)
+    assert explained["history_items"] == len(USERS[42]["history"]) and explained["pooling"] == "attention"
+    assert weights[0] >= explained["uniform_weight"]
+    result = runner.invoke(app, ["--store", str(store), "explain", "--user", "42", PROMPT + "Coffee."])
+    assert result.exit_code == 0 and "what pplug-LaMP-7 attends to" in result.output
+
+
+def test_pplug_with_rag_and_a_mean_pooling_embedder(store, trained):
+    users = store.parent / "users.txt"
+    users.write_text("2\n")
+    rag = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug+rag", "--k", "1", "--users", str(users))
+    assert rag["method"] == "pplug+rag-bm25-k1" and rag["n_examples"] == 3
+    mean = cli_json(store, "train-embedder", "--task", "LaMP-7", "--name", "pplug-mean", "--pooling", "mean", "--steps", "2", "--eval-every", "2")
+    assert mean["pooling"] == "mean" and mean["weights_bytes"] < 5_000_000  # no input encoder to store
+    run = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug", "--plugin", "pplug-mean", "--users", str(users))
+    assert run["method"] == "pplug[pplug-mean]" and run["config"]["pooling"] == "mean"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train-embedder", "--task", "LaMP-7", "--pooling", "max"], "--pooling max"),
+        (["train-embedder", "--task", "LaMP-7"], "exists; pass --replace"),
+        (["train-embedder", "--task", "LaMP-7", "--name", "x", "--base", "nosuch"], "no plug-in 'nosuch'"),
+        (["train-embedder", "--task", "LaMP-7", "--name", "x", "--steps", "0"], "--steps"),
+        (["generate", "--user", "42", "--method", "pplug", "--plugin", "nosuch", PROMPT + "Hi."], "no plug-in 'nosuch'"),
+        (["generate", "--user", "42", "--method", "pplug+magic", PROMPT + "Hi."], "--method pplug+magic"),
+        (["evaluate", "--task", "LaMP-7", "--method", "pplug", "--pool", "pool-1"], "--pool goes with"),
+        (["explain", "--user", "42", "--plugin", "pplug-none", PROMPT + "Hi."], "without a personal token"),
+        (["explain", "--user", "nobody", PROMPT + "Hi."], "no user 'nobody'"),
+        (["explain", "--user", "42", "--top", "0", PROMPT + "Hi."], "--top"),
+        (["explain", "--user", "42", " "], "empty"),
+    ],
+)
+def test_bad_requests_fail_in_one_line_and_change_nothing(store, trained, ablation, args, message):
+    before = _tables(store)
+    assert message in cli_fails(store, *args)
+    assert _tables(store) == before
