@@ -207,45 +207,80 @@ def train_lora(
     try:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-        warmup = int(settings.warmup * steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
-        state = TrainState()
-        resumed = resume_checkpoint(checkpoint, fingerprint, model, optimizer, schedule, state)
-        tick = report(progress)
-        started = time.perf_counter() - state.seconds
-        tick(stage, state.step, steps)
-        while state.step < steps:
-            model.train()
-            batch = make_batch(llm, [examples[i] for i in plan[state.step]], settings.max_length)
+
+        def step_loss(step: int) -> torch.Tensor:
+            batch = make_batch(llm, [examples[i] for i in plan[step]], settings.max_length)
             with autocast_for(llm, settings.precision):
-                loss = batch_loss(llm, model, batch)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.curve.append({"step": state.step, "loss": round(loss.item(), 5)})
-            if dev and (state.step % settings.eval_every == 0 or state.step == steps):
-                _evaluate_dev(llm, model, dev, settings, state, dev_score)
-            if checkpoint is not None and state.step % settings.checkpoint_every == 0 and state.step < steps:
-                state.seconds = time.perf_counter() - started
-                save_checkpoint(checkpoint, fingerprint, model, optimizer, schedule, state)
-            tick(stage, state.step, steps)
-        if state.best is not None:
-            load_trainable(model, state.best)
+                return batch_loss(llm, model, batch)
+
+        evaluate = (lambda state: _evaluate_dev(llm, model, dev, settings, state, dev_score)) if dev else None
+        loop = TrainingLoop(steps, settings.warmup, settings.eval_every, settings.checkpoint_every, checkpoint, fingerprint)
+        state, resumed = loop.run(model, optimizer, step_loss, evaluate, progress, stage)
         weights = from_peft_model(model)
     finally:
         model.unload()
         llm.model.eval()
         for parameter in llm.model.parameters():
             parameter.requires_grad_(False)
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
     return TrainedLora(
-        weights=weights, target_modules=list(targets), steps=steps, seconds=round(time.perf_counter() - started, 3),
+        weights=weights, target_modules=list(targets), steps=steps, seconds=round(state.seconds, 3),
         curve=state.curve, best_step=state.best_step, best_dev_loss=state.best_dev_loss,
         best_dev_score=state.best_dev_score, resumed_from=resumed,
     )  # fmt: skip
+
+
+@dataclass
+class TrainingLoop:
+    """The optimisation loop every trainer here shares: linear warm-up and decay, the loss curve,
+    evaluation every `eval_every` steps and at the end (the evaluator keeps the best state in
+    TrainState.best, loaded back at the end), and checkpoints every `checkpoint_every` steps that
+    a run with the same fingerprint resumes from (deleted once the run is done)."""
+
+    steps: int
+    warmup: float
+    eval_every: int
+    checkpoint_every: int
+    checkpoint: Optional[Path] = None
+    fingerprint: str = ""
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        step_loss: Callable[[int], torch.Tensor],
+        evaluate: Optional[Callable[[TrainState], None]] = None,
+        progress: Optional[Progress] = None,
+        stage: str = "training",
+    ) -> tuple[TrainState, Optional[int]]:
+        """Train `model`'s trainable parameters; returns the final state (seconds included) and the step resumed from."""
+        steps, warmup = self.steps, int(self.warmup * self.steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
+        state = TrainState()
+        resumed = resume_checkpoint(self.checkpoint, self.fingerprint, model, optimizer, schedule, state)
+        tick = report(progress)
+        started = time.perf_counter() - state.seconds
+        tick(stage, state.step, steps)
+        while state.step < steps:
+            model.train()
+            loss = step_loss(state.step)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.curve.append({"step": state.step, "loss": round(loss.item(), 5)})
+            if evaluate is not None and (state.step % self.eval_every == 0 or state.step == steps):
+                evaluate(state)
+            if self.checkpoint is not None and state.step % self.checkpoint_every == 0 and state.step < steps:
+                state.seconds = time.perf_counter() - started
+                save_checkpoint(self.checkpoint, self.fingerprint, model, optimizer, schedule, state)
+            tick(stage, state.step, steps)
+        if state.best is not None:
+            load_trainable(model, state.best)
+        state.seconds = time.perf_counter() - started
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self.checkpoint.unlink()
+        return state, resumed
 
 
 def autocast_dtype(llm: LLM, precision: str) -> Optional[torch.dtype]:

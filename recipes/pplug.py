@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -26,11 +25,10 @@ from recipes.training_data import checkpoint_path, split_queries
 from recipes.backbones import LLM, Encoder, load_encoder
 from recipes.lora_plugins import apply_chain, base_chain, check_llm
 from recipes.lora_training import (
-    IGNORE, PRECISIONS, TrainState, autocast_for, batch_order, causal_loss, encode_example, Example, load_trainable,
-    lr_factor, resume_checkpoint, save_checkpoint, trainable_state,
+    IGNORE, PRECISIONS, Example, TrainingLoop, TrainState, autocast_for, batch_order, causal_loss, encode_example, trainable_state,
 )  # fmt: skip
 from recipes.pplug_model import POOLINGS, EmbedderShape, UserEmbedder, describe, pad_histories, recent
-from recipes.progress import Progress, report
+from recipes.progress import Progress
 from recipes.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start, token_norm
 from recipes.tasks import Task
 from store import Behavior, Plugin, Query, Store
@@ -261,38 +259,17 @@ def train_embedder(
     if encoder_params:
         groups.append({"params": encoder_params, "lr": settings.encoder_learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    warmup = int(settings.warmup * steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
-    state = TrainState()
-    fingerprint = _fingerprint(llm, train, vectors, settings)
-    resumed = resume_checkpoint(checkpoint, fingerprint, embedder, optimizer, schedule, state)
-    tick = report(progress)
-    started = time.perf_counter() - state.seconds
-    tick(stage, state.step, steps)
-    while state.step < steps:
-        embedder.train()
+
+    def step_loss(step: int) -> torch.Tensor:
         with autocast_for(llm, settings.precision):
-            loss = example_loss(llm, embedder, [train[i] for i in plan[state.step]], vectors, settings.max_length)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.curve.append({"step": state.step, "loss": round(loss.item(), 5)})
-        if dev and (state.step % settings.eval_every == 0 or state.step == steps):
-            _evaluate(llm, embedder, dev, vectors, settings, state)
-        if checkpoint is not None and state.step % settings.checkpoint_every == 0 and state.step < steps:
-            state.seconds = time.perf_counter() - started
-            save_checkpoint(checkpoint, fingerprint, embedder, optimizer, schedule, state)
-        tick(stage, state.step, steps)
-    if state.best is not None:
-        load_trainable(embedder, state.best)
+            return example_loss(llm, embedder, [train[i] for i in plan[step]], vectors, settings.max_length)
+
+    evaluate = (lambda state: _evaluate(llm, embedder, dev, vectors, settings, state)) if dev else None
+    fingerprint = _fingerprint(llm, train, vectors, settings)
+    loop = TrainingLoop(steps, settings.warmup, settings.eval_every, settings.checkpoint_every, checkpoint, fingerprint)
+    state, resumed = loop.run(embedder, optimizer, step_loss, evaluate, progress, stage)
     embedder.eval()
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
-    return TrainedEmbedder(
-        embedder, steps, round(time.perf_counter() - started, 3), state.curve, state.best_step, state.best_dev_loss, resumed
-    )
+    return TrainedEmbedder(embedder, steps, round(state.seconds, 3), state.curve, state.best_step, state.best_dev_loss, resumed)
 
 
 def _evaluate(llm: LLM, embedder: UserEmbedder, dev: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings, state: TrainState) -> None:
