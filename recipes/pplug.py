@@ -387,8 +387,10 @@ def query_soft_tokens(store: Store, plugin: Plugin, llm: LLM, task: Task, querie
     check_llm([plugin], llm.id)
     embedder = load_embedder(plugin, llm.device)
     vectors = history_vectors(store, task, [q.user_id for q in queries], embedder.shape.history_cap)
-    require_histories(vectors, [q.user_id for q in queries], task)
-    return soft_tokens(embedder, [task.query_text(q.input) for q in queries], [vectors[q.user_id] for q in queries])
+    if embedder.shape.personal:
+        require_histories(vectors, [q.user_id for q in queries], task)
+    none = np.zeros((0, embedder.shape.encoder_dim), dtype=np.float32)  # --no-personal reads no history
+    return soft_tokens(embedder, [task.query_text(q.input) for q in queries], [vectors.get(q.user_id, none) for q in queries])
 
 
 # ---------- explanation ----------
