@@ -117,7 +117,7 @@ def test_an_imported_adapter_serves_like_the_original(store, trained, tmp_path):
         (["train-oppu", "--task", "LaMP-7", "--user", "nobody"], "no user 'nobody'"),
         (["evaluate", "--task", "LaMP-7", "--method", "oppu", "--split", "train", "--limit", "4"], "users have no OPPU adapter"),
         (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--plugin", "missing"], "no plug-in 'missing'"),
-        (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora or oppu"),
+        (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora, oppu or pplug, not rag"),
         (["plugins", "export", "nothing", "out"], "no plug-in 'nothing'"),
         (["plugins", "import", "no-such-dir", "--name", "y"], "no adapter_config.json"),
     ],
