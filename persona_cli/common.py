@@ -69,22 +69,24 @@ def print_json(data: Any) -> None:
 def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
     """A recipes Progress callback drawn as a rich bar on stderr (silent when disabled)."""
     if not enabled:
-        yield lambda stage, done, total: None
+        yield lambda stage, done, total, note="": None
         return
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("left"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
     ]
     with Progress(*columns, console=err_console, transient=True) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(stage: str, done: int, total: int) -> None:
+        def update(stage: str, done: int, total: int, note: str = "") -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total or None)
-            bar.update(tasks[stage], completed=done, total=total or None)
+                tasks[stage] = bar.add_task(stage, total=total or None, note=note)
+            bar.update(tasks[stage], completed=done, total=total or None, note=note)
 
         yield update
 

@@ -28,6 +28,7 @@ MaxLengthOption = typer.Option(256, "--max-length", help="Tokens per training ex
 SeedOption = typer.Option(0, "--seed", help="Seeds initialization, dropout and batch order.")
 AutoBaseOption = typer.Option("auto", "--base", help="Base plug-in (default: task-lora-TASK when stored; 'none' for the bare LLM).")
 PrecisionOption = typer.Option("auto", "--precision", help="auto (bfloat16 mixed precision where supported), float32 or bfloat16.")
+MaxMinutesOption = typer.Option(None, "--max-minutes", help="Stop after this many minutes of training (evaluating once more), keeping the best step.")
 
 
 def lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
@@ -63,9 +64,10 @@ def adapt(
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (linear warm-up and decay)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs passes)."),
-    epochs: float = typer.Option(4.0, "--epochs"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the examples (default auto: 4 over small data, at most 2,400 examples drawn over large data)."),
     max_length: int = MaxLengthOption,
-    eval_every: int = typer.Option(45, "--eval-every", help="Score the dev split every N steps; the best step is kept."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Score the dev split every N steps (default: 8 times in all); the best step is kept."),
+    max_minutes: Optional[float] = MaxMinutesOption,
     select: str = typer.Option("loss", "--select", help="loss (dev loss) or metric (the task's first metric on the dev queries, e.g. ROUGE-1; slower)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Train on at most N training-split queries."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a stored plug-in of that name."),
@@ -82,7 +84,7 @@ def adapt(
     task_spec = get_task(task)
     settings = lora_settings(
         target_modules, r=r, alpha=alpha, dropout=dropout, learning_rate=lr, batch_size=batch_size, steps=steps,
-        epochs=epochs, max_length=max_length, eval_every=eval_every, seed=seed, precision=precision,
+        epochs=epochs, max_length=max_length, eval_every=eval_every, seed=seed, precision=precision, max_minutes=max_minutes,
     )  # fmt: skip
     with progress_bar(enabled=not json_out) as tick:
         plugin = adapt_task(
@@ -123,6 +125,7 @@ def train_oppu_command(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per user (default: --epochs passes)."),
     epochs: float = typer.Option(2.0, "--epochs", help="Passes over the user's history."),
     max_length: int = MaxLengthOption,
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop each user's training after this many minutes."),
     retrain: bool = typer.Option(False, "--retrain", help="Train again users whose adapter already exists."),
     seed: int = SeedOption,
     precision: str = PrecisionOption,
@@ -143,7 +146,7 @@ def train_oppu_command(
     base = resolve_base(store, task_spec, base)
     settings = lora_settings(
         target_modules, r=r, alpha=alpha, dropout=dropout, learning_rate=lr, batch_size=batch_size, steps=steps,
-        epochs=epochs, max_length=max_length, seed=seed, precision=precision,
+        epochs=epochs, max_length=max_length, seed=seed, precision=precision, max_minutes=max_minutes,
     )  # fmt: skip
     with progress_bar(enabled=not json_out) as tick:
         result = train_oppu(

@@ -29,8 +29,16 @@ def main(
     store: Optional[str] = typer.Option(
         None, "--store", envvar="PERSONA_STORE", help="Store directory or URI (default: a per-user data directory)."
     ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", envvar="PERSONA_THREADS", min=1,
+        help="CPU threads for torch (default: one per core). On a shared machine give each job only the cores it has to itself.",
+    ),
 ) -> None:
     """Global options apply to every command."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     ctx.ensure_object(dict)["store_path"] = store
 
 

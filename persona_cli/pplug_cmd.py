@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
-from persona_cli.lora_cmd import LlmOption, MaxLengthOption, PrecisionOption, SeedOption, TaskOption
+from persona_cli.lora_cmd import LlmOption, MaxLengthOption, MaxMinutesOption, PrecisionOption, SeedOption, TaskOption
 from recipes.answering import user_task
 from recipes.backbones import load_llm, resolve_device
 from recipes.pplug import PPlugSettings, explain, pplug_name, train_pplug
@@ -30,8 +30,9 @@ def train_embedder(
     encoder_lr: float = typer.Option(2e-5, "--encoder-lr", help="Peak learning rate of the input encoder (0 freezes it)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: --epochs passes)."),
-    epochs: float = typer.Option(2.0, "--epochs"),
-    eval_every: int = typer.Option(50, "--eval-every", help="Measure the dev-split loss every N steps; the best step is kept."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the examples (default auto: 4 over small data, at most 2,400 examples drawn over large data)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Measure the dev-split loss every N steps (default: 8 times in all); the best step is kept."),
+    max_minutes: Optional[float] = MaxMinutesOption,
     max_length: int = MaxLengthOption,
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Train on at most N examples."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a stored plug-in of that name."),
@@ -52,7 +53,7 @@ def train_embedder(
         pooling=pooling, personal=not no_personal, history_dropout=history_dropout, history_examples=history_examples,
         history_cap=history_cap,
         learning_rate=lr, encoder_learning_rate=encoder_lr, batch_size=batch_size, steps=steps, epochs=epochs,
-        eval_every=eval_every, max_length=max_length, precision=precision, seed=seed,
+        eval_every=eval_every, max_length=max_length, precision=precision, seed=seed, max_minutes=max_minutes,
     )  # fmt: skip
     settings.validate()
     base = None if base == "none" else base

@@ -13,7 +13,7 @@ from recipes import PersonaError
 from recipes.answering import answer_prompts
 from recipes.backbones import LLM
 from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, oppu_name
-from recipes.lora_training import LoraSettings, TrainedLora, train_lora
+from recipes.lora_training import LoraSettings, TrainedLora, settings_key, train_lora
 from recipes.progress import Progress, report
 from recipes.splits import query_split
 from recipes.tasks import Task
@@ -139,11 +139,11 @@ def train_oppu(
     chain = base_chain(store, base)
     report_ = OppuReport(group=group, base=base)
     existing = {p.name: p for p in store.list_plugins(kind=OPPU, prefix=f"{group}/")}
-    wanted = json.dumps(asdict(settings), sort_keys=True)
+    wanted = json.dumps(settings_key(settings), sort_keys=True)
     todo = []
     for user in user_ids:
         old = existing.get(oppu_name(group, user))
-        same = old is not None and old.base == base and json.dumps(old.config.get("settings"), sort_keys=True) == wanted
+        same = old is not None and old.base == base and json.dumps(settings_key_of(old.config.get("settings")), sort_keys=True) == wanted
         if same and not retrain:
             report_.reused.append(user)
             report_.train_seconds.append(old.metrics.get("train_seconds", 0.0))
@@ -164,7 +164,7 @@ def train_oppu(
         else:
             trained = train_lora(llm, examples, settings)
             weights = trained.weights.to_bytes()
-            config = {**_lora_config(llm, settings, trained, chain), "settings": asdict(settings), "examples": len(examples)}
+            config = {**_lora_config(llm, settings, trained, chain), "settings": settings_key(settings), "examples": len(examples)}
             pending.append(
                 Plugin(
                     name=oppu_name(group, user), kind=OPPU, llm=llm.id, weights=weights, task=task.name, user_id=user,
@@ -179,6 +179,11 @@ def train_oppu(
             pending = []
         tick("training OPPU adapters", n, len(todo))
     return report_
+
+
+def settings_key_of(stored: Optional[dict]) -> Optional[dict]:
+    """A stored settings record as settings_key gives it (older records may hold max_minutes)."""
+    return None if stored is None else {k: v for k, v in stored.items() if k != "max_minutes"}
 
 
 def split_users(store: Store, task: Task, split: str) -> list[str]:

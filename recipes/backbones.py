@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ _ENCODER_ALIASES = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"}
 _LLM_ALIASES = {DEFAULT_LLM, "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _cache_lock = threading.Lock()
+
+# transformers 5.2x renames forward's `past_key_values` to `cache` and warns on every process; the old
+# name works through 5.39 and is the only one older 5.x releases know, so we keep it and stay quiet.
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 
 def _quiet_transformers() -> None:

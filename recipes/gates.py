@@ -8,7 +8,6 @@ matches a target user's activations.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -18,8 +17,10 @@ import torch
 from recipes import PersonaError
 from recipes.adapters import LoraWeights, check_fits
 from recipes.backbones import LLM
-from recipes.lora_training import PRECISIONS, Example, autocast_for, batch_loss, batch_order, lr_factor, make_batch
-from recipes.progress import Progress, report
+from recipes.lora_training import (
+    PRECISIONS, Example, StepResult, TokenizedExamples, TrainingLoop, autocast_for, batch_loss, batch_order,
+)  # fmt: skip
+from recipes.progress import Progress
 
 
 @dataclass
@@ -87,32 +88,33 @@ def train_gates(
     progress: Optional[Progress] = None,
     stage: str = "training gates",
 ) -> TrainedGates:
-    """Train one gate per module of the frozen `lora` on `examples` over the LLM as loaded."""
+    """Train one gate per module of the frozen `lora` on `examples` over the LLM as loaded,
+    with the trainers' shared loop (tokenized once, batched by length)."""
     settings.validate()
     if not examples:
         raise PersonaError("no examples to train the gates on")
     device = next(llm.model.parameters()).device
     for parameter in llm.model.parameters():  # only the gates learn; no gradients for the LLM
         parameter.requires_grad_(False)
-    gates = {path: torch.zeros(a.shape[1], device=device, requires_grad=True) for path, (a, _) in lora.modules.items()}
+    gates = torch.nn.ParameterDict(
+        {_key(path): torch.nn.Parameter(torch.zeros(a.shape[1], device=device)) for path, (a, _) in lora.modules.items()}
+    )
     optimizer = torch.optim.AdamW(list(gates.values()), lr=settings.learning_rate, weight_decay=0.0)
-    warmup = int(0.1 * settings.steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, settings.steps))
-    plan = batch_order(len(examples), settings.steps, settings.batch_size, settings.seed)
-    tick = report(progress)
-    curve: list[dict[str, float]] = []
-    started = time.perf_counter()
+    data = TokenizedExamples(llm, examples, settings.max_length)
+    plan = batch_order(len(examples), settings.steps, settings.batch_size, settings.seed, data.lengths)
+
+    def step_loss(step: int) -> StepResult:
+        with autocast_for(llm, settings.precision):
+            return StepResult(batch_loss(llm, llm.model, data.batch(plan[step])), len(plan[step]), data.tokens(plan[step]))
+
     llm.model.eval()
-    with gated_lora(llm.model, lora, gates):
-        for step, chosen in enumerate(plan, 1):
-            batch = make_batch(llm, [examples[i] for i in chosen], settings.max_length)
-            with autocast_for(llm, settings.precision):
-                loss = batch_loss(llm, llm.model, batch)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            curve.append({"step": step, "loss": round(loss.item(), 5)})
-            tick(stage, step, settings.steps)
-    trained = {path: g.detach().cpu().clone() for path, g in gates.items()}
-    return TrainedGates(trained, round(time.perf_counter() - started, 3), curve)
+    loop = TrainingLoop(settings.steps, 0.1, eval_every=settings.steps, checkpoint_every=settings.steps)
+    with gated_lora(llm.model, lora, {path: gates[_key(path)] for path in lora.modules}):
+        state, _ = loop.run(gates, optimizer, step_loss, progress=progress, stage=stage)
+    trained = {path: gates[_key(path)].detach().cpu().clone() for path in lora.modules}
+    return TrainedGates(trained, round(state.seconds, 3), state.curve)
+
+
+def _key(path: str) -> str:
+    """A module path as a ParameterDict key (which may not contain dots)."""
+    return path.replace(".", "/")

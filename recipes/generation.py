@@ -8,7 +8,6 @@ a whole batch of finished rows busy. Seq2seq LMs use transformers' generate.
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -23,9 +22,6 @@ from recipes.row_lora import RowLora
 from recipes.prompt_tokens import prompt_token_ids, stop_token_ids
 from recipes.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start
 
-# transformers 5.2x renames forward's `past_key_values` to `cache` and warns on every process; the old
-# name works through 5.39 and is the only one older 5.x releases know, so we keep it and stay quiet.
-warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 
 def _length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:

@@ -25,7 +25,8 @@ from recipes.training_data import checkpoint_path, split_queries
 from recipes.backbones import LLM, Encoder, load_encoder
 from recipes.lora_plugins import apply_chain, base_chain, check_llm
 from recipes.lora_training import (
-    IGNORE, PRECISIONS, Example, TrainingLoop, TrainState, autocast_for, batch_order, causal_loss, encode_example, trainable_state,
+    IGNORE, PRECISIONS, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, causal_batch, causal_loss,
+    encode_example, eval_cadence, planned_steps, settings_key, trainable_state,
 )  # fmt: skip
 from recipes.pplug_model import POOLINGS, EmbedderShape, UserEmbedder, describe, pad_histories, recent
 from recipes.progress import Progress
@@ -43,7 +44,8 @@ def pplug_name(task: Task) -> str:
 
 @dataclass
 class PPlugSettings:
-    """How the embedder is trained. `steps` None means `epochs` passes over the examples."""
+    """How the embedder is trained. `steps` None means `epochs` passes over the examples (None:
+    auto, as planned_steps has it); `eval_every` None: about 8 evaluations."""
 
     pooling: str = "attention"
     personal: bool = True
@@ -54,24 +56,26 @@ class PPlugSettings:
     encoder_learning_rate: float = 2e-5
     batch_size: int = 8
     steps: Optional[int] = None
-    epochs: float = 2.0
+    epochs: Optional[float] = 2.0
     warmup: float = 0.1
-    eval_every: int = 50
+    eval_every: Optional[int] = 50
     checkpoint_every: int = 25
     max_length: int = 256
     precision: str = "auto"
     seed: int = 0
+    max_minutes: Optional[float] = None
 
     def validate(self) -> None:
         checks = [
+            (self.max_minutes is None or self.max_minutes > 0, f"--max-minutes must be positive, got {self.max_minutes}"),
             (self.pooling in POOLINGS, f"--pooling {self.pooling}: expected one of {', '.join(POOLINGS)}"),
             (self.history_cap >= 1, f"--history-cap must be at least 1, got {self.history_cap}"),
             (self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}"),
             (self.encoder_learning_rate >= 0, f"--encoder-lr must not be negative, got {self.encoder_learning_rate}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
-            (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
-            (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
+            (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
+            (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
             (self.max_length >= 32, f"--max-length must be at least 32, got {self.max_length}"),
             (self.precision in PRECISIONS, f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}"),
         ]
@@ -80,7 +84,7 @@ class PPlugSettings:
                 raise PersonaError(message)
 
     def total_steps(self, n_examples: int) -> int:
-        return self.steps or max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+        return planned_steps(self.steps, self.epochs, n_examples, self.batch_size)
 
 
 @dataclass
@@ -158,22 +162,17 @@ def _user_history(vectors: dict[str, np.ndarray], example: PPlugExample) -> np.n
 
 
 def _causal_inputs(llm: LLM, examples: list[PPlugExample], n_soft: int, max_length: int) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Left-padded ids with soft-token placeholders, labels on the gold answer only, and where each row's soft tokens go."""
+    """Left-padded ids with soft-token placeholders, labels on the gold answer only, and where each
+    row's soft tokens go; the template header every row opens with is shared (computed once)."""
     start = soft_start(llm)
     rows = []
     for e in examples:
         ids, labels = encode_example(llm, Example(e.prompt, e.target), max_length - n_soft)
         rows.append((ids[:start] + [llm.tokenizer.pad_token_id] * n_soft + ids[start:], labels[:start] + [IGNORE] * n_soft + labels[start:]))
-    width = max(len(ids) for ids, _ in rows)
-    pad = llm.tokenizer.pad_token_id
-    tensor = lambda values: torch.tensor(values, device=llm.device)  # noqa: E731
-    mask = tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in rows])
-    batch = {
-        "input_ids": tensor([[pad] * (width - len(i)) + i for i, _ in rows]), "attention_mask": mask,
-        "labels": tensor([[IGNORE] * (width - len(lab)) + lab for _, lab in rows]),
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-    }  # fmt: skip
-    return batch, [width - len(i) + start for i, _ in rows]
+    batch = causal_batch(llm, rows, prefix_limit=start)
+    shared = batch["prefix_ids"].shape[1] if "prefix_ids" in batch else 0
+    width = batch["input_ids"].shape[1]
+    return batch, [width - (len(ids) - shared) + start - shared for ids, _ in rows]
 
 
 def _seq2seq_inputs(llm: LLM, examples: list[PPlugExample], n_soft: int, max_length: int) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -186,17 +185,20 @@ def _seq2seq_inputs(llm: LLM, examples: list[PPlugExample], n_soft: int, max_len
     return {k: v.to(llm.device) for k, v in batch.items()}, [0] * len(examples)
 
 
-def example_loss(llm: LLM, embedder: UserEmbedder, examples: list[PPlugExample], vectors: dict[str, np.ndarray], max_length: int) -> torch.Tensor:
-    """Mean cross-entropy of the gold answers given [soft tokens; prompt], through the frozen LLM."""
+def example_loss(llm: LLM, embedder: UserEmbedder, examples: list[PPlugExample], vectors: dict[str, np.ndarray], max_length: int) -> StepResult:
+    """Mean cross-entropy of the gold answers given [soft tokens; prompt], through the frozen LLM
+    (with the batch's example and token counts)."""
     history, mask = pad_histories([_user_history(vectors, e) for e in examples], embedder.device)
     soft = embedder([e.text for e in examples], history, mask)
     make = _seq2seq_inputs if llm.is_seq2seq else _causal_inputs
     batch, offsets = make(llm, examples, soft.shape[1], max_length)
-    inputs = {k: v for k, v in batch.items() if k != "input_ids"}
-    inputs["inputs_embeds"] = embed_with_soft(llm, batch["input_ids"], soft, offsets)
+    inputs_embeds = embed_with_soft(llm, batch["input_ids"], soft, offsets)
+    tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE).sum() if llm.is_seq2seq else 0)
     if llm.is_seq2seq:
-        return llm.model(**inputs).loss
-    return causal_loss(llm.model, inputs)
+        loss = llm.model(attention_mask=batch["attention_mask"], labels=batch["labels"], inputs_embeds=inputs_embeds).loss
+    else:
+        loss = causal_loss(llm.model, batch, inputs_embeds)
+    return StepResult(loss, len(examples), tokens)
 
 
 @torch.no_grad()
@@ -207,7 +209,7 @@ def dev_loss(llm: LLM, embedder: UserEmbedder, dev: list[PPlugExample], vectors:
     for start in range(0, len(dev), settings.batch_size):
         chunk = dev[start : start + settings.batch_size]
         with autocast_for(llm, settings.precision):
-            total += float(example_loss(llm, embedder, chunk, vectors, settings.max_length)) * len(chunk)
+            total += float(example_loss(llm, embedder, chunk, vectors, settings.max_length).loss) * len(chunk)
     return total / max(1, len(dev))
 
 
@@ -252,7 +254,7 @@ def train_embedder(
     if not train:
         raise PersonaError("no training examples")
     steps = settings.total_steps(len(train))
-    plan = batch_order(len(train), steps, settings.batch_size, settings.seed)
+    plan = batch_order(len(train), steps, settings.batch_size, settings.seed, [len(e.prompt) + len(e.target) for e in train])
     encoder_params = [p for p in embedder.input_encoder.parameters() if p.requires_grad]
     head_params = [p for n, p in embedder.named_parameters() if p.requires_grad and not n.startswith("input_encoder.")]
     groups = [{"params": head_params, "lr": settings.learning_rate}]
@@ -260,13 +262,16 @@ def train_embedder(
         groups.append({"params": encoder_params, "lr": settings.encoder_learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
-    def step_loss(step: int) -> torch.Tensor:
+    def step_loss(step: int) -> StepResult:
         with autocast_for(llm, settings.precision):
             return example_loss(llm, embedder, [train[i] for i in plan[step]], vectors, settings.max_length)
 
     evaluate = (lambda state: _evaluate(llm, embedder, dev, vectors, settings, state)) if dev else None
     fingerprint = _fingerprint(llm, train, vectors, settings)
-    loop = TrainingLoop(steps, settings.warmup, settings.eval_every, settings.checkpoint_every, checkpoint, fingerprint)
+    loop = TrainingLoop(
+        steps, settings.warmup, eval_cadence(settings.eval_every, steps), settings.checkpoint_every, checkpoint, fingerprint,
+        settings.max_minutes,
+    )  # fmt: skip
     state, resumed = loop.run(embedder, optimizer, step_loss, evaluate, progress, stage)
     embedder.eval()
     return TrainedEmbedder(embedder, steps, round(state.seconds, 3), state.curve, state.best_step, state.best_dev_loss, resumed)
@@ -284,7 +289,7 @@ def _evaluate(llm: LLM, embedder: UserEmbedder, dev: list[PPlugExample], vectors
 
 def _fingerprint(llm: LLM, train: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings) -> str:
     """What a checkpoint must match to be resumed: the LLM, the examples, the histories and every setting."""
-    digest = hashlib.sha256(json.dumps([llm.id, asdict(settings)], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([llm.id, settings_key(settings)], sort_keys=True).encode())
     for e in train:
         digest.update(json.dumps([e.user_id, e.prompt, e.target, e.keep]).encode())
         digest.update(vectors[e.user_id].tobytes())
