@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-ingest bench-generation bench-perpcs bench-pplug clean
+.PHONY: install demo test bench-ingest bench-generation bench-perpcs bench-pplug bench-training clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench-perpcs: install
 
 bench-pplug: install
 	$(BIN)/python benchmarks/pplug/run.py --store "$(STORE)"
+
+bench-training: install
+	$(BIN)/python benchmarks/training/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

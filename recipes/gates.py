@@ -52,6 +52,7 @@ class TrainedGates:
     gates: dict[str, torch.Tensor]
     seconds: float
     curve: list[dict[str, float]] = field(default_factory=list)
+    tokens: int = 0
 
 
 @contextmanager
@@ -112,7 +113,7 @@ def train_gates(
     with gated_lora(llm.model, lora, {path: gates[_key(path)] for path in lora.modules}):
         state, _ = loop.run(gates, optimizer, step_loss, progress=progress, stage=stage)
     trained = {path: gates[_key(path)].detach().cpu().clone() for path in lora.modules}
-    return TrainedGates(trained, round(state.seconds, 3), state.curve)
+    return TrainedGates(trained, round(state.seconds, 3), state.curve, state.tokens)
 
 
 def _key(path: str) -> str:

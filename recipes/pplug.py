@@ -222,6 +222,7 @@ class TrainedEmbedder:
     best_step: Optional[int] = None
     best_dev_loss: Optional[float] = None
     resumed_from: Optional[int] = None
+    tokens: int = 0
 
 
 def build_embedder(encoder: Encoder, llm: LLM, settings: PPlugSettings) -> UserEmbedder:
@@ -274,7 +275,9 @@ def train_embedder(
     )  # fmt: skip
     state, resumed = loop.run(embedder, optimizer, step_loss, evaluate, progress, stage)
     embedder.eval()
-    return TrainedEmbedder(embedder, steps, round(state.seconds, 3), state.curve, state.best_step, state.best_dev_loss, resumed)
+    return TrainedEmbedder(
+        embedder, state.step, round(state.seconds, 3), state.curve, state.best_step, state.best_dev_loss, resumed, state.tokens
+    )
 
 
 def _evaluate(llm: LLM, embedder: UserEmbedder, dev: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings, state: TrainState) -> None:

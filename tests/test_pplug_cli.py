@@ -24,9 +24,13 @@ pytestmark = pytest.mark.slow
 USERS = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
 STYLES = {u["user_id"]: u["style"] for u in USERS}
 PROMPT = "Paraphrase the following tweet without any explanation before or after it: "
-# the same training for the embedder and the ablation; history items with an input are examples too
-TRAINING = ["--history-examples", "--steps", "200", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "100", "--max-length", "128"]
-STYLE_FLOOR, MARGIN = 0.25, 0.15  # measured: see test_personal_tokens_carry_each_users_style
+# the same training for the embedder and the ablation; history items with an input are examples too.
+# float32 so the figures hold on every CPU (bf16 autocast is only where the CPU has it); lr 3e-3
+# because at 1e-3 200 steps left the style agreement at 0.15 to 0.23 in float32 (0.41 with bf16)
+TRAINING = ["--history-examples", "--steps", "200", "--batch-size", "8", "--lr", "3e-3", "--eval-every", "100",
+            "--max-length", "128", "--precision", "float32"]  # fmt: skip
+# measured in float32 with these settings: agreement 0.41 (seed 0) and 0.77 (seed 1), the ablation 0.00
+STYLE_FLOOR, MARGIN = 0.25, 0.15
 
 
 @pytest.fixture(scope="module")
