@@ -26,6 +26,10 @@ MethodOption = typer.Option(
 )  # fmt: skip
 PoolOption = typer.Option(None, "--pool", help="perpcs, peft-retrieval: pool tag or version (default: the newest).")
 TopKOption = typer.Option(None, "--top-k", help="peft-retrieval: sharers mixed (default 3); perpcs: must match the stored assemblies.")
+BeamsOption = typer.Option(None, "--beams", help="Beam search with N beams (default: the task's; 1 is greedy).")
+NoRepeatOption = typer.Option(None, "--no-repeat-ngram", help="Never repeat an n-gram of the answer itself (0: off; the prompt is not counted).")
+RepetitionOption = typer.Option(None, "--repetition-penalty", help="Penalize tokens the answer already used (1.0: off; the prompt is not counted).")
+LengthRatioOption = typer.Option(None, "--length-ratio", help="At most RATIO x the input's tokens + 8 new tokens (default: the task's max only).")
 
 
 def open_store(ctx: typer.Context) -> Store:

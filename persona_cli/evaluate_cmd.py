@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from persona_cli.common import (
-    MethodOption, PoolOption, TopKOption,
+    MethodOption, PoolOption, TopKOption, BeamsOption, NoRepeatOption, RepetitionOption, LengthRatioOption,
     DeviceOption, JsonOption, console, handle_errors, open_store, print_json, progress_bar, store_encoder,
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
@@ -38,6 +38,10 @@ def evaluate(
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Default: the task's."),
     max_input_tokens: int = typer.Option(1024, "--max-input-tokens", help="Prompt token budget."),
+    beams: Optional[int] = BeamsOption,
+    no_repeat_ngram: Optional[int] = NoRepeatOption,
+    repetition_penalty: Optional[float] = RepetitionOption,
+    length_ratio: Optional[float] = LengthRatioOption,
     seed: int = typer.Option(0, "--seed", help="Seed of random history choices."),
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder for --retriever dense (default: the store's)."),
@@ -56,6 +60,7 @@ def evaluate(
         task=task, method=method, k=k, retriever=retriever, answer=answer, split=split, limit=limit,
         users=read_user_ids(users) if users else None, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k,
+        num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio,
     )  # fmt: skip
     if export is not None and export.is_dir():
         raise PersonaError(f"--export {export}: is a directory; give a file name")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Optional
 
 import typer
 
 from persona_cli.common import (
-    MethodOption, PoolOption, TopKOption,
+    MethodOption, PoolOption, TopKOption, BeamsOption, NoRepeatOption, RepetitionOption, LengthRatioOption,
     DeviceOption, JsonOption, console, err_console, handle_errors, open_store, print_json, store_encoder,
 )  # fmt: skip
 from recipes.answering import answer, prompt_method, user_task
@@ -35,6 +36,10 @@ def generate(
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the task's."),
     max_input_tokens: int = typer.Option(1024, "--max-input-tokens"),
+    beams: Optional[int] = BeamsOption,
+    no_repeat_ngram: Optional[int] = NoRepeatOption,
+    repetition_penalty: Optional[float] = RepetitionOption,
+    length_ratio: Optional[float] = LengthRatioOption,
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Also print the prompt the LLM saw (on stderr)."),
     device: str = DeviceOption,
     json_out: bool = JsonOption,
@@ -45,14 +50,18 @@ def generate(
     task_spec = user_task(store, user, task)
     settings = PromptSettings(method=prompt_method(method), k=k, retriever=retriever, seed=seed)
     mode = answer_mode(task_spec, answer_how)
+    decoding = task_spec.decoding.override(
+        num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio
+    )
+    decoding.validate()
     started = time.perf_counter()
     result = answer(
         store, user, text, task_spec, settings, mode, lambda: load_llm(llm, device), store_encoder(store, None, device),
-        max_new_tokens, max_input_tokens, method, plugin, base, pool, top_k,
+        max_new_tokens, max_input_tokens, method, plugin, base, pool, top_k, decoding,
     )  # fmt: skip
     seconds = round(time.perf_counter() - started, 3)
     if json_out:
-        print_json({**result.__dict__, "answer": mode, "seconds": seconds})
+        print_json({**result.__dict__, "answer": mode, "decoding": asdict(decoding), "seconds": seconds})
         return
     if show_prompt:
         err_console.print(result.prompt, highlight=False, markup=False)

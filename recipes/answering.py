@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 from recipes import PersonaError
 from recipes.backbones import LLM, Encoder
+from recipes.decoding import Decoding
 from recipes.generation import generate, label_logprobs
 from recipes.profiles import ensure_profiles
 from recipes.progress import Progress
@@ -86,14 +87,24 @@ def answer_prompts(
     progress: Optional[Progress] = None,
     lora: Optional[RowLora] = None,
     soft: Optional[SoftTokens] = None,
+    decoding: Optional[Decoding] = None,
+    inputs: Optional[list[str]] = None,
 ) -> list[str]:
-    """Raw answers: the most likely label ('rank'), or the LLM's greedy text ('generate');
-    with `lora`, prompt i goes through its own user's adapter; with `soft`, it opens with its own soft tokens."""
+    """Raw answers: the most likely label ('rank'), or the LLM's text ('generate') decoded as
+    `decoding` says (default: the task's); `inputs` (the queries' own inputs) tie each answer's
+    length to its input's when the decoding has a length ratio. With `lora`, prompt i goes
+    through its own user's adapter; with `soft`, it opens with its own soft tokens."""
     if mode == "rank":
         scores = label_logprobs(llm, prompts, task.rank_answers(), batch_size, max_input_tokens, progress, lora, soft)
         return [task.labels[int(i)] for i in scores.argmax(dim=1)]
+    decoding = decoding or task.decoding
+    limit = max_new_tokens or task.max_new_tokens
+    limits = None
+    if decoding.length_ratio is not None and inputs is not None:
+        sizes = [len(llm.tokenizer(task.query_text(text), add_special_tokens=False)["input_ids"]) for text in inputs]
+        limits = [decoding.new_token_limit(limit, size) for size in sizes]
     return generate(
-        llm, prompts, max_new_tokens or task.max_new_tokens, batch_size, max_input_tokens, progress, lora=lora, soft=soft
+        llm, prompts, limit, batch_size, max_input_tokens, progress, lora=lora, soft=soft, decoding=decoding, limits=limits
     )
 
 
@@ -113,6 +124,7 @@ def answer(
     base: Optional[str] = None,
     pool: Optional[str] = None,
     top_k: Optional[int] = None,
+    decoding: Optional[Decoding] = None,
 ) -> Answer:
     """Build this user's prompt for `text` with `method` (default: the prompt method of
     `settings`) and answer it ('generate', or 'rank' over the task's labels), through the
@@ -128,5 +140,7 @@ def answer(
     query = Query(query_id="input", user_id=user_id, task=task.name, input=text)
     [prompt], _ = method_prompts(store, llm, task, settings, [query], load_encoder, 1, max_input_tokens)
     soft = plan.soft_tokens(llm, [query])
-    [raw] = answer_prompts(llm, task, mode, [prompt], 1, max_new_tokens, max_input_tokens, lora=lora, soft=soft)
+    [raw] = answer_prompts(
+        llm, task, mode, [prompt], 1, max_new_tokens, max_input_tokens, lora=lora, soft=soft, decoding=decoding, inputs=[text]
+    )
     return Answer(user_id, task.name, method, llm.id, prompt, raw, task.normalize(raw))

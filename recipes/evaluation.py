@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from recipes import PersonaError
 from recipes.backbones import LLM, Encoder
+from recipes.decoding import Decoding
 from recipes.data import read_lamp_outputs
 from recipes.answering import answer_prompts, method_prompts, prompt_method
 from recipes.progress import Progress
@@ -46,6 +47,17 @@ class EvalRequest:
     base: Optional[str] = None
     pool: Optional[str] = None
     top_k: Optional[int] = None
+    num_beams: Optional[int] = None
+    no_repeat_ngram_size: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    length_ratio: Optional[float] = None
+
+    def decoding(self, task: Task) -> Decoding:
+        """The task's decoding with this request's overrides."""
+        return task.decoding.override(
+            num_beams=self.num_beams, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            repetition_penalty=self.repetition_penalty, length_ratio=self.length_ratio,
+        )  # fmt: skip
 
     def prompt_settings(self) -> PromptSettings:
         return PromptSettings(method=prompt_method(self.method), k=self.k, retriever=self.retriever, seed=self.seed)
@@ -104,6 +116,8 @@ def evaluate(
     settings = request.prompt_settings()
     settings.validate()
     mode = answer_mode(task, request.answer)
+    decoding = request.decoding(task)
+    decoding.validate()
     if request.batch_size < 1:
         raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
     queries = select_queries(store, task, request.split, request.limit, request.users)
@@ -114,6 +128,8 @@ def evaluate(
     started = time.perf_counter()
     lora = plan.apply(llm)
     config = {k: v for k, v in asdict(request).items() if k != "users"}
+    if mode == "generate":
+        config.update(asdict(decoding), max_new_tokens=request.max_new_tokens or task.max_new_tokens)
     config.update(task=task.name, answer=mode, llm=llm.id, users=len({q.user_id for q in queries}), **plan.facts())
     prompts, facts = method_prompts(
         store, llm, task, settings, queries, load_encoder, request.batch_size, request.max_input_tokens, progress
@@ -121,8 +137,9 @@ def evaluate(
     config.update(facts)
     soft = plan.soft_tokens(llm, queries)
     raw = answer_prompts(
-        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, lora, soft
-    )
+        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, lora, soft,
+        decoding, [q.input for q in queries],
+    )  # fmt: skip
     outputs = [task.normalize(r) for r in raw]
     metrics = task.score(outputs, [q.output for q in queries])
     wall = time.perf_counter() - started

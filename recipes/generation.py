@@ -1,9 +1,11 @@
-"""Batched greedy generation and label ranking: the one code path every method's prompts go through.
+"""Batched generation and label ranking: the one code path every method's prompts go through.
 
 Prompts are sorted by length before batching (less padding) and answers come back in the
-caller's order. Causal LMs run a greedy loop of our own over a left-padded batch with a KV
-cache, dropping rows from the batch as soon as they finish, so one long answer does not keep
-a whole batch of finished rows busy. Seq2seq LMs use transformers' generate.
+caller's order. Greedy decoding of causal LMs is a loop of our own over a left-padded batch with
+a KV cache, dropping rows from the batch as soon as they finish, so one long answer does not keep
+a whole batch of finished rows busy. Beam search, and every seq2seq LM, use transformers'
+generate batch by batch. Either way a Decoding's repetition controls see only the answer's own
+tokens, and each row may have its own token limit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from recipes.backbones import LLM
+from recipes.decoding import GREEDY, Decoding, GeneratedOnly
 from recipes.progress import Progress, report
 from recipes.adapters import zero_pad
 from recipes.row_lora import RowLora
@@ -49,14 +52,20 @@ def generate(
     stage: str = "generating",
     lora: Optional[RowLora] = None,
     soft: Optional[SoftTokens] = None,
+    decoding: Decoding = GREEDY,
+    limits: Optional[list[int]] = None,
 ) -> list[str]:
-    """Greedy answers to `prompts`, in the order given (progress is reported under `stage`).
+    """Answers to `prompts` decoded as `decoding` says, in the order given (progress is reported under `stage`).
 
-    With `lora`, prompt i is answered through its own adapter (RowLora.adapters[i]); with `soft`,
-    prompt i opens with its own soft tokens (soft.vectors[i]). Either way rows of different
-    users share every batch."""
+    Prompt i gets at most limits[i] new tokens (default: max_new_tokens each). With `lora`, prompt
+    i is answered through its own adapter (RowLora.adapters[i]); with `soft`, prompt i opens with
+    its own soft tokens (soft.vectors[i]). Either way rows of different users share every batch."""
+    decoding.validate()
     tick = report(progress)
     encoded, starts = encode_prompts(llm, prompts, max_input_tokens, soft)
+    limits = limits if limits is not None else [max_new_tokens] * len(prompts)
+    if len(limits) != len(prompts):
+        raise ValueError(f"{len(limits)} token limits for {len(prompts)} prompts")
     outputs: list[str] = [""] * len(prompts)
     done = 0
     tick(stage, 0, len(prompts))
@@ -69,16 +78,16 @@ def generate(
 
     order = [i for batch in _length_sorted_batches([len(e) for e in encoded], len(encoded) or 1) for i in batch]
     with _hooked(lora):
-        if llm.is_seq2seq:
+        if llm.is_seq2seq or decoding.num_beams > 1:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 if lora is not None:
                     lora.current = lora.stack(rows)
-                outputs_ = _greedy_seq2seq(llm, [encoded[i] for i in rows], max_new_tokens, _Soft.of(soft, starts, rows))
-                for row, tokens in zip(rows, outputs_):
-                    finish(row, tokens)
+                answers = _transformers_generate(llm, [encoded[i] for i in rows], max(limits[i] for i in rows), decoding, _Soft.of(soft, starts, rows))
+                for row, tokens in zip(rows, answers):
+                    finish(row, tokens[: limits[row]])
         else:
-            _greedy_causal(llm, encoded, order, batch_size, max_new_tokens, finish, lora, soft, starts)
+            _greedy_causal(llm, encoded, order, batch_size, limits, finish, lora, soft, starts, decoding)
     return outputs
 
 
@@ -201,14 +210,16 @@ def _greedy_causal(
     encoded: list[list[int]],
     order: list[int],
     batch_size: int,
-    max_new_tokens: int,
+    limits: list[int],
     finish: Callable[[int, list[int]], None],
     lora: Optional[RowLora] = None,
     soft: Optional[SoftTokens] = None,
     starts: Optional[list[int]] = None,
+    decoding: Decoding = GREEDY,
 ) -> None:
     """Greedy decoding with continuous batching: a finished row leaves the batch at once, and when a
-    quarter of the batch is free, waiting prompts are prefilled and join the rows still decoding."""
+    quarter of the batch is free, waiting prompts are prefilled and join the rows still decoding.
+    Row i stops after limits[i] tokens; the repetition controls see each row's own answer only."""
     stops = stop_token_ids(llm)
     pending = list(order)
     answers: dict[int, list[int]] = {}
@@ -224,12 +235,12 @@ def _greedy_causal(
                 live = fresh
             else:
                 live.join(fresh)
-        tokens = live.logits.argmax(-1)
+        tokens = decoding.penalize([answers[row] for row in live.rows], live.logits).argmax(-1)
         keep = []
         for slot, (row, token) in enumerate(zip(live.rows, tokens.tolist())):
             if token not in stops:
                 answers[row].append(token)
-            if token in stops or len(answers[row]) >= max_new_tokens:
+            if token in stops or len(answers[row]) >= limits[row]:
                 finish(row, answers.pop(row))
             else:
                 keep.append(slot)
@@ -240,15 +251,34 @@ def _greedy_causal(
         live.step(tokens[torch.tensor(keep, device=llm.device)] if len(keep) < len(tokens) else tokens)
 
 
-def _greedy_seq2seq(llm: LLM, batch: list[list[int]], max_new_tokens: int, soft: Optional[_Soft] = None) -> list[list[int]]:
+def _transformers_generate(
+    llm: LLM, batch: list[list[int]], max_new_tokens: int, decoding: Decoding, soft: Optional[_Soft] = None
+) -> list[list[int]]:
+    """One batch through transformers' generate (greedy or beam search, never sampling): each row's
+    answer tokens up to its first stop token. A causal prompt is left-padded (the answer follows
+    it in the output), a seq2seq decoder starts from its start token; the repetition controls
+    skip both."""
     tokenizer = llm.tokenizer
-    encoded = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(llm.device)
-    mask = encoded["attention_mask"]
+    if llm.is_seq2seq:
+        encoded = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(llm.device)
+        input_ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        inputs = _inputs(llm, input_ids, mask, soft)
+        skip = 1
+    else:
+        input_ids, mask = _left_padded(llm, batch)
+        inputs = {"input_ids": input_ids, **({} if soft is None else soft.inputs(llm, input_ids, mask))}
+        skip = input_ids.shape[1]
     generated = llm.model.generate(
-        **_inputs(llm, encoded["input_ids"], mask, soft), attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id
-    )
+        **inputs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=decoding.num_beams,
+        logits_processor=[GeneratedOnly(decoding, skip)] if decoding.penalizes else None,
+        pad_token_id=tokenizer.pad_token_id, early_stopping=decoding.num_beams > 1,
+    )  # fmt: skip
     stops = stop_token_ids(llm) | {tokenizer.pad_token_id}
-    return [[t for t in row.tolist() if t not in stops] for row in generated]
+    answers = []
+    for row in generated[:, skip:].tolist():
+        ends = [i for i, t in enumerate(row) if t in stops]
+        answers.append(row[: ends[0]] if ends else row)
+    return answers
 
 
 # ---------- answering from a label set by log-likelihood ----------

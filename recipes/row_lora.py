@@ -97,6 +97,8 @@ class RowLora:
                 return output
             a, b = self.current[path]
             x = inputs[0]
+            if x.shape[0] != a.shape[0]:  # beam search runs each row num_beams times, side by side
+                a, b = a.repeat_interleave(x.shape[0] // a.shape[0], 0), b.repeat_interleave(x.shape[0] // b.shape[0], 0)
             return output + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
         return add_rows

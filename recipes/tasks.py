@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from recipes import PersonaError
 from recipes import metrics as lamp_metrics
+from recipes.decoding import GREEDY, Decoding
 
 CLASSIFICATION, RATING, GENERATION = "classification", "rating", "generation"
 
@@ -32,7 +33,8 @@ class Task:
     `item_template` formats one retrieved history item for a RAG prompt (LaMP style: the item
     together with the user's own answer for it); `query_marker` is the text after which the
     input holds the part that retrieval searches with; `rank_template` is how a label is
-    written when labels are ranked by likelihood (the way the item template writes them).
+    written when labels are ranked by likelihood (the way the item template writes them);
+    `decoding` is how its answers are decoded unless a run says otherwise.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Task:
     item_template: str = '"{text}"'
     pag_instruction: str = "Describe this user's interests and writing style in two or three sentences, based on their past items."
     max_new_tokens: int = 64
+    decoding: Decoding = GREEDY
     rank_template: str = "{label}"
     lamp_name: str | None = field(default=None)
     query_template: str = "{input}"

@@ -12,6 +12,7 @@ from peft import PeftModel
 from recipes import PersonaError
 from recipes.adapters import LoraWeights, combine, export_peft, find_target_modules, merge_into, read_peft_folder
 from recipes.backbones import prepare_llm
+from recipes.decoding import GREEDY, Decoding
 from recipes.generation import generate, label_logprobs, prompt_token_ids
 from recipes.lora_training import Example, LoraSettings, batch_order, train_lora
 from recipes.row_lora import RowLora
@@ -113,16 +114,17 @@ def test_weights_survive_bytes_and_combining_adds_the_updates(tiny_llama):
     assert max(both.ranks.values()) == 6 and min(both.ranks.values()) == 4
 
 
-def test_rows_with_different_adapters_in_one_batch_answer_as_their_merged_models(tiny_llama):
+@pytest.mark.parametrize("decoding", [GREEDY, Decoding(num_beams=3, no_repeat_ngram_size=2)], ids=["greedy", "beams"])
+def test_rows_with_different_adapters_in_one_batch_answer_as_their_merged_models(tiny_llama, decoding):
     adapters = [_random_lora(tiny_llama, 1), None, _random_lora(tiny_llama, 2, rank=2), _random_lora(tiny_llama, 1)]
     alone = []
     for prompt, adapter in zip(PROMPTS, adapters):
         merged = _copy(tiny_llama)
         if adapter is not None:
             merge_into(merged.model, adapter)
-        alone.append(generate(merged, [prompt], max_new_tokens=8, batch_size=1)[0])
+        alone.append(generate(merged, [prompt], max_new_tokens=8, batch_size=1, decoding=decoding)[0])
     assert len(set(alone)) > 1
-    together = generate(tiny_llama, PROMPTS, max_new_tokens=8, batch_size=3, lora=RowLora(tiny_llama.model, adapters))
+    together = generate(tiny_llama, PROMPTS, max_new_tokens=8, batch_size=3, lora=RowLora(tiny_llama.model, adapters), decoding=decoding)
     assert together == alone
 
 

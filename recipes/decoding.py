@@ -1,0 +1,96 @@
+"""How answers are decoded: greedy or beam search, repetition controls that look only at the
+answer being written, and a length limit tied to the input's length.
+
+transformers' stock `repetition_penalty` and `no_repeat_ngram_size` also count the prompt's
+tokens. On a task whose answer reuses the input (LaMP-7 paraphrases a tweet) that forbids the
+very words the answer needs: measured on 100 LaMP-7 users with the bare SmolLM2, ROUGE-1 fell
+from 0.339 (greedy) to 0.225 (no-repeat 3) and 0.088 (penalty 1.3). Here both only see the
+tokens generated so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from transformers import LogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+from recipes import PersonaError
+
+LENGTH_SLACK = 8
+"""Tokens allowed beyond `length_ratio` × the input's tokens (a short input still gets a few words)."""
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings: a task's defaults, overridable on `generate` and `evaluate`, and stored in
+    each run's config so two runs can be told apart. Sampling is never used: answers are repeatable."""
+
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    length_ratio: Optional[float] = None
+
+    def validate(self) -> None:
+        checks = [
+            (self.num_beams >= 1, f"--beams must be at least 1, got {self.num_beams}"),
+            (self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram must not be negative, got {self.no_repeat_ngram_size}"),
+            (self.repetition_penalty > 0, f"--repetition-penalty must be positive, got {self.repetition_penalty}"),
+            (self.length_ratio is None or self.length_ratio > 0, f"--length-ratio must be positive, got {self.length_ratio}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PersonaError(message)
+
+    def override(self, **changes: object) -> "Decoding":
+        """These settings with the options a user gave (None: keep the task's)."""
+        values = asdict(self)
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return Decoding(**values)
+
+    @property
+    def penalizes(self) -> bool:
+        return self.no_repeat_ngram_size > 0 or self.repetition_penalty != 1.0
+
+    def new_token_limit(self, max_new_tokens: int, input_tokens: int) -> int:
+        """At most `max_new_tokens`, and with a length ratio at most ratio × the input's tokens + LENGTH_SLACK."""
+        if self.length_ratio is None:
+            return max_new_tokens
+        return max(1, min(max_new_tokens, math.ceil(self.length_ratio * input_tokens) + LENGTH_SLACK))
+
+    def penalize(self, generated: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+        """Apply the repetition controls to each row's next-token logits, row i seeing only generated[i]."""
+        if not self.penalizes:
+            return logits
+        rows = []
+        for tokens, row in zip(generated, logits):
+            rows.append(self._penalize_row(torch.tensor([tokens], dtype=torch.long, device=logits.device), row[None]))
+        return torch.cat(rows)
+
+    def _penalize_row(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] == 0:
+            return scores
+        if self.repetition_penalty != 1.0:
+            scores = RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty))(tokens, scores)
+        if self.no_repeat_ngram_size > 0:
+            scores = NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size)(tokens, scores)
+        return scores
+
+
+GREEDY = Decoding()
+
+
+class GeneratedOnly(LogitsProcessor):
+    """A logits processor for transformers' `generate` that applies a Decoding's repetition controls
+    to the tokens after the first `prompt_width` columns only (the prompt, or a decoder's start token)."""
+
+    def __init__(self, decoding: Decoding, prompt_width: int) -> None:
+        self.decoding, self.prompt_width = decoding, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_width :]
+        if generated.shape[1] == 0:
+            return scores
+        return self.decoding._penalize_row(generated, scores)
