@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-ingest bench-generation bench-perpcs bench-pplug bench-training clean
+.PHONY: install demo test bench-ingest bench-generation bench-perpcs bench-pplug bench-training bench-decoding clean
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ bench-pplug: install
 
 bench-training: install
 	$(BIN)/python benchmarks/training/run.py
+
+bench-decoding: install
+	$(BIN)/python benchmarks/decoding/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

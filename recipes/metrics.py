@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
 
@@ -72,3 +73,16 @@ def generation_metrics(predictions: list[str], golds: list[str]) -> dict[str, fl
     """Mean over queries of per-query ROUGE F-measure (LaMP's plain average, not a corpus-level score)."""
     rows = per_example_rouge(predictions, golds)
     return {key: float(sum(row[key] for row in rows) / len(rows)) for key in ("rouge-1", "rouge-L")}
+
+
+def bootstrap_interval(values: list[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-query scores (or of paired per-query
+    differences): how far a benchmark's mean could move with another sample of the same users."""
+    from scipy.stats import bootstrap
+
+    if len(values) < 2:
+        return (float(values[0]), float(values[0])) if values else (math.nan, math.nan)
+    if min(values) == max(values):
+        return float(values[0]), float(values[0])
+    result = bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile", random_state=seed)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -136,3 +136,16 @@ def test_empty_and_mismatched_inputs_raise(call):
         call([], [])
     with pytest.raises(ValueError):
         call(["a", "b"], ["a"])
+
+
+def test_bootstrap_intervals_hold_the_mean_narrow_with_more_queries_and_repeat():
+    from recipes.metrics import bootstrap_interval
+
+    scores = [0.1, 0.5, 0.3, 0.2, 0.9, 0.4, 0.0, 0.6]
+    low, high = bootstrap_interval(scores)
+    assert low < sum(scores) / len(scores) < high
+    wide = high - low
+    low_many, high_many = bootstrap_interval(scores * 25)
+    assert high_many - low_many < wide / 3  # 25x the queries: about 1/5 the width
+    assert bootstrap_interval(scores) == (low, high)  # seeded
+    assert bootstrap_interval([0.4, 0.4, 0.4]) == (0.4, 0.4)
