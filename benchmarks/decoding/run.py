@@ -35,6 +35,7 @@ VARIANTS = {
     "nr3+len1.5": {"no_repeat_ngram_size": 3, "length_ratio": 1.5},
     "beam4": {"num_beams": 4},
     "beam4+nr3": {"num_beams": 4, "no_repeat_ngram_size": 3},
+    "beam4+pen1.2": {"num_beams": 4, "repetition_penalty": 1.2},
 }
 METRICS = ("rouge-1", "rouge-L")
 
