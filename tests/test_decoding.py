@@ -81,7 +81,6 @@ def test_on_a_paraphrase_the_answer_may_reuse_the_inputs_words(llm):
     input's word pairs; ours counts only the answer, so the real SmolLM2 still copies what it should."""
     prompt = "Paraphrase the following tweet without any explanation before or after it: I love the new coffee shop downtown, great coffee!"
     ours = generate(llm, [prompt], max_new_tokens=24, decoding=Decoding(no_repeat_ngram_size=2))[0]
-    assert ours == _oracle(llm, prompt, 24, 1.0, 2)
     ids = torch.tensor([prompt_token_ids(llm, prompt)])
     stock = llm.model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, no_repeat_ngram_size=2,
