@@ -66,10 +66,11 @@ class Decoding:
             return logits
         rows = []
         for tokens, row in zip(generated, logits):
-            rows.append(self._penalize_row(torch.tensor([tokens], dtype=torch.long, device=logits.device), row[None]))
+            rows.append(self.penalize_rows(torch.tensor([tokens], dtype=torch.long, device=logits.device), row[None]))
         return torch.cat(rows)
 
-    def _penalize_row(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def penalize_rows(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The repetition controls for rows whose answers so far are equally long: `tokens` (rows, n)."""
         if tokens.shape[1] == 0:
             return scores
         if self.repetition_penalty != 1.0:
@@ -90,7 +91,4 @@ class GeneratedOnly(LogitsProcessor):
         self.decoding, self.prompt_width = decoding, prompt_width
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_width :]
-        if generated.shape[1] == 0:
-            return scores
-        return self.decoding._penalize_row(generated, scores)
+        return self.decoding.penalize_rows(input_ids[:, self.prompt_width :], scores)

@@ -117,6 +117,21 @@ def padded(rows: list[tuple[list[int], list[int]]], pad: int, device: torch.devi
     }
 
 
+def timed_steps(llm, batches: list[list[tuple[list[int], list[int]]]], optimizer, loss_of: Callable, dtype) -> tuple[float, int]:
+    """The plain loop both bare trainers share: pad, forward under autocast, backward, AdamW step;
+    seconds and real tokens."""
+    started, tokens = time.perf_counter(), 0
+    for rows in batches:
+        batch = padded(rows, llm.tokenizer.pad_token_id, llm.device)
+        with torch.autocast(llm.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_of(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sum(len(ids) for ids, _ in rows)
+    return time.perf_counter() - started, tokens
+
+
 def bare_lora(llm, batches: list[list[tuple[list[int], list[int]]]], r: int, targets: list[str], dtype) -> tuple[float, int]:
     """Plain peft LoRA training over these batches: seconds and tokens."""
     from peft import LoraConfig, get_peft_model
@@ -128,16 +143,7 @@ def bare_lora(llm, batches: list[list[tuple[list[int], list[int]]]], r: int, tar
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     try:
-        started, tokens = time.perf_counter(), 0
-        for rows in batches:
-            batch = padded(rows, llm.tokenizer.pad_token_id, llm.device)
-            with torch.autocast(llm.device.type, dtype=dtype, enabled=dtype is not None):
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += sum(len(ids) for ids, _ in rows)
-        return time.perf_counter() - started, tokens
+        return timed_steps(llm, batches, optimizer, lambda batch: model(**batch).loss, dtype)
     finally:
         model.unload()
         llm.model.eval()
@@ -151,19 +157,15 @@ def bare_soft(llm, batches: list[list[tuple[list[int], list[int]]]], start: int,
     soft = torch.nn.Parameter(torch.zeros(n_soft, embed.weight.shape[1], device=llm.device))
     optimizer = torch.optim.AdamW([soft], lr=1e-4)
     llm.model.train()
+
+    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        embeds = embed(batch["input_ids"])
+        rows = len(embeds)
+        embeds = torch.cat([embeds[:, :start], soft.expand(rows, -1, -1).to(embeds.dtype), embeds[:, start + n_soft :]], dim=1)
+        return llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
     try:
-        started, tokens = time.perf_counter(), 0
-        for rows in batches:
-            batch = padded(rows, llm.tokenizer.pad_token_id, llm.device)
-            with torch.autocast(llm.device.type, dtype=dtype, enabled=dtype is not None):
-                embeds = embed(batch["input_ids"])
-                embeds = torch.cat([embeds[:, :start], soft.expand(len(rows), -1, -1).to(embeds.dtype), embeds[:, start + n_soft :]], dim=1)
-                loss = llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens += sum(len(ids) for ids, _ in rows)
-        return time.perf_counter() - started, tokens
+        return timed_steps(llm, batches, optimizer, loss, dtype)
     finally:
         llm.model.eval()
 
