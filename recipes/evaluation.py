@@ -51,6 +51,7 @@ class EvalRequest:
     no_repeat_ngram_size: Optional[int] = None
     repetition_penalty: Optional[float] = None
     length_ratio: Optional[float] = None
+    ablation: bool = False
 
     def decoding(self, task: Task) -> Decoding:
         """The task's decoding with this request's overrides."""
@@ -122,7 +123,8 @@ def evaluate(
         raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
     queries = select_queries(store, task, request.split, request.limit, request.users)
     plan = plan_serving(
-        store, task, request.method, [q.user_id for q in queries], request.plugin, request.base, request.pool, request.top_k
+        store, task, request.method, [q.user_id for q in queries], request.plugin, request.base, request.pool, request.top_k,
+        request.ablation, request.seed,
     )  # fmt: skip
     llm = load_llm()
     started = time.perf_counter()
@@ -154,7 +156,7 @@ def evaluate(
 
 def method_label(request: EvalRequest) -> str:
     """A short name for tables: 'rag-bm25-k4', 'random-k2', 'pag', 'none', 'oppu', 'none+task-lora-LaMP-7',
-    'perpcs[pool-2]+rag-bm25-k1', 'peft-retrieval-k3'."""
+    'perpcs[pool-2]+rag-bm25-k1', 'peft-retrieval-k3', 'pplug-ablation'."""
     adapter, prompt = split_method(request.method)
     if prompt == "rag":
         label = f"rag-{request.retriever}-k{request.k}"
@@ -165,6 +167,7 @@ def method_label(request: EvalRequest) -> str:
     if adapter is not None:
         name = adapter + (f"-k{request.top_k or 3}" if adapter == "peft-retrieval" else "")
         name += f"[{request.plugin or request.pool}]" if request.plugin or request.pool else ""
+        name += "-ablation" if request.ablation else ""
         label = name if prompt == "none" else f"{name}+{label}"
     return f"{label}+{request.base}" if request.base else label
 

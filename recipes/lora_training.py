@@ -474,7 +474,13 @@ _LIBC = _load_libc()
 
 def autocast_dtype(llm: LLM, precision: str) -> Optional[torch.dtype]:
     """bfloat16 mixed precision where the hardware has it ('auto'), about twice as fast on a CPU
-    with AVX-512/AMX bf16; the LoRA weights and optimizer stay float32 either way."""
+    with AVX-512/AMX bf16; the LoRA weights and optimizer stay float32 either way. The
+    environment variable PERSONA_PRECISION (float32|bfloat16) decides what 'auto' means, so a
+    figure that must hold on every CPU can be measured in float32 without editing commands."""
+    if precision == "auto":
+        precision = os.environ.get("PERSONA_PRECISION") or "auto"
+        if precision not in PRECISIONS:
+            raise PersonaError(f"PERSONA_PRECISION={precision}: expected one of {', '.join(PRECISIONS)}")
     if precision == "float32":
         return None
     if precision == "bfloat16":

@@ -389,16 +389,20 @@ def soft_tokens(embedder: UserEmbedder, texts: list[str], histories: list[np.nda
     return SoftTokens(torch.cat(rows) if rows else torch.zeros(0, embedder.shape.n_soft, embedder.shape.llm_dim))
 
 
-def query_soft_tokens(store: Store, plugin: Plugin, llm: LLM, task: Task, queries: list[Query]) -> SoftTokens:
+def query_soft_tokens(
+    store: Store, plugin: Plugin, llm: LLM, task: Task, queries: list[Query], donor: Optional[dict[str, str]] = None
+) -> SoftTokens:
     """The soft tokens of each query from its user's stored history, with the stored embedder
-    (a user ingested after training needs nothing else)."""
+    (a user ingested after training needs nothing else). With `donor`, a query is served with its
+    donor's history instead of its own user's (the non-personal ablation)."""
     check_llm([plugin], llm.id)
     embedder = load_embedder(plugin, llm.device)
-    vectors = history_vectors(store, task, [q.user_id for q in queries], embedder.shape.history_cap)
+    owners = [donor[q.user_id] if donor else q.user_id for q in queries]
+    vectors = history_vectors(store, task, owners, embedder.shape.history_cap)
     if embedder.shape.personal:
-        require_histories(vectors, [q.user_id for q in queries], task)
+        require_histories(vectors, owners, task)
     none = np.zeros((0, embedder.shape.encoder_dim), dtype=np.float32)  # --no-personal reads no history
-    return soft_tokens(embedder, [task.query_text(q.input) for q in queries], [vectors.get(q.user_id, none) for q in queries])
+    return soft_tokens(embedder, [task.query_text(q.input) for q in queries], [vectors.get(u, none) for u in owners])
 
 
 # ---------- explanation ----------

@@ -11,6 +11,7 @@ its own soft tokens.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -29,9 +30,15 @@ from recipes.tasks import Task
 from store import Plugin, Query, Store
 
 PERPCS, PEFT_RETRIEVAL = "perpcs", "peft-retrieval"
+UNIFORM = "uniform"  # the one adapter of Per-Pcs's uniform-gates ablation
 USER_ADAPTER_METHODS = (OPPU, PERPCS, PEFT_RETRIEVAL, PPLUG)
 ADAPTER_METHODS = (TASK_LORA, *USER_ADAPTER_METHODS)
 PLUGIN_METHODS = (TASK_LORA, OPPU, PPLUG)
+ABLATIONS = {
+    OPPU: "the task base of the OPPU adapters",
+    PERPCS: "uniform gates: every sharer's pieces, equal weights",
+    PPLUG: "another user's history (seeded derangement)",
+}
 
 
 def split_method(method: str) -> tuple[Optional[str], str]:
@@ -89,14 +96,24 @@ def plan_serving(
     base: Optional[str] = None,
     pool: Optional[str] = None,
     top_k: Optional[int] = None,
+    ablation: bool = False,
+    seed: int = 0,
 ) -> ServingPlan:
     """The plug-ins a method runs with for prompts of these users (one user id per prompt).
 
     task-lora: the task LoRA `plugin` (default task-lora-TASK) with its bases. oppu: each user's
     adapter `plugin/USER` (default group oppu-TASK) over their common base. perpcs: each user's
     stored assembly against `pool` (a tag or version; default the newest). peft-retrieval: the
-    `top_k` (default 3) sharers of `pool` closest to each user. Prompt methods run on `base`."""
+    `top_k` (default 3) sharers of `pool` closest to each user. Prompt methods run on `base`.
+
+    `ablation` serves a personal method's non-personal counterpart, everything else equal, so the
+    difference between the two is what personalization adds: oppu -> the task base its adapters
+    were trained on; perpcs -> every sharer's pieces with equal weight (uniform gates, the same
+    adapter for every user); pplug -> each user's soft token made from another user's history
+    (a seeded derangement of the users served)."""
     adapter, _ = split_method(method)
+    if ablation and adapter not in ABLATIONS:
+        raise PersonaError(f"--ablation goes with a personal method ({', '.join(ABLATIONS)}), not {method}")
     if adapter is not None and base:
         raise PersonaError(f"--base goes with prompt methods; {adapter} runs on the base its adapters were made on")
     if pool is not None and adapter not in (PERPCS, PEFT_RETRIEVAL):
@@ -108,13 +125,18 @@ def plan_serving(
     if adapter == TASK_LORA:
         return ServingPlan(chain=base_chain(store, plugin or task_lora_name(task)))
     if adapter == OPPU:
-        return _oppu_plan(store, task, user_ids, plugin or oppu_group(task))
+        plan = _oppu_plan(store, task, user_ids, plugin or oppu_group(task))
+        if ablation:
+            return ServingPlan(chain=plan.chain, details={"ablation": ABLATIONS[OPPU]})
+        return plan
+    if adapter == PERPCS and ablation:
+        return _uniform_plan(store, task, user_ids, pool)
     if adapter == PERPCS:
         return _perpcs_plan(store, task, user_ids, pool, top_k)
     if adapter == PEFT_RETRIEVAL:
         return _retrieval_plan(store, task, user_ids, pool, top_k or 3)
     if adapter == PPLUG:
-        return _pplug_plan(store, task, user_ids, plugin or f"{PPLUG}-{task.name}")
+        return _pplug_plan(store, task, user_ids, plugin or f"{PPLUG}-{task.name}", donors(user_ids, seed) if ablation else None)
     return ServingPlan(chain=base_chain(store, base))
 
 
@@ -166,6 +188,22 @@ def _perpcs_plan(store: Store, task: Task, user_ids: list[str], ref: Optional[st
     return _pool_plan(store, pool, user_ids, choose, {"top_k": sorted(ks)})
 
 
+def _uniform_plan(store: Store, task: Task, user_ids: list[str], ref: Optional[str]) -> ServingPlan:
+    """Per-Pcs with uniform gates: one adapter mixing all sharers' pieces equally, for every user."""
+    pool = load_pool(store, task.name, ref)
+    choose = lambda: {UNIFORM: {path: [(s, 1 / len(m.sharers)) for s in m.sharers] for path, m in pool.modules.items()}}  # noqa: E731
+    return _pool_plan(store, pool, [UNIFORM] * len(user_ids), choose, {"ablation": ABLATIONS[PERPCS]})
+
+
+def donors(user_ids: list[str], seed: int) -> dict[str, str]:
+    """Each user's donor: another user of the set, every user donating once (a seeded derangement)."""
+    users = sorted(set(user_ids))
+    if len(users) < 2:
+        raise PersonaError("--ablation of pplug serves each user with another user's history; it needs at least 2 users")
+    random.Random(seed).shuffle(users)
+    return {user: users[(i + 1) % len(users)] for i, user in enumerate(users)}
+
+
 def _retrieval_plan(store: Store, task: Task, user_ids: list[str], ref: Optional[str], top_k: int) -> ServingPlan:
     pool = load_pool(store, task.name, ref)
     histories = store.histories(sorted(set(user_ids) | set(pool.sharers)), task.name, with_vectors=True)
@@ -178,14 +216,19 @@ def _retrieval_plan(store: Store, task: Task, user_ids: list[str], ref: Optional
     return _pool_plan(store, pool, user_ids, choose, {"top_k": top_k})
 
 
-def _pplug_plan(store: Store, task: Task, user_ids: list[str], name: str) -> ServingPlan:
+def _pplug_plan(store: Store, task: Task, user_ids: list[str], name: str, donor: Optional[dict[str, str]] = None) -> ServingPlan:
     plugin = get_pplug(store, name)
     check_pplug_encoder(store, plugin.encoder)
     if plugin.task not in (None, task.name):
         raise PersonaError(f"plug-in '{name}' was trained for {plugin.task}, not {task.name}")
     if plugin.config["shape"].get("personal", True):
         require_histories(history_vectors(store, task, user_ids, 1), user_ids, task)
+    if donor is not None and not plugin.config["shape"].get("personal", True):
+        raise PersonaError(f"plug-in '{name}' has no personal token; it is an ablation already")
+    details = {"pplug": name, "pooling": plugin.config["shape"]["pooling"]}
+    if donor is not None:
+        details["ablation"] = ABLATIONS[PPLUG]
     return ServingPlan(
-        chain=base_chain(store, plugin.base), details={"pplug": name, "pooling": plugin.config["shape"]["pooling"]},
-        soft=lambda llm, queries: query_soft_tokens(store, plugin, llm, task, queries),
+        chain=base_chain(store, plugin.base), details=details,
+        soft=lambda llm, queries: query_soft_tokens(store, plugin, llm, task, queries, donor),
     )  # fmt: skip

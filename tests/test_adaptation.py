@@ -82,6 +82,21 @@ def test_evaluate_task_lora_and_oppu_on_the_same_queries(store, trained, tmp_pat
     assert compared["shared_queries"] == 6
 
 
+def test_oppus_ablation_is_its_task_base_on_the_same_queries(store, trained, tmp_path):
+    """--ablation serves OPPU's non-personal counterpart: the task LoRA its adapters sit on, which
+    answers exactly like --method task-lora, while the personal adapters answer differently."""
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(TEST_USERS) + "\n")
+    common = ["evaluate", "--task", "LaMP-7", "--users", str(users), "--max-new-tokens", "16"]
+    ablation = _cli(store, *common, "--method", "oppu", "--ablation")
+    task_run = _cli(store, *common, "--method", "task-lora")
+    oppu_run = _cli(store, *common, "--method", "oppu")
+    assert ablation["method"] == "oppu-ablation" and ablation["config"]["ablation"].startswith("the task base")
+    assert "per_user_adapters" not in ablation["config"] and ablation["config"]["plugins"] == ["task-lora-LaMP-7"]
+    raw = lambda run: [p.raw for p in Store(store).run_predictions(run["run_id"])]  # noqa: E731
+    assert raw(ablation) == raw(task_run) != raw(oppu_run)
+
+
 def test_an_exported_oppu_adapter_loads_in_plain_peft_and_answers_the_same(store, trained, llm, tmp_path):
     """The export folds the task base in, so plain peft on the bare LLM gives persona's answer."""
     ours = _cli(store, "generate", "--user", "4", "--method", "oppu", "--max-new-tokens", "20", PROMPT)["output"]
@@ -118,6 +133,7 @@ def test_an_imported_adapter_serves_like_the_original(store, trained, tmp_path):
         (["evaluate", "--task", "LaMP-7", "--method", "oppu", "--split", "train", "--limit", "4"], "users have no OPPU adapter"),
         (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--plugin", "missing"], "no plug-in 'missing'"),
         (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora, oppu or pplug, not rag"),
+        (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--ablation"], "--ablation goes with a personal method"),
         (["plugins", "export", "nothing", "out"], "no plug-in 'nothing'"),
         (["plugins", "import", "no-such-dir", "--name", "y"], "no adapter_config.json"),
     ],

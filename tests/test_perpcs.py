@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from conftest import EXAMPLES, cli_fails, cli_json
 from persona_cli.main import app
 from recipes.generation import prompt_token_ids
+from recipes.pool import read_pool
 from store import Store
 
 runner = CliRunner()
@@ -25,8 +26,8 @@ PROMPT = "Paraphrase the following tweet without any explanation before or after
 STYLES = {json.loads(line)["user_id"]: json.loads(line)["style"] for line in EXAMPLES.read_text().splitlines()}
 # one non-test sharer for each of the ten planted styles
 SHARERS = ["0", "1", "12", "3", "14", "5", "6", "7", "18", "9"]
-MASS_FLOOR, TOP3_FLOOR = 0.12, 5  # chance: 0.10 and about 4 of 13; measured 0.170 and 7 of 13
-TRAINING = ["--steps", "12", "--gate-steps", "12", "--max-length", "128", "--batch-size", "4"]
+MASS_FLOOR, TOP3_FLOOR = 0.12, 5  # chance: 0.10 and about 4 of 13; measured (float32) 0.174 and 9 of 13
+TRAINING = ["--steps", "6", "--gate-steps", "6", "--max-length", "128", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,26 @@ def test_perpcs_with_rag_and_the_peft_retrieval_baseline_run(store, test_users_a
     retrieval = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "peft-retrieval", "--top-k", "2", "--users", str(users))
     assert rag["method"] == "perpcs+rag-bm25-k1" and rag["n_examples"] == 6
     assert retrieval["method"] == "peft-retrieval-k2" and retrieval["config"]["top_k"] == 2
+
+
+def test_perpcs_ablation_mixes_every_sharer_equally_for_every_user(store, test_users_assembled):
+    """--ablation is Per-Pcs with uniform gates: one adapter, each module the mean of all ten
+    sharers' pieces, the same for every user, so personal assemblies and it can be compared."""
+    from recipes.serving import plan_serving
+    from recipes.tasks import get_task
+
+    plan = plan_serving(Store(store), get_task("LaMP-7"), "perpcs", ["2", "4", "2"], ablation=True)
+    assert len(set(plan.per_prompt)) == 1 and plan.details["ablation"].startswith("uniform gates")
+    (adapter,) = plan.adapters().values()
+    pool = read_pool(Store(store), "LaMP-7", Store(store).resolve_pool(None))
+    path = "model.layers.3.self_attn.v_proj"
+    module = pool.modules[path]
+    a, b = adapter.modules[path]
+    expected = sum(module.b[i] @ module.a[i] for i in range(len(module.sharers))) / len(module.sharers)
+    assert len(module.sharers) == 10 and torch.allclose(b @ a * adapter.scales[path], expected, atol=1e-6)
+    (store.parent / "users.txt").write_text("2\n4\n")
+    run = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "perpcs", "--ablation", "--users", str(store.parent / "users.txt"))
+    assert run["method"] == "perpcs-ablation" and run["config"]["per_user_adapters"] == 1 and run["n_examples"] == 6
 
 
 def test_an_exported_assembly_loads_in_plain_peft_and_answers_the_same(store, llm, registered, tmp_path):

@@ -24,13 +24,12 @@ pytestmark = pytest.mark.slow
 USERS = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
 STYLES = {u["user_id"]: u["style"] for u in USERS}
 PROMPT = "Paraphrase the following tweet without any explanation before or after it: "
-# the same training for the embedder and the ablation; history items with an input are examples too.
-# float32 so the figures hold on every CPU (bf16 autocast is only where the CPU has it); lr 3e-3
-# because at 1e-3 200 steps left the style agreement at 0.15 to 0.23 in float32 (0.41 with bf16)
-TRAINING = ["--history-examples", "--steps", "200", "--batch-size", "8", "--lr", "3e-3", "--eval-every", "100",
+# float32 so the figures hold on every CPU (bf16 autocast is only where the CPU has it); history items
+# with an input are examples too. 150 steps at lr 6e-3: at 100 steps (lr 5e-3) no answer shows a style yet
+TRAINING = ["--history-examples", "--steps", "150", "--batch-size", "8", "--lr", "6e-3", "--eval-every", "75",
             "--max-length", "128", "--precision", "float32"]  # fmt: skip
-# measured in float32 with these settings: agreement 0.41 (seed 0) and 0.77 (seed 1), the ablation 0.00
-STYLE_FLOOR, MARGIN = 0.25, 0.15
+# measured in float32 with these settings: agreement 0.333, its --ablation (another user's history) 0.000
+STYLE_FLOOR, MARGIN = 0.20, 0.15
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +45,9 @@ def trained(store) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ablation(store, trained) -> dict:
-    return cli_json(store, "train-embedder", "--task", "LaMP-7", "--name", "pplug-none", "--no-personal", *TRAINING)
+def no_personal(store, trained) -> dict:
+    """An embedder without the personal token (the instruction token only), trained briefly."""
+    return cli_json(store, "train-embedder", "--task", "LaMP-7", "--name", "pplug-none", "--no-personal", "--steps", "2", "--eval-every", "2")
 
 
 def _tables(store: Path) -> dict[str, tuple[int, int]]:
@@ -71,21 +71,40 @@ def test_train_embedder_stores_a_pplug_plugin_with_its_ids_and_curve(store, trai
     assert trained["encoder"] == "all-MiniLM-L6-v2" and trained["llm"] == "SmolLM2-135M-Instruct"
     assert trained["pooling"] == "attention" and trained["personal"] and trained["llm_dim"] == 576
     assert trained["train_examples"] > 96  # 96 training-split queries plus the history items with an input
-    assert trained["steps"] == 200 and trained["best_step"] in (100, 200) and trained["best_dev_loss"] > 0
+    assert trained["steps"] == 150 and trained["best_step"] in (75, 150) and trained["best_dev_loss"] > 0
     listed = {p["name"]: p for p in cli_json(store, "plugins", "list")["plugins"]}
     assert listed["pplug-LaMP-7"]["kind"] == "pplug"
 
 
-def test_personal_tokens_carry_each_users_style(store, trained, ablation):
+def test_personal_tokens_carry_each_users_style(store, trained):
     """The 13 test users were never trained on; their answers follow their own planted style far more
-    often with the personal token than with the instruction token alone, trained the same way."""
+    often with their own soft token than with the same embedder fed another user's history (--ablation)."""
     personal = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug")
-    plain = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug", "--plugin", "pplug-none")
-    assert personal["n_examples"] == plain["n_examples"] == 39
+    ablation = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug", "--ablation")
+    assert personal["n_examples"] == ablation["n_examples"] == 39
+    assert ablation["method"] == "pplug-ablation" and ablation["config"]["ablation"].startswith("another user's history")
     ours, examples = _agreement(store, personal["run_id"])
-    theirs, _ = _agreement(store, plain["run_id"])
-    print(f"style agreement: pplug {ours:.3f}, --no-personal {theirs:.3f}\n" + "\n".join(examples))
+    theirs, _ = _agreement(store, ablation["run_id"])
+    print(f"style agreement: pplug {ours:.3f}, --ablation {theirs:.3f}\n" + "\n".join(examples))
     assert ours >= STYLE_FLOOR and ours >= theirs + MARGIN
+
+
+def test_the_ablation_serves_each_user_with_another_users_history(store, trained):
+    """A seeded derangement: nobody keeps their own history, every history is used once, same seed same map."""
+    from recipes.serving import donors
+
+    users = [str(u) for u in range(13)]
+    mapping = donors(users, seed=0)
+    assert sorted(mapping) == sorted(mapping.values()) == sorted(users)
+    assert all(mapping[u] != u for u in users) and donors(users, seed=0) == mapping != donors(users, seed=1)
+    (store.parent / "users.txt").write_text("2\n4\n")
+    swapped = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug", "--ablation", "--users", str(store.parent / "users.txt"))
+    opened = Store(store)
+    by_user = {p.query_id: p.raw for p in opened.run_predictions(swapped["run_id"])}
+    for prediction in opened.run_predictions(swapped["run_id"])[:1]:  # user 2 answered with user 4's history
+        query = next(q for q in opened.user_queries(prediction.user_id) if q.query_id == prediction.query_id)
+        own = cli_json(store, "generate", "--user", prediction.user_id, "--method", "pplug", query.input)
+        assert by_user[query.query_id] != own["raw"]
 
 
 def test_a_user_ingested_after_training_is_served_with_no_training(store, trained, tmp_path):
@@ -147,12 +166,14 @@ def test_pplug_with_rag_and_a_mean_pooling_embedder(store, trained):
         (["generate", "--user", "42", "--method", "pplug+magic", PROMPT + "Hi."], "--method pplug+magic"),
         (["evaluate", "--task", "LaMP-7", "--method", "pplug", "--pool", "pool-1"], "--pool goes with"),
         (["explain", "--user", "42", "--plugin", "pplug-none", PROMPT + "Hi."], "without a personal token"),
+        (["evaluate", "--task", "LaMP-7", "--method", "pplug", "--plugin", "pplug-none", "--ablation"], "an ablation already"),
+        (["evaluate", "--task", "LaMP-7", "--method", "pplug", "--ablation", "--limit", "1"], "needs at least 2 users"),
         (["explain", "--user", "nobody", PROMPT + "Hi."], "no user 'nobody'"),
         (["explain", "--user", "42", "--top", "0", PROMPT + "Hi."], "--top"),
         (["explain", "--user", "42", " "], "empty"),
     ],
 )
-def test_bad_requests_fail_in_one_line_and_change_nothing(store, trained, ablation, args, message):
+def test_bad_requests_fail_in_one_line_and_change_nothing(store, trained, no_personal, args, message):
     before = _tables(store)
     assert message in cli_fails(store, *args)
     assert _tables(store) == before
