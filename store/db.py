@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -27,6 +29,41 @@ FORMAT_VERSION = 1
 """The on-disk layout this code reads and writes; bumped whenever a schema changes."""
 
 META, USERS, BEHAVIORS, QUERIES = "_meta", "users", "behaviors", "queries"
+WRITER_LOCK = ".persona-writer.lock"
+_held: dict[str, int] = {}  # store directory -> depth of this process's nested transactions
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def _writer_lock(uri: str) -> Iterator[None]:
+    """One writer at a time on a local store, across processes: an exclusive flock on a file in the
+    store directory, waited for (not refused), re-entrant within a process. Two concurrent commands
+    then run one after the other, so neither duplicates rows nor rolls back the other's commit.
+    Object-store URIs have no file lock; there writers must not overlap."""
+    if "://" in uri:
+        yield
+        return
+    directory = os.path.abspath(uri)
+    with _held_guard:
+        depth = _held.get(directory, 0)
+        _held[directory] = depth + 1
+    if depth:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[directory] -= 1
+        return
+    os.makedirs(directory, exist_ok=True)
+    handle = open(os.path.join(directory, WRITER_LOCK), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        with _held_guard:
+            _held[directory] -= 1
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def default_store_path() -> str:
@@ -101,20 +138,22 @@ class Store(ResultTables, PluginTables, PieceTables):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Roll every table back to where it was if the block raises: a failed command changes nothing."""
-        before = {name: self._db.open_table(name).version for name in self.table_names()}
-        try:
-            yield
-        except BaseException:
-            for name in self.table_names():
-                if name not in before:
-                    self._db.drop_table(name)
-                    continue
-                table = self._db.open_table(name)
-                if table.version != before[name]:
-                    table.checkout(before[name])
-                    table.restore()
-            raise
+        """Roll every table back to where it was if the block raises: a failed command changes nothing.
+        Holds the store's writer lock throughout, so the versions rolled back to are this writer's own."""
+        with _writer_lock(self.uri):
+            before = {name: self._db.open_table(name).version for name in self.table_names()}
+            try:
+                yield
+            except BaseException:
+                for name in self.table_names():
+                    if name not in before:
+                        self._db.drop_table(name)
+                        continue
+                    table = self._db.open_table(name)
+                    if table.version != before[name]:
+                        table.checkout(before[name])
+                        table.restore()
+                raise
 
     # ---------- the behaviour encoder of this store ----------
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from datetime import datetime
+from pathlib import Path
 
 import lancedb
 import numpy as np
@@ -164,3 +168,39 @@ def test_items_without_time_keep_their_file_order_and_histories_read_in_one_scan
     assert set(both) == {"carol", "alice"} and [b.text for b in both["carol"]][-1] == "tweet 11"
     assert [q.query_id for q in store.task_queries("LaMP-7")] == ["q1", "q2"]
     assert sorted(["u_10", "u_2", "10", "9", "#12", "#2"], key=id_sort_key) == ["9", "10", "#2", "#12", "u_2", "u_10"]
+
+
+def _ingest_twice_at_once(store: Path, users: Path) -> None:
+    """Two `persona ingest` processes started together on the same store; both must succeed."""
+    command = [sys.executable, "-c", "from persona_cli.main import app; app()", "--store", str(store), "ingest", str(users), "--task", "LaMP-7"]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+
+
+def test_two_ingests_at_once_neither_duplicate_nor_erase_each_other(tmp_path):
+    """The writer lock serializes whole commands: into an empty store the same 3 users land once,
+    and into a non-empty one the second writer's rollback point is the first writer's commit."""
+    from conftest import EXAMPLES
+
+    lines = EXAMPLES.read_text(encoding="utf-8").splitlines()
+    (tmp_path / "three.jsonl").write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
+    (tmp_path / "six.jsonl").write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+    items = lambda n: sum(len(json.loads(line)["history"]) for line in lines[:n])  # noqa: E731
+    store = tmp_path / "store"
+    _ingest_twice_at_once(store, tmp_path / "three.jsonl")
+    opened = Store(store)
+    assert (opened.count("users"), opened.count("behaviors"), opened.count("queries")) == (3, items(3), 9)
+    _ingest_twice_at_once(store, tmp_path / "six.jsonl")
+    opened = Store(store)
+    assert (opened.count("users"), opened.count("behaviors"), opened.count("queries")) == (6, items(6), 18)
+    assert len(opened.histories([str(u) for u in range(6)])["5"]) == len(json.loads(lines[5])["history"])
+
+
+def test_nested_transactions_in_one_process_do_not_wait_for_themselves(tmp_path):
+    store = Store(tmp_path / "s")
+    with store.transaction():
+        with store.transaction():
+            store._set_meta({"format_version": str(FORMAT_VERSION)})
+    assert store.meta()["format_version"] == str(FORMAT_VERSION)
