@@ -122,6 +122,7 @@ def evaluate(
     if request.batch_size < 1:
         raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
     queries = select_queries(store, task, request.split, request.limit, request.users)
+    task.check_golds([(q.query_id, q.output) for q in queries])
     plan = plan_serving(
         store, task, request.method, [q.user_id for q in queries], request.plugin, request.base, request.pool, request.top_k,
         request.ablation, request.seed,

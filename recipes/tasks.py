@@ -133,6 +133,18 @@ class Task:
             return lamp_metrics.rating_metrics(predictions, golds, list(self.labels))
         return lamp_metrics.generation_metrics(predictions, golds)
 
+    def check_golds(self, golds: list[tuple[str, str]]) -> None:
+        """(query id, gold) pairs that the task's metric can read, checked before any model loads: a
+        label outside the task's set or an unreadable rating is the user's error, found now rather
+        than as a traceback after all the generation."""
+        if self.kind == GENERATION:
+            return
+        for query_id, gold in golds:
+            try:
+                self.score([gold], [gold])
+            except ValueError as exc:
+                raise PersonaError(f"query {query_id}: {exc}") from None
+
     def higher_is_better(self, metric: str) -> bool:
         return metric not in ("mae", "rmse")
 

@@ -176,3 +176,20 @@ def test_scoring_lamp2n_agrees_with_scikit_learn(tmp_path):
     y_pred = [labels.index(answers[i]) if answers[i] in labels else -1 for i in ids]
     assert scored["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert scored["f1"] == pytest.approx(f1_score(y_true, y_pred, labels=list(range(15)), average="macro", zero_division=0))
+
+
+def test_a_gold_outside_the_label_set_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """Found when the queries are selected, as one line naming the query, not as a traceback
+    from scoring after all the answers were generated."""
+    user = {"user_id": "u1", "history": [{"id": "h1", "text": "An article about football.", "category": "sports"}],
+            "queries": [{"id": "q1", "input": "Which category does this article relate to? Article: Stocks fell.", "output": "not a category"}]}  # fmt: skip
+    (tmp_path / "u.jsonl").write_text(json.dumps(user) + "\n")
+    store = tmp_path / "store"
+    assert runner.invoke(app, ["--store", str(store), "ingest", str(tmp_path / "u.jsonl"), "--task", "LaMP-2N", "--split", "test"]).exit_code == 0
+
+    def no_model(*_, **__):
+        raise AssertionError("the LLM was loaded before the golds were checked")
+
+    monkeypatch.setattr("persona_cli.evaluate_cmd.load_llm", no_model)
+    assert "query q1: gold 'not a category' is not one of the labels" in _fail(store, "evaluate", "--task", "LaMP-2N")
+    assert Store(store).list_runs() == []
