@@ -28,7 +28,8 @@ PROMPT = "Paraphrase the following tweet without any explanation before or after
 # with an input are examples too. 150 steps at lr 6e-3: at 100 steps (lr 5e-3) no answer shows a style yet
 TRAINING = ["--history-examples", "--steps", "150", "--batch-size", "8", "--lr", "6e-3", "--eval-every", "75",
             "--max-length", "128", "--precision", "float32"]  # fmt: skip
-# measured in float32 with these settings: agreement 0.333, its --ablation (another user's history) 0.000
+# measured in float32 with these settings: agreement 0.333 (seed 0) and 0.513 (seed 1), its --ablation
+# (another user's history) 0.000 and 0.051
 STYLE_FLOOR, MARGIN = 0.20, 0.15
 
 
