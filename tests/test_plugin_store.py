@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from store import Plugin, Store
+from store import Plugin, Store, StoreError
 
 
 def _plugin(name: str, kind: str = "oppu", weights: bytes = b"\x00\x01", **extra) -> Plugin:
@@ -40,5 +40,5 @@ def test_replacing_a_plugin_keeps_one_row_and_delete_removes_it(tmp_path):
 
 def test_a_missing_plugin_is_a_clear_error(tmp_path):
     store = Store(tmp_path / "s")
-    with pytest.raises(Exception, match="no plug-in 'nothing'"):
+    with pytest.raises(StoreError, match="no plug-in 'nothing'"):
         store.get_plugin("nothing")
