@@ -29,13 +29,9 @@ sys.path.insert(0, str(HERE))
 
 from make_users import PROMPT, shows_style  # noqa: E402
 
-# each personal method, its ablation (the same method with the personal part taken away), and how
-# the ablation is asked for; the demo's main result is the difference between the two rows
-PAIRS = [
-    ("oppu", "OPPU: a LoRA per user on the task LoRA", "task LoRA alone"),
-    ("perpcs", "Per-Pcs: adapters assembled from shared pieces", "uniform gates"),
-    ("pplug", "PPlug: a soft token from the user's history", "another user's history"),
-]
+# each personal method and what its --ablation serves instead (the personal part taken away);
+# the demo's main result is the difference between the two rows
+PAIRS = {"oppu": "task LoRA alone", "perpcs": "uniform gates", "pplug": "another user's history"}
 STYLED_USERS = {"2": "#blessed", "36": "!!!", "45": "Honestly,", "17": "...", "4": "British", "8": "- Sam"}
 SHARERS = ["0", "1", "12", "3", "14", "5", "6", "7", "18", "9"]  # one non-test user per planted style
 NEW_INPUT = PROMPT + "The museum opens early on Sundays."
@@ -145,7 +141,7 @@ def evaluate_all(store: Path) -> dict[str, dict]:
     step("Evaluate every method and each personal method's ablation on the same test users' queries")
     runs = {}
     plans = [("k=0", ["--method", "none"]), ("RAG k=4", ["--method", "rag", "--k", "4"]), ("task LoRA", ["--method", "task-lora"])]
-    for method, _, _ in PAIRS:
+    for method in PAIRS:
         plans += [(method, ["--method", method]), (f"{method} ablation", ["--method", method, "--ablation"])]
     for label, args in plans:
         run = persona(store, "evaluate", "--task", "LaMP-7", *args, quiet=True)
@@ -155,13 +151,10 @@ def evaluate_all(store: Path) -> dict[str, dict]:
     return runs
 
 
-def per_query(store: Path, run: dict, styles: dict[str, str] | None) -> list[dict]:
+def per_query(opened, inputs: dict[str, str], run: dict, styles: dict[str, str] | None) -> list[dict]:
     """Each prediction's ROUGE and, with planted styles, whether it is written in its user's style."""
     from recipes.metrics import per_example_rouge
-    from store import Store
 
-    opened = Store(str(store))
-    inputs = {q.query_id: q.input for q in opened.task_queries("LaMP-7")}
     predictions = sorted(opened.run_predictions(run["run_id"]), key=lambda p: p.query_id)
     rows = per_example_rouge([p.output for p in predictions], [p.gold or "" for p in predictions])
     for row, p in zip(rows, predictions):
@@ -174,8 +167,11 @@ def per_query(store: Path, run: dict, styles: dict[str, str] | None) -> list[dic
 def report(store: Path, runs: dict[str, dict], styles: dict[str, str] | None, out: Path) -> dict:
     """The table, JSON and chart: every run's means, each personal method's paired difference to its ablation."""
     from recipes.metrics import bootstrap_interval
+    from store import Store
 
-    rows = {label: per_query(store, run, styles) for label, run in runs.items()}
+    opened = Store(str(store))
+    inputs = {q.query_id: q.input for q in opened.task_queries("LaMP-7")}
+    rows = {label: per_query(opened, inputs, run, styles) for label, run in runs.items()}
     measure = "style" if styles else "rouge-1"
 
     def values(label: str) -> list[float]:
@@ -188,7 +184,7 @@ def report(store: Path, runs: dict[str, dict], styles: dict[str, str] | None, ou
             hits = values(label)
             entry["style_hit_rate"] = sum(hits) / len(hits)
         summary["runs"][label] = entry
-    for method, _, ablated in PAIRS:
+    for method, ablated in PAIRS.items():
         ours, theirs = rows[method], rows[f"{method} ablation"]
         diffs = [float(a[measure]) - float(b[measure]) for a, b in zip(ours, theirs) if a.get(measure) is not None]
         low, high = bootstrap_interval(diffs)
@@ -264,8 +260,9 @@ def main() -> None:
         ingest_examples(store)
         styles = {u["user_id"]: u["style"] for u in map(json.loads, (HERE / "users.jsonl").read_text(encoding="utf-8").splitlines())}
         step("Generate for user 4, first not personalized (k=0), then with RAG over user 4's own items")
-        persona(store, "generate", "--user", "4", PROMPT + "My favorite color has always been a deep shade of blue.")
-        persona(store, "generate", "--user", "4", "--method", "rag", "--k", "3", PROMPT + "My favorite color has always been a deep shade of blue.")
+        colour = PROMPT + "My favorite color has always been a deep shade of blue."
+        persona(store, "generate", "--user", "4", colour)
+        persona(store, "generate", "--user", "4", "--method", "rag", "--k", "3", colour)
     train_everything(store, lamp=args.lamp is not None)
     if styles:
         show_styles(store)

@@ -137,13 +137,18 @@ class Task:
         """(query id, gold) pairs that the task's metric can read, checked before any model loads: a
         label outside the task's set or an unreadable rating is the user's error, found now rather
         than as a traceback after all the generation."""
-        if self.kind == GENERATION:
+        if self.kind == GENERATION or not golds:
             return
-        for query_id, gold in golds:
-            try:
-                self.score([gold], [gold])
-            except ValueError as exc:
-                raise PersonaError(f"query {query_id}: {exc}") from None
+        values = [gold for _, gold in golds]
+        try:
+            self.score(values, values)
+        except ValueError:
+            for query_id, gold in golds:  # one scoring pass normally; per query only to name the culprit
+                try:
+                    self.score([gold], [gold])
+                except ValueError as exc:
+                    raise PersonaError(f"query {query_id}: {exc}") from None
+            raise
 
     def higher_is_better(self, metric: str) -> bool:
         return metric not in ("mae", "rmse")

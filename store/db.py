@@ -45,25 +45,20 @@ def _writer_lock(uri: str) -> Iterator[None]:
         return
     directory = os.path.abspath(uri)
     with _held_guard:
-        depth = _held.get(directory, 0)
-        _held[directory] = depth + 1
-    if depth:
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held[directory] -= 1
-        return
-    os.makedirs(directory, exist_ok=True)
-    handle = open(os.path.join(directory, WRITER_LOCK), "a")
+        outermost = not _held.get(directory)
+        _held[directory] = _held.get(directory, 0) + 1
+    handle = None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        if outermost:
+            os.makedirs(directory, exist_ok=True)
+            handle = open(os.path.join(directory, WRITER_LOCK), "a")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
     finally:
         with _held_guard:
             _held[directory] -= 1
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        if handle is not None:
+            handle.close()  # closing the file releases its flock
 
 
 def default_store_path() -> str:
