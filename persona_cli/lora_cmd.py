@@ -157,9 +157,10 @@ def train_oppu_command(
     if json_out:
         print_json({**summary, "users": len(user_ids)})
         return
-    table = Table("group", "base", "users", "trained", "kept", "skipped", "mean train s", "mean adapter", title="OPPU")
+    table = Table("group", "base", "users", "trained", "resumed", "kept", "skipped", "mean train s", "mean adapter", title="OPPU")
     table.add_row(
-        summary["group"], summary["base"] or "(bare LLM)", str(len(user_ids)), str(summary["trained"]), str(summary["reused"]),
+        summary["group"], summary["base"] or "(bare LLM)", str(len(user_ids)), str(summary["trained"]), str(summary["resumed"]),
+        str(summary["reused"]),
         str(len(summary["skipped"])), f"{summary['mean_train_seconds']}", human_bytes(summary["mean_adapter_bytes"]),
     )  # fmt: skip
     console.print(table)

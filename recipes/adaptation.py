@@ -4,9 +4,12 @@ users' queries, and OPPU, one LoRA per user on that user's history only, on top 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from recipes import PersonaError
@@ -104,6 +107,7 @@ class OppuReport:
     base: Optional[str]
     trained: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     train_seconds: list[float] = field(default_factory=list)
     adapter_bytes: list[int] = field(default_factory=list)
@@ -111,6 +115,7 @@ class OppuReport:
     def summary(self) -> dict:
         return {
             "group": self.group, "base": self.base, "trained": len(self.trained), "reused": len(self.reused),
+            "resumed": len(self.resumed),
             "skipped": self.skipped,
             "mean_train_seconds": round(statistics.fmean(self.train_seconds), 3) if self.train_seconds else None,
             "mean_adapter_bytes": round(statistics.fmean(self.adapter_bytes)) if self.adapter_bytes else None,
@@ -126,12 +131,12 @@ def train_oppu(
     group: str,
     base: Optional[str] = None,
     retrain: bool = False,
-    flush_every: int = 16,
     progress: Optional[Progress] = None,
 ) -> OppuReport:
     """Train one LoRA per user on that user's history only, on top of `base`, stored as
-    `group/USER`. Users whose adapter already exists with the same settings and base are kept,
-    so a stopped run resumes where it was; finished adapters are written every `flush_every` users."""
+    `group/USER`, all in one write at the end. A user whose stored adapter was made from the same
+    settings, base weights and history is kept. Each finished adapter is staged on disk first, so
+    a run that is stopped resumes where it was and the store never holds half a run."""
     settings.validate()
     if not user_ids:
         raise PersonaError("no users to train")
@@ -139,12 +144,12 @@ def train_oppu(
     chain = base_chain(store, base)
     report_ = OppuReport(group=group, base=base)
     existing = {p.name: p for p in store.list_plugins(kind=OPPU, prefix=f"{group}/")}
-    wanted = json.dumps(settings_key(settings), sort_keys=True)
+    histories = store.histories(user_ids, task.name)
+    keys = {user: oppu_key(llm.id, settings, chain, history_examples(task, histories.get(user, []))) for user in user_ids}
     todo = []
     for user in user_ids:
         old = existing.get(oppu_name(group, user))
-        same = old is not None and old.base == base and json.dumps(settings_key_of(old.config.get("settings")), sort_keys=True) == wanted
-        if same and not retrain:
+        if old is not None and old.config.get("key") == keys[user] and not retrain:
             report_.reused.append(user)
             report_.train_seconds.append(old.metrics.get("train_seconds", 0.0))
             report_.adapter_bytes.append(old.size)
@@ -152,38 +157,79 @@ def train_oppu(
             todo.append(user)
     if not todo:
         return report_
+    staging = OppuStaging(checkpoint_path(store, group).with_suffix(".oppu"))
     apply_chain(llm, chain)
-    histories = store.histories(todo, task.name)
     tick = report(progress)
-    pending: list[Plugin] = []
+    finished: list[Plugin] = []
     tick("training OPPU adapters", 0, len(todo))
     for n, user in enumerate(todo, 1):
         examples = history_examples(task, histories.get(user, []))
+        staged = None if retrain else staging.load(user, keys[user])
         if not examples:
             report_.skipped[user] = f"no {task.name} history"
+        elif staged is not None:
+            finished.append(staged)
+            report_.resumed.append(user)
         else:
             trained = train_lora(llm, examples, settings)
             weights = trained.weights.to_bytes()
-            config = {**_lora_config(llm, settings, trained, chain), "settings": settings_key(settings), "examples": len(examples)}
-            pending.append(
-                Plugin(
-                    name=oppu_name(group, user), kind=OPPU, llm=llm.id, weights=weights, task=task.name, user_id=user,
-                    base=base, config=config, metrics=_training_metrics(trained, len(weights)),
-                )  # fmt: skip
-            )
+            config = {**_lora_config(llm, settings, trained, chain), "settings": settings_key(settings), "examples": len(examples), "key": keys[user]}
+            plugin = Plugin(
+                name=oppu_name(group, user), kind=OPPU, llm=llm.id, weights=weights, task=task.name, user_id=user,
+                base=base, config=config, metrics=_training_metrics(trained, len(weights)),
+            )  # fmt: skip
+            staging.save(plugin)
+            finished.append(plugin)
             report_.trained.append(user)
-            report_.train_seconds.append(trained.seconds)
-            report_.adapter_bytes.append(len(weights))
-        if len(pending) >= flush_every or (n == len(todo) and pending):
-            store.put_plugins(pending)
-            pending = []
+        if finished and finished[-1].user_id == user:
+            report_.train_seconds.append(finished[-1].metrics.get("train_seconds", 0.0))
+            report_.adapter_bytes.append(len(finished[-1].weights))
         tick("training OPPU adapters", n, len(todo))
+    store.put_plugins(finished)
+    staging.clear()
     return report_
 
 
-def settings_key_of(stored: Optional[dict]) -> Optional[dict]:
-    """A stored settings record as settings_key gives it (older records may hold max_minutes)."""
-    return None if stored is None else {k: v for k, v in stored.items() if k != "max_minutes"}
+def oppu_key(llm_id: str, settings: LoraSettings, chain: list[Plugin], examples: list) -> str:
+    """What an OPPU adapter depends on, hashed: the LLM, the settings, the base chain's weights (not
+    just its names: a replaced base invalidates its adapters) and the user's training examples."""
+    digest = hashlib.sha256(json.dumps([llm_id, settings_key(settings), [(e.prompt, e.target) for e in examples]], sort_keys=True).encode())
+    for plugin in chain:
+        digest.update(plugin.weights)
+    return digest.hexdigest()[:24]
+
+
+class OppuStaging:
+    """Finished adapters of an OPPU run not yet written to the store, one file pair per user:
+    the resume point of a stopped run. An adapter is used again only under the same key."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _paths(self, user: str) -> tuple[Path, Path]:
+        name = hashlib.sha256(user.encode()).hexdigest()[:16]
+        return self.folder / f"{name}.json", self.folder / f"{name}.weights"
+
+    def save(self, plugin: Plugin) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta, weights = self._paths(plugin.user_id or "")
+        weights.write_bytes(plugin.weights)
+        record = {k: v for k, v in asdict(plugin).items() if k not in ("weights", "created_at")}
+        partial = meta.with_suffix(".partial")
+        partial.write_text(json.dumps(record), encoding="utf-8")
+        partial.replace(meta)  # the record appears only once its weights are on disk
+
+    def load(self, user: str, key: str) -> Optional[Plugin]:
+        meta, weights = self._paths(user)
+        if not meta.exists() or not weights.exists():
+            return None
+        record = json.loads(meta.read_text(encoding="utf-8"))
+        if record.get("user_id") != user or record.get("config", {}).get("key") != key:
+            return None
+        return Plugin(**record, weights=weights.read_bytes())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def split_users(store: Store, task: Task, split: str) -> list[str]:

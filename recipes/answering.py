@@ -16,7 +16,7 @@ from recipes.row_lora import RowLora
 from recipes.soft_prompts import SoftTokens
 from recipes.serving import plan_serving, split_method
 from recipes.tasks import Task, get_task
-from store import Query, Store
+from store import Profile, Query, Store
 
 
 @dataclass
@@ -57,14 +57,18 @@ def method_prompts(
     batch_size: int = 16,
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
+    pending_profiles: Optional[list[Profile]] = None,
 ) -> tuple[list[str], dict]:
     """One prompt per query for the method in `settings`, reading what it needs from the store
-    (histories, PAG profiles, the query vectors for dense retrieval); also facts for a run's config."""
+    (histories, PAG profiles, the query vectors for dense retrieval); also facts for a run's config.
+    New PAG profiles are stored, or appended to `pending_profiles` for the caller to store."""
     facts: dict = {}
     histories = store.histories([q.user_id for q in queries], task.name, with_vectors=settings.needs_vectors)
     profiles, vectors = None, None
     if settings.method == "pag":
-        profiles, facts["profiles_written"] = ensure_profiles(store, llm, task, histories, batch_size, max_input_tokens, progress)
+        profiles, facts["profiles_written"] = ensure_profiles(
+            store, llm, task, histories, batch_size, max_input_tokens, progress, pending_profiles
+        )
     if settings.needs_vectors:
         if load_encoder is None:
             raise PersonaError("dense retrieval needs the store's encoder")

@@ -22,7 +22,7 @@ from recipes.prompting import PromptSettings
 from recipes.serving import plan_serving, split_method
 from recipes.splits import SPLITS, query_split
 from recipes.tasks import Task, get_task
-from store import Prediction, Query, Run, Store, id_sort_key
+from store import Prediction, Profile, Query, Run, Store, id_sort_key
 
 ANSWER_MODES = ("auto", "rank", "generate")
 
@@ -134,8 +134,9 @@ def evaluate(
     if mode == "generate":
         config.update(asdict(decoding), max_new_tokens=request.max_new_tokens or task.max_new_tokens)
     config.update(task=task.name, answer=mode, llm=llm.id, users=len({q.user_id for q in queries}), **plan.facts())
+    profiles: list[Profile] = []  # stored with the run: a failed evaluation leaves nothing behind
     prompts, facts = method_prompts(
-        store, llm, task, settings, queries, load_encoder, request.batch_size, request.max_input_tokens, progress
+        store, llm, task, settings, queries, load_encoder, request.batch_size, request.max_input_tokens, progress, profiles
     )
     config.update(facts)
     soft = plan.soft_tokens(llm, queries)
@@ -152,7 +153,7 @@ def evaluate(
         config=config, metrics=metrics,
     )  # fmt: skip
     predictions = [Prediction(q.query_id, q.user_id, o, r, q.output) for q, o, r in zip(queries, outputs, raw)]
-    return store.save_run(run, predictions), predictions
+    return store.save_run(run, predictions, profiles), predictions
 
 
 def method_label(request: EvalRequest) -> str:

@@ -26,8 +26,11 @@ def ensure_profiles(
     batch_size: int = 8,
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
+    pending: Optional[list[Profile]] = None,
 ) -> tuple[dict[str, str], int]:
-    """Profile text per user of `histories`, and how many had to be written now (and were stored)."""
+    """Profile text per user of `histories`, and how many had to be written now. New profiles are
+    stored at once, or with `pending` appended there for the caller to store with its own result
+    (an evaluation that fails then leaves no profiles behind)."""
     cached = store.get_profiles(sorted(histories), task.name, llm.id)
     profiles = {
         uid: p.text
@@ -44,6 +47,9 @@ def ensure_profiles(
         Profile(uid, task.name, llm.id, task.pag_instruction, len(histories[uid]), text)
         for uid, text in zip(missing, written)
     ]
-    store.put_profiles(new)
+    if pending is None:
+        store.put_profiles(new)
+    else:
+        pending.extend(new)
     profiles.update({p.user_id: p.text for p in new})
     return profiles, len(new)

@@ -29,36 +29,44 @@ FORMAT_VERSION = 1
 """The on-disk layout this code reads and writes; bumped whenever a schema changes."""
 
 META, USERS, BEHAVIORS, QUERIES = "_meta", "users", "behaviors", "queries"
+COMMITS = "_commits"
+"""One row: the version of every table as the last complete writing command left it. Readers see
+the store at those versions, so a command killed between two table writes is invisible to them."""
 WRITER_LOCK = ".persona-writer.lock"
 _held: dict[str, int] = {}  # store directory -> depth of this process's nested transactions
 _held_guard = threading.Lock()
 
 
 @contextmanager
-def _writer_lock(uri: str) -> Iterator[None]:
+def _writer_lock(uri: str) -> Iterator[bool]:
     """One writer at a time on a local store, across processes: an exclusive flock on a file in the
-    store directory, waited for (not refused), re-entrant within a process. Two concurrent commands
-    then run one after the other, so neither duplicates rows nor rolls back the other's commit.
-    Object-store URIs have no file lock; there writers must not overlap."""
-    if "://" in uri:
-        yield
-        return
-    directory = os.path.abspath(uri)
+    store directory, waited for (not refused), re-entrant within a process; yields whether this is
+    the outermost hold. Two concurrent commands then run one after the other, so neither duplicates
+    rows nor rolls back the other's commit. Object-store URIs have no file lock; there writers must
+    not overlap."""
+    local = "://" not in uri
+    key = os.path.abspath(uri) if local else uri
     with _held_guard:
-        outermost = not _held.get(directory)
-        _held[directory] = _held.get(directory, 0) + 1
+        outermost = not _held.get(key)
+        _held[key] = _held.get(key, 0) + 1
     handle = None
     try:
-        if outermost:
-            os.makedirs(directory, exist_ok=True)
-            handle = open(os.path.join(directory, WRITER_LOCK), "a")
+        if outermost and local:
+            os.makedirs(key, exist_ok=True)
+            handle = open(os.path.join(key, WRITER_LOCK), "a")
             fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        yield outermost
     finally:
         with _held_guard:
-            _held[directory] -= 1
+            _held[key] -= 1
         if handle is not None:
             handle.close()  # closing the file releases its flock
+
+
+def _holds_writer_lock(uri: str) -> bool:
+    key = os.path.abspath(uri) if "://" not in uri else uri
+    with _held_guard:
+        return bool(_held.get(key))
 
 
 def default_store_path() -> str:
@@ -81,12 +89,12 @@ class Store(ResultTables, PluginTables, PieceTables):
     def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
         self.uri = str(uri) if uri is not None else default_store_path()
         self._db = lancedb.connect(self.uri)
+        self._commit_cache: tuple[int, dict[str, int]] | None = None
         self._check_format()
 
-    # ---------- tables, versions, rollback ----------
+    # ---------- tables, versions, commits ----------
 
-    def table_names(self) -> list[str]:
-        """Names of the tables that exist now (the internal meta table included)."""
+    def _all_tables(self) -> list[str]:
         names: list[str] = []
         token = None
         while True:
@@ -96,10 +104,44 @@ class Store(ResultTables, PluginTables, PieceTables):
             if not token:
                 return sorted(names)
 
-    def _open(self, name: str):
-        if name not in self.table_names():
+    def _writing(self) -> bool:
+        """Inside this process's transaction on this store: reads see its own uncommitted writes."""
+        return _holds_writer_lock(self.uri)
+
+    def _committed(self, names: list[str]) -> dict[str, int] | None:
+        """Table versions of the last complete command; None for a store written before commit
+        records existed (then every table's latest version counts as committed)."""
+        if COMMITS not in names:
             return None
-        return self._db.open_table(name)
+        table = self._db.open_table(COMMITS)
+        if self._commit_cache is None or self._commit_cache[0] != table.version:  # read it once per commit
+            rows = table.to_arrow().to_pylist()
+            self._commit_cache = (table.version, json.loads(rows[0]["versions"]) if rows else {})
+        return self._commit_cache[1]
+
+    def table_names(self) -> list[str]:
+        """Names of the tables that exist as of the last complete command (the internal meta
+        table included); inside a transaction, also those it created."""
+        names = self._all_tables()
+        visible = [n for n in names if n != COMMITS]
+        committed = None if self._writing() else self._committed(names)
+        return visible if committed is None else [n for n in visible if n in committed]
+
+    def _open(self, name: str):
+        """The table as the last complete command left it (None if it did not exist then);
+        inside a transaction, its latest version."""
+        names = self._all_tables()
+        if name not in names:
+            return None
+        table = self._db.open_table(name)
+        committed = None if self._writing() else self._committed(names)
+        if committed is None:
+            return table
+        if name not in committed:
+            return None
+        if table.version != committed[name]:
+            table.checkout(committed[name])
+        return table
 
     def _open_or_create(self, name: str, schema: pa.Schema):
         table = self._open(name)
@@ -133,22 +175,59 @@ class Store(ResultTables, PluginTables, PieceTables):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Roll every table back to where it was if the block raises: a failed command changes nothing.
-        Holds the store's writer lock throughout, so the versions rolled back to are this writer's own."""
-        with _writer_lock(self.uri):
-            before = {name: self._db.open_table(name).version for name in self.table_names()}
+        """All of the block's writes or none: a block that raises rolls every table back, and only
+        a block that finishes records its table versions as the store's committed state. A process
+        killed inside the block never reaches that record: readers keep seeing the previous
+        state, and the next writer first restores it (`_recover`). Holds the store's writer lock
+        throughout; nested blocks commit with the outermost one."""
+        with _writer_lock(self.uri) as outermost:
+            if outermost:
+                self._recover()
+            before = self._latest_versions()
             try:
                 yield
             except BaseException:
-                for name in self.table_names():
-                    if name not in before:
-                        self._db.drop_table(name)
-                        continue
-                    table = self._db.open_table(name)
-                    if table.version != before[name]:
-                        table.checkout(before[name])
-                        table.restore()
+                self._roll_back(before)
                 raise
+            if outermost:
+                self._record_commit()
+
+    def _latest_versions(self) -> dict[str, int]:
+        return {name: self._db.open_table(name).version for name in self._all_tables() if name != COMMITS}
+
+    def _recover(self) -> None:
+        """Undo what a killed writer left beyond the committed state; a new store gets its first
+        (empty) commit record before anything else is written."""
+        names = self._all_tables()
+        committed = self._committed(names)
+        if committed is None and not names:
+            self._record_commit()
+        elif committed is not None:
+            self._roll_back(committed)
+
+    def _roll_back(self, versions: dict[str, int]) -> None:
+        """Every table back to these versions: tables not listed are dropped, tags of later
+        versions deleted, changed tables restored (a restore is a new version with the old content)."""
+        for name in self._all_tables():
+            if name == COMMITS:
+                continue
+            if name not in versions:
+                self._db.drop_table(name)
+                continue
+            table = self._db.open_table(name)
+            for tag, info in table.tags.list().items():
+                if int(info["version"]) > versions[name]:
+                    table.tags.delete(tag)
+            if table.version != versions[name]:
+                table.checkout(versions[name])
+                table.restore()
+
+    def _record_commit(self) -> None:
+        row = pa.table({"versions": [json.dumps(self._latest_versions(), sort_keys=True)]})
+        if COMMITS in self._all_tables():
+            self._db.open_table(COMMITS).add(row, mode="overwrite")
+        else:
+            self._db.create_table(COMMITS, data=row)
 
     # ---------- the behaviour encoder of this store ----------
 
@@ -385,7 +464,7 @@ class Store(ResultTables, PluginTables, PieceTables):
         for name in self.table_names():
             if name == META:
                 continue
-            table = self._db.open_table(name)
+            table = self._open(name)
             tables.append(
                 {
                     "table": name,
@@ -410,18 +489,22 @@ class Store(ResultTables, PluginTables, PieceTables):
         tables without tags (a tagged table, the piece pool, keeps its versions: assemblies name them)."""
         before = _disk_bytes(self.uri)
         kept = []
-        for name in self.table_names():
-            table = self._db.open_table(name)
-            if prune_versions and table.tags.list():  # tagged versions (pool-N) must stay readable
-                kept.append(name)
-                table.optimize()
-            elif prune_versions:  # asked for explicitly: LanceDB's warning about concurrent readers is the CLI's help text
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
-            else:
-                table.optimize()
+        with self.transaction():
+            for name in self._all_tables():
+                self._optimize_table(name, prune_versions, kept)
         return {"disk_bytes_before": before, "disk_bytes_after": _disk_bytes(self.uri), "versions_kept": kept}
+
+    def _optimize_table(self, name: str, prune_versions: bool, kept: list[str]) -> None:
+        table = self._db.open_table(name)
+        if prune_versions and table.tags.list():  # tagged versions (pool-N) must stay readable
+            kept.append(name)
+            table.optimize()
+        elif prune_versions:  # asked for explicitly: LanceDB's warning about concurrent readers is the CLI's help text
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+        else:
+            table.optimize()
 
 
 def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: str, dim: int) -> pa.RecordBatch:

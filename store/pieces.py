@@ -65,7 +65,8 @@ class PieceTables:
         table = self._open(PIECES)
         if table is None:
             return {}
-        return {tag: int(info["version"]) for tag, info in table.tags.list().items()}
+        tags = {tag: int(info["version"]) for tag, info in table.tags.list().items()}
+        return {tag: version for tag, version in tags.items() if version <= table.version}  # none of an unfinished command
 
     def pool_versions(self) -> list[PoolVersion]:
         """The tagged versions of the pool, oldest first."""
@@ -107,10 +108,11 @@ class PieceTables:
         known = self.pool_tags()
         if tag in known:
             raise StoreError(f"pool tag '{tag}' exists (version {known[tag]})")
-        table = self._open(PIECES)
-        if table is None:
-            raise StoreError(f"store {self.uri} has no piece pool yet")
-        table.tags.create(tag, version)
+        with self.transaction():
+            table = self._open(PIECES)
+            if table is None:
+                raise StoreError(f"store {self.uri} has no piece pool yet")
+            table.tags.create(tag, version)
 
     def pool_pieces(self, version: int, task: Optional[str] = None, with_tensors: bool = True) -> list[Piece]:
         """The pieces as they were at one pool version (sizes filled in), by sharer and module."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 
@@ -58,9 +58,11 @@ class ResultTables:
         ids = scan(table, columns=["run_id"]).column("run_id").to_pylist()
         return str(max((int(i) for i in ids if i.isdigit()), default=0) + 1)
 
-    def save_run(self, run: Run, predictions: list[Prediction]) -> Run:
-        """Store a run and all its predictions together (both or neither); assigns the run id."""
+    def save_run(self, run: Run, predictions: list[Prediction], profiles: Optional[list[Profile]] = None) -> Run:
+        """Store a run, all its predictions and the PAG profiles it wrote together (all or
+        nothing); assigns the run id."""
         with self.transaction():
+            self.put_profiles(profiles or [])
             run.run_id = self.next_run_id()
             run.created_at = run.created_at or _now()
             row = {

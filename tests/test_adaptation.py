@@ -142,3 +142,30 @@ def test_adapter_errors_are_one_line_and_change_nothing(store, trained, args, me
     before = Store(store).info()["tables"]
     assert message in _fail(store, *args)
     assert Store(store).info()["tables"] == before
+
+
+def test_a_stopped_oppu_run_stores_nothing_resumes_and_a_replaced_base_retrains(store, trained, llm):
+    """Adapters are staged until the run ends (none stored by a run that stops), a rerun takes the
+    staged ones instead of training them again, and an adapter is kept only while the base's
+    weights are the same, not just its name."""
+    from recipes.adaptation import train_oppu
+    from recipes.lora_training import LoraSettings
+    from recipes.tasks import get_task
+
+    _cli(store, "adapt", "--task", "LaMP-7", "--name", "base-b", "--steps", "2", "--batch-size", "4", "--eval-every", "2")
+
+    def stop_after_first(stage: str, done: int, total: int) -> None:
+        if done == 1:
+            raise KeyboardInterrupt
+
+    settings = LoraSettings(steps=2, batch_size=4, learning_rate=1e-3, epochs=2.0)  # as train-oppu below
+    with pytest.raises(KeyboardInterrupt):
+        train_oppu(Store(store), copy.deepcopy(llm), get_task("LaMP-7"), ["2", "4"], settings, "g", "base-b", progress=stop_after_first)
+    assert not [p for p in _cli(store, "plugins", "list", "--kind", "oppu")["plugins"] if p["name"].startswith("g/")]
+    oppu = ["train-oppu", "--task", "LaMP-7", "--user", "2", "--user", "4", "--name", "g", "--base", "base-b", "--steps", "2", "--batch-size", "4"]
+    resumed = _cli(store, *oppu)
+    assert (resumed["resumed"], resumed["trained"], resumed["reused"]) == (1, 1, 0)
+    assert (_cli(store, *oppu)["reused"]) == 2
+    _cli(store, "adapt", "--task", "LaMP-7", "--name", "base-b", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--seed", "1", "--replace")
+    again = _cli(store, *oppu)
+    assert (again["trained"], again["reused"]) == (2, 0)

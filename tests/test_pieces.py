@@ -198,6 +198,11 @@ def test_pool_versions_are_tagged_and_stay_readable_after_the_pool_grows(tmp_pat
     assert {p.sharer_id for p in store.pool_pieces(store.resolve_pool("pool-1").version)} == {"7", "12"}
     with pytest.raises(PersonaError, match="tag 'bad tag'"):
         store.tag_pool(first.version, "bad tag")
+    # a registration that fails after tagging its version leaves neither pieces nor tag behind
+    with pytest.raises(RuntimeError), store.transaction():
+        store.add_pool_version(pieces("7", 3), ["pool-3"])
+        raise RuntimeError("the command fails after the pool write")
+    assert "pool-3" not in store.pool_tags() and {p.registration for p in store.pool_pieces(store.resolve_pool().version) if p.sharer_id == "7"} == {1}
 
 
 def test_methods_combine_a_per_user_adapter_with_a_prompt_method():

@@ -101,7 +101,8 @@ def test_failure_on_a_new_store_leaves_no_tables(tmp_path):
 def test_unknown_format_version_is_a_clear_error(tmp_path):
     store = Store(tmp_path / "s")
     _fill(store)
-    store._set_meta({"format_version": str(FORMAT_VERSION + 98)})
+    with store.transaction():
+        store._set_meta({"format_version": str(FORMAT_VERSION + 98)})
     with pytest.raises(StoreError, match=f"format version {FORMAT_VERSION + 98}"):
         Store(tmp_path / "s")
 
@@ -204,3 +205,39 @@ def test_nested_transactions_in_one_process_do_not_wait_for_themselves(tmp_path)
         with store.transaction():
             store._set_meta({"format_version": str(FORMAT_VERSION)})
     assert store.meta()["format_version"] == str(FORMAT_VERSION)
+
+
+_KILLED_MIDWAY = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_store import _items
+from store import Query, Store
+from store.schemas import PIECES
+store = Store({uri!r})
+with store.transaction():
+    store._upsert_behaviors([_items("mallory", 4)], "enc", 8)
+    store._upsert_queries([Query("q9", "mallory", "LaMP-7", "x", "y", "dev")])
+    store._open_or_create("pieces", PIECES)  # a table this store never had
+    store._refresh_users({{"mallory"}}, {{"mallory": {{}}}})
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 between table writes, before the command's commit
+"""
+
+
+def test_a_writer_killed_between_table_writes_is_invisible_and_undone_by_the_next(tmp_path):
+    """kill -9 inside a command: readers keep the last complete state (no half-written user, no
+    table the dead command created), and the next writer restores that state before its own writes."""
+    store = Store(tmp_path / "s")
+    _fill(store)
+    before = _snapshot(store)
+    script = _KILLED_MIDWAY.format(tests=str(Path(__file__).parent), uri=str(tmp_path / "s"))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert lancedb.connect(str(tmp_path / "s")).open_table("behaviors").count_rows() == 5 + 4  # the dead writer did write
+    reader = Store(tmp_path / "s")
+    assert _snapshot(reader) == before and "pieces" not in reader.table_names()
+    assert reader.info()["tables"] == Store(tmp_path / "s").info()["tables"]
+    reader.ingest([_items("carol", 2)], [], {"carol": {}}, "enc", 8)  # the next command heals, then writes
+    after = Store(tmp_path / "s")
+    assert [u.user_id for u in after.list_users()] == ["alice", "bob", "carol"]
+    assert after.count("behaviors") == 7 and after.count("queries") == 2
+    assert "pieces" not in lancedb.connect(str(tmp_path / "s")).list_tables().tables
