@@ -31,9 +31,9 @@ from make_users import PROMPT, shows_style  # noqa: E402
 
 # each personal method and what its --ablation serves instead (the personal part taken away);
 # the demo's main result is the difference between the two rows
-PAIRS = {"oppu": "task LoRA alone", "perpcs": "uniform gates", "pplug": "another user's history"}
+PAIRS = {"oppu": "its task LoRA alone (the task LoRA's row)", "perpcs": "uniform gates", "pplug": "another user's history"}
 STYLED_USERS = {"2": "#blessed", "36": "!!!", "45": "Honestly,", "17": "...", "4": "British", "8": "- Sam"}
-SHARERS = ["0", "1", "12", "3", "14", "5", "6", "7", "18", "9"]  # one non-test user per planted style
+SHARERS = ["0", "12", "14", "5", "6", "7", "18", "9"]  # one non-test user per planted style that test users write in
 NEW_INPUT = PROMPT + "The museum opens early on Sundays."
 
 
@@ -90,24 +90,22 @@ def ingest_lamp(store: Path, lamp: Path, users: int, work: Path, seed: int) -> N
 
 
 def train_everything(store: Path, lamp: bool) -> None:
-    """Every method's training, small: the task LoRA first, then what sits on it or beside it."""
+    """Every method's training, small: the task LoRA first, then the three personal methods on it."""
     step("Task adaptation: a LoRA trained on the training users' (prompt, gold) pairs, stored as a plug-in")
-    persona(store, "adapt", "--task", "LaMP-7", "--steps", "20", "--eval-every", "10")
+    persona(store, "adapt", "--task", "LaMP-7", "--steps", "16", "--eval-every", "8")
 
     step("OPPU: one LoRA per test user, trained on that user's own history only, over the task LoRA")
     persona(store, "train-oppu", "--task", "LaMP-7", "--split", "test", "--steps", "8", "--batch-size", "4")
 
     step("Per-Pcs: sharers (never test users) train a LoRA and its gates; their pieces become pool version pool-1")
-    if lamp:
-        persona(store, "register-sharers", "--task", "LaMP-7", "--strategy", "history-cluster", "--k", "10", "--steps", "6", "--gate-steps", "6", "--max-length", "128")
-    else:
-        sharers = [arg for s in SHARERS for arg in ("--sharer", s)]
-        persona(store, "register-sharers", "--task", "LaMP-7", *sharers, "--steps", "6", "--gate-steps", "6", "--max-length", "128")
+    sharers = ["--strategy", "history-cluster", "--k", "10"] if lamp else [arg for s in SHARERS for arg in ("--sharer", s)]
+    persona(store, "register-sharers", "--task", "LaMP-7", *sharers, "--steps", "4", "--gate-steps", "4", "--max-length", "128")
     step("Assemble every test user's adapter from the pool, without training: per module the top-3 pieces by gate score")
     persona(store, "assemble", "--task", "LaMP-7", "--split", "test", "--top-k", "3")
 
-    step("PPlug: one user embedder for everyone (input encoder, projector, instruction token), the LLM frozen")
-    persona(store, "train-embedder", "--task", "LaMP-7", "--history-examples", "--steps", "150", "--lr", "6e-3", "--eval-every", "75", "--max-length", "128")
+    step("PPlug: one user embedder for everyone (input encoder, projector, instruction token), the task-adapted LLM frozen")
+    persona(store, "train-embedder", "--task", "LaMP-7", "--base", "task-lora-LaMP-7", "--history-examples", "--steps", "80",
+            "--lr", "6e-3", "--eval-every", "80", "--max-length", "128")  # fmt: skip
 
 
 def show_styles(store: Path) -> None:
@@ -137,13 +135,14 @@ def show_styles(store: Path) -> None:
 
 
 def evaluate_all(store: Path) -> dict[str, dict]:
-    """Every method and every ablation on the same test users' queries; each run is stored."""
+    """Every method and every ablation on the same test users' queries; each run is stored. OPPU's
+    ablation is the task LoRA itself (same adapters, same answers), so it is the task LoRA's row."""
     step("Evaluate every method and each personal method's ablation on the same test users' queries")
     runs = {}
-    plans = [("k=0", ["--method", "none"]), ("RAG k=4", ["--method", "rag", "--k", "4"]), ("task LoRA", ["--method", "task-lora"])]
+    plans = {"k=0": ["--method", "none"], "RAG k=2": ["--method", "rag", "--k", "2"]}
     for method in PAIRS:
-        plans += [(method, ["--method", method]), (f"{method} ablation", ["--method", method, "--ablation"])]
-    for label, args in plans:
+        plans |= {method: ["--method", method], f"{method} ablation": ["--method", method, "--ablation"]}
+    for label, args in plans.items():
         run = persona(store, "evaluate", "--task", "LaMP-7", *args, quiet=True)
         runs[label] = run
         metrics = "  ".join(f"{k} {v:.3f}" for k, v in run["metrics"].items())

@@ -44,6 +44,7 @@ def evaluate(
     length_ratio: Optional[float] = LengthRatioOption,
     ablation: bool = typer.Option(False, "--ablation", help="Serve the personal method's non-personal ablation: oppu on its task base, perpcs with uniform gates, pplug with another user's history."),
     seed: int = typer.Option(0, "--seed", help="Seed of random history choices and of pplug's --ablation."),
+    scoring: str = typer.Option("cleaned", "--scoring", help="cleaned: first paragraph, no announcement or wrapping quotes, labels matched (exact scores reported beside as METRIC-exact); exact: the answer as generated, as LaMP scores it."),
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder for --retriever dense (default: the store's)."),
     device: str = DeviceOption,
@@ -62,7 +63,7 @@ def evaluate(
         users=read_user_ids(users) if users else None, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k,
         num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio,
-        ablation=ablation,
+        ablation=ablation, scoring=scoring,
     )  # fmt: skip
     if export is not None and export.is_dir():
         raise PersonaError(f"--export {export}: is a directory; give a file name")

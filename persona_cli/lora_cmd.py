@@ -88,7 +88,7 @@ def adapt(
     )  # fmt: skip
     with progress_bar(enabled=not json_out) as tick:
         plugin = adapt_task(
-            store, load_llm(llm, device), task_spec, settings, name or task_lora_name(task_spec), base, replace,
+            store, lambda: load_llm(llm, device), task_spec, settings, name or task_lora_name(task_spec), base, replace,
             max_examples, tick, select,
         )  # fmt: skip
     summary = {k: v for k, v in plugin.metrics.items() if k != "curve"}
@@ -150,7 +150,7 @@ def train_oppu_command(
     )  # fmt: skip
     with progress_bar(enabled=not json_out) as tick:
         result = train_oppu(
-            store, load_llm(llm, device), task_spec, user_ids, settings, group or oppu_group(task_spec), base,
+            store, lambda: load_llm(llm, device), task_spec, user_ids, settings, group or oppu_group(task_spec), base,
             retrain, progress=tick,
         )  # fmt: skip
     summary = result.summary()

@@ -77,7 +77,7 @@ def register_sharers_command(
     base_name = resolve_base(store, task_spec, base)
     with progress_bar(enabled=not json_out) as tick:
         result = register_sharers(
-            store, load_llm(llm, device), task_spec, chosen, settings, gates, base_name, share_ratio, tag, selection, tick
+            store, lambda: load_llm(llm, device), task_spec, chosen, settings, gates, base_name, share_ratio, tag, selection, tick
         )  # fmt: skip
     summary = {
         "task": result.task, "pool_version": result.pool_version, "tags": result.tags, "base": base_name,
@@ -130,7 +130,7 @@ def assemble_command(
         user_ids = read_user_ids(users) if users else split_users(store, task_spec, split)
     with progress_bar(enabled=not json_out) as tick:
         result = assemble_users(
-            store, load_llm(llm, device), task_spec, user_ids, top_k, pool, batch_size, max_length, tick, precision, max_items
+            store, lambda: load_llm(llm, device), task_spec, user_ids, top_k, pool, batch_size, max_length, tick, precision, max_items
         )  # fmt: skip
     if json_out:
         print_json({

@@ -109,7 +109,7 @@ def import_(
 
     store = open_store(ctx)
     task_name = get_task(task).name if task else None
-    plugin = import_plugin(store, load_llm(llm, device), directory, name, kind, task_name, user, replace)
+    plugin = import_plugin(store, lambda: load_llm(llm, device), directory, name, kind, task_name, user, replace)
     if json_out:
         print_json(_row(plugin))
         return

@@ -59,7 +59,7 @@ def train_embedder(
     base = None if base == "none" else base
     with progress_bar(enabled=not json_out) as tick:
         plugin = train_pplug(
-            store, load_llm(llm, device), task_spec, settings, name or pplug_name(task_spec), base,
+            store, lambda: load_llm(llm, device), task_spec, settings, name or pplug_name(task_spec), base,
             replace=replace, max_examples=max_examples, progress=tick,
         )  # fmt: skip
     summary = {k: v for k, v in plugin.metrics.items() if k != "curve"}

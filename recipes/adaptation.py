@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from recipes import PersonaError
 from recipes.answering import answer_prompts
-from recipes.backbones import LLM
+from recipes.backbones import LLM, loaded
 from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, oppu_name
 from recipes.lora_training import LoraSettings, TrainedLora, settings_key, train_lora
 from recipes.progress import Progress, report
@@ -57,7 +57,7 @@ def _dev_scorer(llm: LLM, task: Task, dev: list[Query], batch_size: int) -> Call
 
 def adapt_task(
     store: Store,
-    llm: LLM,
+    llm: LLM | Callable[[], LLM],
     task: Task,
     settings: LoraSettings,
     name: str,
@@ -81,6 +81,7 @@ def adapt_task(
         raise PersonaError(f"store {store.uri} has no {task.name} training-split queries with gold outputs")
     dev = split_queries(store, task, "dev")
     chain = base_chain(store, base)
+    llm = loaded(llm)
     apply_chain(llm, chain)
     scorer = _dev_scorer(llm, task, dev, settings.batch_size) if dev and select == "metric" else None
     trained = train_lora(
@@ -124,7 +125,7 @@ class OppuReport:
 
 def train_oppu(
     store: Store,
-    llm: LLM,
+    llm: LLM | Callable[[], LLM],
     task: Task,
     user_ids: list[str],
     settings: LoraSettings,
@@ -142,6 +143,7 @@ def train_oppu(
         raise PersonaError("no users to train")
     store.require_users(user_ids)
     chain = base_chain(store, base)
+    llm = loaded(llm)
     report_ = OppuReport(group=group, base=base)
     existing = {p.name: p for p in store.list_plugins(kind=OPPU, prefix=f"{group}/")}
     histories = store.histories(user_ids, task.name)

@@ -220,14 +220,20 @@ def zero_pad(tensor: torch.Tensor, size: int, dim: int, left: bool = False) -> t
     return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
 
 
+def check_peft_folder(directory: str | Path) -> Path:
+    """The folder, if it holds a peft adapter config (checked before any model loads)."""
+    folder = Path(directory)
+    if not (folder / "adapter_config.json").is_file():
+        raise PersonaError(f"{folder}: no adapter_config.json; not a peft adapter folder")
+    return folder
+
+
 def read_peft_folder(directory: str | Path, model: torch.nn.Module) -> tuple[LoraWeights, dict[str, Any]]:
     """Load a peft LoRA folder onto `model` with peft itself (so its rank and alpha rules apply),
     read the weights back, and leave the model as it was. Returns the weights and the folder's config."""
     from peft import PeftConfig, PeftModel
 
-    folder = Path(directory)
-    if not (folder / "adapter_config.json").is_file():
-        raise PersonaError(f"{folder}: no adapter_config.json; not a peft adapter folder")
+    folder = check_peft_folder(directory)
     try:
         config = PeftConfig.from_pretrained(str(folder))
     except Exception as exc:

@@ -14,14 +14,14 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from recipes import PersonaError
 from recipes.training_data import history_examples
-from recipes.backbones import LLM
+from recipes.backbones import LLM, loaded
 from recipes.lora_plugins import apply_chain, base_chain
 from recipes.lora_training import IGNORE, PRECISIONS, Example, autocast_for, make_batch
 from recipes.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
@@ -141,7 +141,7 @@ class AssemblyReport:
 
 def assemble_users(
     store: Store,
-    llm: LLM,
+    llm: LLM | Callable[[], LLM],
     task: Task,
     user_ids: list[str],
     top_k: int = 3,
@@ -165,9 +165,11 @@ def assemble_users(
         raise PersonaError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     store.require_users(user_ids)
     pool = load_pool(store, task.name, pool_ref)
+    chain = base_chain(store, pool.base)
+    llm = loaded(llm)
     if pool.llm != llm.id:
         raise PersonaError(f"pool {pool.label} was made for LLM '{pool.llm}', not '{llm.id}' (pass --llm {pool.llm})")
-    apply_chain(llm, base_chain(store, pool.base))
+    apply_chain(llm, chain)
     histories = store.histories(user_ids, task.name)
     result = AssemblyReport(pool.label, pool.version, top_k)
     records = []

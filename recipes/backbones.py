@@ -15,7 +15,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import platformdirs
@@ -135,6 +135,12 @@ class LLM:
     @property
     def is_chat(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def loaded(llm: LLM | Callable[[], LLM]) -> LLM:
+    """The LLM itself, or loaded now by its loader: recipes take either and load only once their
+    arguments and store references are checked, so a typo costs no model load."""
+    return llm if isinstance(llm, LLM) else llm()
 
 
 def llm_id(name: str | None = None) -> str:

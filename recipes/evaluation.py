@@ -21,10 +21,14 @@ from recipes.progress import Progress
 from recipes.prompting import PromptSettings
 from recipes.serving import plan_serving, split_method
 from recipes.splits import SPLITS, query_split
-from recipes.tasks import Task, get_task
+from recipes.tasks import GENERATION, Task, get_task
 from store import Prediction, Profile, Query, Run, Store, id_sort_key
 
 ANSWER_MODES = ("auto", "rank", "generate")
+SCORINGS = ("cleaned", "exact")
+"""How answers are scored: 'cleaned' (first paragraph, no leading announcement or wrapping quotes,
+free text mapped onto the task's labels; generation runs also carry the exact scores as
+METRIC-exact) or 'exact' (the answer as generated, whitespace trimmed: LaMP's own scoring)."""
 
 
 @dataclass
@@ -52,6 +56,7 @@ class EvalRequest:
     repetition_penalty: Optional[float] = None
     length_ratio: Optional[float] = None
     ablation: bool = False
+    scoring: str = "cleaned"
 
     def decoding(self, task: Task) -> Decoding:
         """The task's decoding with this request's overrides."""
@@ -121,6 +126,8 @@ def evaluate(
     decoding.validate()
     if request.batch_size < 1:
         raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
+    if request.scoring not in SCORINGS:
+        raise PersonaError(f"--scoring {request.scoring}: expected one of {', '.join(SCORINGS)}")
     queries = select_queries(store, task, request.split, request.limit, request.users)
     task.check_golds([(q.query_id, q.output) for q in queries])
     plan = plan_serving(
@@ -144,8 +151,7 @@ def evaluate(
         llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, lora, soft,
         decoding, [q.input for q in queries],
     )  # fmt: skip
-    outputs = [task.normalize(r) for r in raw]
-    metrics = task.score(outputs, [q.output for q in queries])
+    outputs, metrics = score_answers(task, raw, [q.output for q in queries], request.scoring)
     wall = time.perf_counter() - started
     run = Run(
         run_id="", task=task.name, method=method_label(request), split=request.split, llm=llm.id,
@@ -156,9 +162,22 @@ def evaluate(
     return store.save_run(run, predictions, profiles), predictions
 
 
+def score_answers(task: Task, raw: list[str], golds: list[str], scoring: str) -> tuple[list[str], dict[str, float]]:
+    """The answers as scored and their metrics (see SCORINGS); cleaned generation also reports
+    each metric on the exact answers, so the effect of cleaning is always on record."""
+    exact = [r.strip() for r in raw]
+    if scoring == "exact":
+        return exact, task.score(exact, golds)
+    outputs = [task.normalize(r) for r in raw]
+    metrics = task.score(outputs, golds)
+    if task.kind == GENERATION:
+        metrics.update({f"{name}-exact": value for name, value in task.score(exact, golds).items()})
+    return outputs, metrics
+
+
 def method_label(request: EvalRequest) -> str:
     """A short name for tables: 'rag-bm25-k4', 'random-k2', 'pag', 'none', 'oppu', 'none+task-lora-LaMP-7',
-    'perpcs[pool-2]+rag-bm25-k1', 'peft-retrieval-k3', 'pplug-ablation'."""
+    'perpcs[pool-2]+rag-bm25-k1', 'peft-retrieval-k3', 'pplug-ablation'; scored exactly: 'none@exact'."""
     adapter, prompt = split_method(request.method)
     if prompt == "rag":
         label = f"rag-{request.retriever}-k{request.k}"
@@ -171,7 +190,8 @@ def method_label(request: EvalRequest) -> str:
         name += f"[{request.plugin or request.pool}]" if request.plugin or request.pool else ""
         name += "-ablation" if request.ablation else ""
         label = name if prompt == "none" else f"{name}+{label}"
-    return f"{label}+{request.base}" if request.base else label
+    label = f"{label}+{request.base}" if request.base else label
+    return label + ("@exact" if request.scoring == "exact" else "")
 
 
 # ---------- LaMP prediction files ----------

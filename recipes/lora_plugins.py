@@ -8,11 +8,11 @@ exporting folds the chain into one peft adapter.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from recipes import PersonaError
-from recipes.adapters import LoraWeights, combine, export_peft, merge_into, read_peft_folder
-from recipes.backbones import LLM
+from recipes.adapters import LoraWeights, check_peft_folder, combine, export_peft, merge_into, read_peft_folder
+from recipes.backbones import LLM, loaded
 from recipes.tasks import Task
 from store import Plugin, Store
 
@@ -84,7 +84,7 @@ def export_plugin(store: Store, name: str, directory: str | Path) -> dict:
 
 
 def import_plugin(
-    store: Store, llm: LLM, directory: str | Path, name: str, kind: str = "lora", task: Optional[str] = None,
+    store: Store, llm: LLM | Callable[[], LLM], directory: str | Path, name: str, kind: str = "lora", task: Optional[str] = None,
     user_id: Optional[str] = None, replace: bool = False,
 ) -> Plugin:  # fmt: skip
     """Store a peft LoRA folder as a plug-in of the loaded LLM (checked by loading it with peft)."""
@@ -94,6 +94,8 @@ def import_plugin(
         raise PersonaError("--kind oppu needs --user (whose adapter it is)")
     if not replace and store.get_plugins([name]):
         raise PersonaError(f"plug-in '{name}' exists; pass --replace to overwrite it")
+    check_peft_folder(directory)
+    llm = loaded(llm)
     weights, config = read_peft_folder(directory, llm.model)
     plugin = Plugin(
         name=name, kind=kind, llm=llm.id, weights=weights.to_bytes(), task=task, user_id=user_id,

@@ -15,14 +15,14 @@ import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from recipes import PersonaError
 from recipes.training_data import checkpoint_path, split_queries
-from recipes.backbones import LLM, Encoder, load_encoder
+from recipes.backbones import LLM, Encoder, load_encoder, loaded
 from recipes.lora_plugins import apply_chain, base_chain, check_llm
 from recipes.lora_training import (
     IGNORE, PRECISIONS, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, causal_batch, causal_loss,
@@ -301,7 +301,7 @@ def _fingerprint(llm: LLM, train: list[PPlugExample], vectors: dict[str, np.ndar
 
 def train_pplug(
     store: Store,
-    llm: LLM,
+    llm: LLM | Callable[[], LLM],
     task: Task,
     settings: PPlugSettings,
     name: str,
@@ -333,6 +333,7 @@ def train_pplug(
     if not train:
         raise PersonaError(f"store {store.uri} has no {task.name} training-split queries with gold outputs and history")
     chain = base_chain(store, base)
+    llm = loaded(llm)
     apply_chain(llm, chain)
     encoder = encoder or load_encoder(known[0], str(llm.device))
     if encoder.id != known[0]:

@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from recipes import PersonaError
 from recipes.training_data import history_examples
 from recipes.adapters import LoraWeights
 from recipes.assembly import user_embedding
-from recipes.backbones import LLM, cache_dir
+from recipes.backbones import LLM, cache_dir, loaded
 from recipes.gates import GateSettings, train_gates
 from recipes.lora_plugins import apply_chain, base_chain
 from recipes.lora_training import LoraSettings, train_lora
@@ -123,7 +123,7 @@ class Registration:
 
 def register_sharers(
     store: Store,
-    llm: LLM,
+    llm: LLM | Callable[[], LLM],
     task: Task,
     sharers: list[str],
     lora: LoraSettings,
@@ -148,7 +148,6 @@ def register_sharers(
     testers = [s for s in sharers if "test" in splits[s]]
     if testers:
         raise PersonaError(f"user '{testers[0]}' is a test user; test users never become sharers")
-    _check_pool_compatible(store, task, llm.id, base)
     tag_list = [next_pool_tag(store), *(tags or [])]
     for tag in tags or []:
         check_tag(tag)
@@ -158,8 +157,11 @@ def register_sharers(
     empty = [s for s in sharers if not histories.get(s)]
     if empty:
         raise PersonaError(f"sharer '{empty[0]}' has no {task.name} history")
+    chain = base_chain(store, base)
+    llm = loaded(llm)
+    _check_pool_compatible(store, task, llm.id, base)
     staging = _staging_dir(store, task, llm, sharers, lora, gates, base)
-    apply_chain(llm, base_chain(store, base))
+    apply_chain(llm, chain)
     result = Registration(task=task.name, sharers=list(sharers))
     tick = report(progress)
     config = {"lora": asdict(lora), "gates": asdict(gates), "share_ratio": share_ratio, "selection": selection or {}, "seq2seq": llm.is_seq2seq}

@@ -121,26 +121,41 @@ def test_an_imported_adapter_serves_like_the_original(store, trained, tmp_path):
     assert again["output"] == first
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["adapt", "--task", "LaMP-7", "--steps", "1"], "plug-in 'task-lora-LaMP-7' exists; pass --replace"),
-        (["adapt", "--task", "LaMP-7", "--name", "x", "--target-modules", "qq_proj", "--steps", "1"], "no linear layer named 'qq_proj'"),
-        (["adapt", "--task", "LaMP-7", "--name", "x", "--base", "nothing"], "no plug-in 'nothing'"),
-        (["adapt", "--task", "LaMP-7", "--name", "x", "--r", "0"], "--r must be at least 1"),
-        (["train-oppu", "--task", "LaMP-7"], "exactly one of --user, --split or --users"),
-        (["train-oppu", "--task", "LaMP-7", "--user", "nobody"], "no user 'nobody'"),
-        (["evaluate", "--task", "LaMP-7", "--method", "oppu", "--split", "train", "--limit", "4"], "users have no OPPU adapter"),
-        (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--plugin", "missing"], "no plug-in 'missing'"),
-        (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora, oppu or pplug, not rag"),
-        (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--ablation"], "--ablation goes with a personal method"),
-        (["plugins", "export", "nothing", "out"], "no plug-in 'nothing'"),
-        (["plugins", "import", "no-such-dir", "--name", "y"], "no adapter_config.json"),
-    ],
-)
-def test_adapter_errors_are_one_line_and_change_nothing(store, trained, args, message):
+MODEL_FREE = [  # refused before any model loads: a typo costs no model load
+    (["adapt", "--task", "LaMP-7", "--steps", "1"], "plug-in 'task-lora-LaMP-7' exists; pass --replace"),
+    (["adapt", "--task", "LaMP-7", "--name", "x", "--base", "nothing"], "no plug-in 'nothing'"),
+    (["adapt", "--task", "LaMP-7", "--name", "x", "--r", "0"], "--r must be at least 1"),
+    (["train-oppu", "--task", "LaMP-7"], "exactly one of --user, --split or --users"),
+    (["train-oppu", "--task", "LaMP-7", "--user", "nobody"], "no user 'nobody'"),
+    (["train-oppu", "--task", "LaMP-7", "--user", "2", "--base", "nothing"], "no plug-in 'nothing'"),
+    (["register-sharers", "--task", "LaMP-7", "--sharer", "nobody"], "no user 'nobody'"),
+    (["register-sharers", "--task", "LaMP-7", "--sharer", "2"], "user '2' is a test user"),
+    (["assemble", "--task", "LaMP-7", "--user", "2"], "no piece pool yet"),
+    (["train-embedder", "--task", "LaMP-7", "--base", "nothing"], "no plug-in 'nothing'"),
+    (["evaluate", "--task", "LaMP-7", "--method", "oppu", "--split", "train", "--limit", "4"], "users have no OPPU adapter"),
+    (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--plugin", "missing"], "no plug-in 'missing'"),
+    (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora, oppu or pplug, not rag"),
+    (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--ablation"], "--ablation goes with a personal method"),
+    (["plugins", "export", "nothing", "out"], "no plug-in 'nothing'"),
+    (["plugins", "import", "no-such-dir", "--name", "y"], "no adapter_config.json"),
+]
+
+
+@pytest.mark.parametrize("args,message", MODEL_FREE)
+def test_adapter_errors_are_one_line_change_nothing_and_load_no_model(store, trained, args, message, monkeypatch):
+    def no_model(*_, **__):
+        raise AssertionError("the LLM was loaded before the arguments were checked")
+
+    for module in ("lora_cmd", "pieces_cmd", "plugins_cmd", "pplug_cmd", "evaluate_cmd"):
+        monkeypatch.setattr(f"persona_cli.{module}.load_llm", no_model)
     before = Store(store).info()["tables"]
     assert message in _fail(store, *args)
+    assert Store(store).info()["tables"] == before
+
+
+def test_an_unknown_target_module_is_one_line_and_changes_nothing(store, trained):
+    before = Store(store).info()["tables"]
+    assert "no linear layer named 'qq_proj'" in _fail(store, "adapt", "--task", "LaMP-7", "--name", "x", "--target-modules", "qq_proj", "--steps", "1")
     assert Store(store).info()["tables"] == before
 
 

@@ -35,19 +35,21 @@ _cli, _fail = cli_json, cli_fails
 
 @pytest.fixture(scope="module")
 def runs(store) -> dict:
-    """Three runs on the first 4 test queries of the example users."""
+    """Four runs on the first 4 test queries of the example users."""
     common = ["evaluate", "--task", "LaMP-7", "--limit", "4", "--max-new-tokens", "24"]
     return {
         "none": _cli(store, *common, "--method", "none"),
         "rag": _cli(store, *common, "--method", "rag", "--k", "2"),
         "pag": _cli(store, *common, "--method", "pag"),
+        "exact": _cli(store, *common, "--method", "none", "--scoring", "exact"),
     }
 
 
 def test_a_run_is_stored_with_metrics_timing_and_predictions(store, runs):
     none = runs["none"]
     assert none["run_id"] == "1" and none["task"] == "LaMP-7" and none["split"] == "test" and none["n_examples"] == 4
-    assert set(none["metrics"]) == {"rouge-1", "rouge-L"} and 0 <= none["metrics"]["rouge-L"] <= none["metrics"]["rouge-1"] <= 1
+    assert set(none["metrics"]) == {"rouge-1", "rouge-L", "rouge-1-exact", "rouge-L-exact"}
+    assert 0 <= none["metrics"]["rouge-L"] <= none["metrics"]["rouge-1"] <= 1 and none["config"]["scoring"] == "cleaned"
     assert none["wall_s"] > 0 and none["examples_per_s"] > 0 and none["config"]["answer"] == "generate"
     shown = _cli(store, "runs", "show", "1", "--examples", "10")
     assert len(shown["predictions"]) == 4
@@ -55,11 +57,16 @@ def test_a_run_is_stored_with_metrics_timing_and_predictions(store, runs):
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
     direct = sum(scorer.score(p["gold"], p["output"])["rouge1"].fmeasure for p in shown["predictions"]) / 4
     assert none["metrics"]["rouge-1"] == pytest.approx(direct)
+    # LaMP's own scoring: the answers as generated; a cleaned run reports it beside its own
+    exact = runs["exact"]
+    assert exact["method"] == "none@exact" and exact["config"]["scoring"] == "exact" and set(exact["metrics"]) == {"rouge-1", "rouge-L"}
+    assert exact["metrics"]["rouge-1"] == pytest.approx(none["metrics"]["rouge-1-exact"])
+    assert all(p["output"] == p["raw"].strip() for p in _cli(store, "runs", "show", exact["run_id"], "--examples", "10")["predictions"])
 
 
 def test_runs_list_and_compare_on_shared_queries(store, runs):
     listed = _cli(store, "runs", "list")["runs"]
-    assert [r["method"] for r in listed] == ["none", "rag-bm25-k2", "pag"]
+    assert [r["method"] for r in listed] == ["none", "rag-bm25-k2", "pag", "none@exact"]
     more = _cli(store, "evaluate", "--task", "LaMP-7", "--limit", "2", "--max-new-tokens", "24")
     compared = _cli(store, "runs", "compare", runs["none"]["run_id"], runs["rag"]["run_id"], more["run_id"])
     assert compared["shared_queries"] == 2 and [r["run_id"] for r in compared["runs"]] == ["1", "2", more["run_id"]]
@@ -88,7 +95,7 @@ def test_exported_predictions_score_the_same_as_the_run(store, runs, tmp_path):
     outputs = tmp_path / "outputs.json"
     outputs.write_text(json.dumps({"task": "LaMP_7", "golds": [{"id": p["query_id"], "output": p["gold"]} for p in shown["predictions"]]}))
     scored = _cli(store, "evaluate", "--task", "LaMP-7", "--predictions", str(exported), "--outputs", str(outputs))
-    assert scored["n_examples"] == 4 and scored["metrics"] == pytest.approx(run["metrics"])
+    assert scored["n_examples"] == 4 and scored["metrics"] == pytest.approx({k: v for k, v in run["metrics"].items() if not k.endswith("-exact")})
 
 
 def test_random_history_is_repeatable_by_seed(store):
