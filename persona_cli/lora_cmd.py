@@ -97,6 +97,8 @@ def adapt(
                     "train_examples": plugin.config["train_examples"], "dev_examples": plugin.config["dev_examples"]})
         return
     resumed = f", resumed at step {summary['resumed_from']}" if summary.get("resumed_from") else ""
+    if summary.get("ignored_checkpoint"):
+        console.print(f"[yellow]{summary['ignored_checkpoint']}[/]")
     console.print(
         f"stored plug-in [bold]{plugin.name}[/] ({human_bytes(plugin.metrics['adapter_bytes'])}): "
         f"{plugin.config['train_examples']} examples of {plugin.config['train_users']} training users, "

@@ -69,6 +69,8 @@ def train_embedder(
                     "encoder": plugin.encoder, **plugin.config["shape"], **facts, **summary})
         return
     resumed = f", resumed at step {summary['resumed_from']}" if summary.get("resumed_from") else ""
+    if summary.get("ignored_checkpoint"):
+        console.print(f"[yellow]{summary['ignored_checkpoint']}[/]")
     shape = plugin.config["shape"]
     kind = f"{shape['pooling']} pooling" if shape["personal"] else "no personal token"
     console.print(

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from recipes import PersonaError
 from recipes.answering import answer_prompts
 from recipes.backbones import LLM, loaded
-from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, oppu_name
+from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, chain_key, oppu_name
 from recipes.lora_training import LoraSettings, TrainedLora, settings_key, train_lora
 from recipes.progress import Progress, report
 from recipes.splits import query_split
@@ -33,7 +33,8 @@ def _training_metrics(trained: TrainedLora, weights_bytes: int) -> dict:
     return {
         "train_seconds": trained.seconds, "steps": trained.steps, "adapter_bytes": weights_bytes,
         "final_loss": trained.curve[-1]["loss"] if trained.curve else None, "best_step": trained.best_step,
-        "best_dev_loss": trained.best_dev_loss, "best_dev_score": trained.best_dev_score, "resumed_from": trained.resumed_from, "curve": trained.curve,
+        "best_dev_loss": trained.best_dev_loss, "best_dev_score": trained.best_dev_score, "resumed_from": trained.resumed_from,
+        "ignored_checkpoint": trained.ignored_checkpoint, "curve": trained.curve,
     }  # fmt: skip
 
 
@@ -86,7 +87,7 @@ def adapt_task(
     scorer = _dev_scorer(llm, task, dev, settings.batch_size) if dev and select == "metric" else None
     trained = train_lora(
         llm, query_examples(train), settings, query_examples(dev) or None, progress, checkpoint_path(store, name),
-        stage=f"training {name}", dev_score=scorer,
+        stage=f"training {name}", dev_score=scorer, base_key=chain_key(chain),
     )  # fmt: skip
     weights = trained.weights.to_bytes()
     config = _lora_config(llm, settings, trained, chain)
@@ -195,10 +196,8 @@ def train_oppu(
 def oppu_key(llm_id: str, settings: LoraSettings, chain: list[Plugin], examples: list) -> str:
     """What an OPPU adapter depends on, hashed: the LLM, the settings, the base chain's weights (not
     just its names: a replaced base invalidates its adapters) and the user's training examples."""
-    digest = hashlib.sha256(json.dumps([llm_id, settings_key(settings), [(e.prompt, e.target) for e in examples]], sort_keys=True).encode())
-    for plugin in chain:
-        digest.update(plugin.weights)
-    return digest.hexdigest()[:24]
+    key = [llm_id, settings_key(settings), chain_key(chain), [(e.prompt, e.target) for e in examples]]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 class OppuStaging:

@@ -6,6 +6,7 @@ loads take a fraction of a second. Ids recorded in the store say which weights m
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -131,6 +132,15 @@ class LLM:
     tokenizer: Any
     device: torch.device
     is_seq2seq: bool
+    merged: tuple[str, ...] = ()  # digests of the plug-ins merged into these weights, in order
+
+    @property
+    def state_id(self) -> str:
+        """The LLM's id, plus a digest of what was merged into its weights: the key of any cache
+        of the model's own outputs (PAG profiles), so a merged base never reuses the bare model's."""
+        if not self.merged:
+            return self.id
+        return f"{self.id}+" + hashlib.sha256("+".join(self.merged).encode()).hexdigest()[:16]
 
     @property
     def is_chat(self) -> bool:

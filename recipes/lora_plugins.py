@@ -7,6 +7,8 @@ exporting folds the chain into one peft adapter.
 
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,6 +66,17 @@ def apply_chain(llm: LLM, chain: list[Plugin]) -> None:
     check_llm(chain, llm.id)
     for plugin in chain:
         merge_into(llm.model, lora_weights(plugin))
+        llm.merged += (chain_key([plugin]),)
+
+
+def chain_key(chain: list[Plugin]) -> str:
+    """A digest of a base chain's names and weights: what anything trained or cached over the
+    chain depends on (a base trained again under the same name gets a new key)."""
+    digest = hashlib.sha256()
+    for plugin in chain:
+        digest.update(plugin.name.encode() + b"\0")
+        digest.update(plugin.weights)
+    return digest.hexdigest()[:24]
 
 
 # ---------- export and import ----------

@@ -118,6 +118,7 @@ class TrainedLora:
     resumed_from: Optional[int] = None
     stopped_early: bool = False
     tokens: int = 0
+    ignored_checkpoint: Optional[str] = None
 
 
 # ---------- tokenization ----------
@@ -310,6 +311,7 @@ def train_lora(
     checkpoint: Optional[Path] = None,
     stage: str = "training",
     dev_score: Optional[Callable[[], float]] = None,
+    base_key: str = "",
 ) -> TrainedLora:
     """Train a fresh LoRA on `examples` over the LLM as loaded (bases already merged into it).
 
@@ -317,7 +319,8 @@ def train_lora(
     adapter with the lowest dev loss is returned; with `dev_score` too (a task metric of the
     LLM as it is at that step, higher is better), the adapter with the best score is. With
     `checkpoint`, state is saved every `checkpoint_every` steps and a matching checkpoint found
-    there is resumed from. Examples are tokenized once and batched by similar length.
+    there is resumed from (`base_key`, the digest of the bases merged into the LLM, is part of
+    what must match). Examples are tokenized once and batched by similar length.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -329,7 +332,7 @@ def train_lora(
     steps = settings.total_steps(len(examples))
     data = TokenizedExamples(llm, examples, settings.max_length)
     plan = batch_order(len(examples), steps, settings.batch_size, settings.seed, data.lengths)
-    fingerprint = _fingerprint(llm, examples, settings, targets)
+    fingerprint = _fingerprint(llm, examples, settings, targets, [dev or [], dev_score is not None, base_key])
     torch.manual_seed(settings.seed)
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets, bias="none",
@@ -364,6 +367,7 @@ def train_lora(
         weights=weights, target_modules=list(targets), steps=state.step, seconds=round(state.seconds, 3),
         curve=state.curve, best_step=state.best_step, best_dev_loss=state.best_dev_loss,
         best_dev_score=state.best_dev_score, resumed_from=resumed, stopped_early=state.step < steps, tokens=state.tokens,
+        ignored_checkpoint=state.ignored_checkpoint,
     )  # fmt: skip
 
 
@@ -538,6 +542,7 @@ class TrainState:
     best_step: Optional[int] = None
     best_dev_loss: Optional[float] = None
     best_dev_score: Optional[float] = None
+    ignored_checkpoint: Optional[str] = None  # why a checkpoint found at the path was not resumed
 
 
 def _evaluate_dev(
@@ -572,12 +577,16 @@ def load_trainable(model: Any, tensors: dict[str, torch.Tensor]) -> None:
 # ---------- checkpoints ----------
 
 
-def _fingerprint(llm: LLM, examples: list[Example], settings: LoraSettings, targets: list[str]) -> str:
-    """What a checkpoint must match to be resumed: the LLM, the examples and every setting."""
+def _fingerprint(llm: LLM, examples: list[Example], settings: LoraSettings, targets: list[str], selection: list) -> str:
+    """What a checkpoint must match to be resumed: the LLM, the examples, every setting and what
+    picks the kept step and sits under the adapter (`selection`: dev examples, whether a metric
+    selects, the base chain's key)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([llm.id, settings_key(settings), targets], sort_keys=True).encode())
     for example in examples:
         digest.update(json.dumps([example.prompt, example.target]).encode())
+    dev, by_metric, base_key = selection
+    digest.update(json.dumps([[(e.prompt, e.target) for e in dev], by_metric, base_key]).encode())
     return digest.hexdigest()
 
 
@@ -606,6 +615,9 @@ def resume_checkpoint(path: Optional[Path], fingerprint: str, model: Any, optimi
         return None
     saved = torch.load(path, weights_only=False)
     if saved.get("fingerprint") != fingerprint:
+        state.ignored_checkpoint = (
+            f"checkpoint {path} is of a run with other data, settings or base; training started over"
+        )
         return None
     load_trainable(model, saved["trainable"])
     optimizer.load_state_dict(saved["optimizer"])

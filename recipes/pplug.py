@@ -223,6 +223,7 @@ class TrainedEmbedder:
     best_dev_loss: Optional[float] = None
     resumed_from: Optional[int] = None
     tokens: int = 0
+    ignored_checkpoint: Optional[str] = None
 
 
 def build_embedder(encoder: Encoder, llm: LLM, settings: PPlugSettings) -> UserEmbedder:
@@ -248,6 +249,7 @@ def train_embedder(
     progress: Optional[Progress] = None,
     checkpoint: Optional[Any] = None,
     stage: str = "training embedder",
+    base_key: str = "",
 ) -> TrainedEmbedder:
     """Train the embedder's trainable parts on `train` with the LLM frozen; the dev loss, measured
     every `eval_every` steps and at the end, picks the state that is kept."""
@@ -268,7 +270,7 @@ def train_embedder(
             return example_loss(llm, embedder, [train[i] for i in plan[step]], vectors, settings.max_length)
 
     evaluate = (lambda state: _evaluate(llm, embedder, dev, vectors, settings, state)) if dev else None
-    fingerprint = _fingerprint(llm, train, vectors, settings)
+    fingerprint = _fingerprint(llm, train + dev, vectors, settings, base_key)
     loop = TrainingLoop(
         steps, settings.warmup, eval_cadence(settings.eval_every, steps), settings.checkpoint_every, checkpoint, fingerprint,
         settings.max_minutes,
@@ -276,7 +278,8 @@ def train_embedder(
     state, resumed = loop.run(embedder, optimizer, step_loss, evaluate, progress, stage)
     embedder.eval()
     return TrainedEmbedder(
-        embedder, state.step, round(state.seconds, 3), state.curve, state.best_step, state.best_dev_loss, resumed, state.tokens
+        embedder, state.step, round(state.seconds, 3), state.curve, state.best_step, state.best_dev_loss, resumed, state.tokens,
+        state.ignored_checkpoint,
     )
 
 
@@ -290,10 +293,11 @@ def _evaluate(llm: LLM, embedder: UserEmbedder, dev: list[PPlugExample], vectors
         state.best_step, state.best_dev_loss = state.step, loss
 
 
-def _fingerprint(llm: LLM, train: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings) -> str:
-    """What a checkpoint must match to be resumed: the LLM, the examples, the histories and every setting."""
-    digest = hashlib.sha256(json.dumps([llm.id, settings_key(settings)], sort_keys=True).encode())
-    for e in train:
+def _fingerprint(llm: LLM, examples: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings, base_key: str) -> str:
+    """What a checkpoint must match to be resumed: the LLM and the bases under it, the training
+    and dev examples, the histories and every setting."""
+    digest = hashlib.sha256(json.dumps([llm.id, base_key, settings_key(settings)], sort_keys=True).encode())
+    for e in examples:
         digest.update(json.dumps([e.user_id, e.prompt, e.target, e.keep]).encode())
         digest.update(vectors[e.user_id].tobytes())
     return digest.hexdigest()
@@ -339,7 +343,9 @@ def train_pplug(
     if encoder.id != known[0]:
         raise PersonaError(f"the store's vectors are of encoder '{known[0]}', not '{encoder.id}'")
     embedder = build_embedder(encoder, llm, settings)
-    trained = train_embedder(llm, embedder, train, dev, vectors, settings, progress, checkpoint_path(store, name), f"training {name}")
+    trained = train_embedder(
+        llm, embedder, train, dev, vectors, settings, progress, checkpoint_path(store, name), f"training {name}", chain_key(chain)
+    )
     weights = embedder.to_bytes()
     plugin = Plugin(
         name=name, kind=PPLUG, llm=llm.id, encoder=encoder.id, weights=weights, task=task.name, base=base,
@@ -351,7 +357,8 @@ def train_pplug(
         metrics={
             "train_seconds": trained.seconds, "steps": trained.steps, "weights_bytes": len(weights),
             "final_loss": trained.curve[-1]["loss"] if trained.curve else None, "best_step": trained.best_step,
-            "best_dev_loss": trained.best_dev_loss, "resumed_from": trained.resumed_from, "curve": trained.curve,
+            "best_dev_loss": trained.best_dev_loss, "resumed_from": trained.resumed_from,
+            "ignored_checkpoint": trained.ignored_checkpoint, "curve": trained.curve,
             **describe(embedder),
         },
     )  # fmt: skip

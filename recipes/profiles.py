@@ -1,7 +1,8 @@
 """PAG: a short profile of each user, written by the LLM from the history and cached in the store.
 
-A cached profile is reused while it was made by the same LLM with the same instruction from
-the same number of history items; otherwise it is written again.
+A cached profile is reused while it was made by the same model (the LLM with the same plug-ins
+merged into it: `LLM.state_id`) with the same instruction from the same number of history items;
+otherwise it is written again.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def ensure_profiles(
     """Profile text per user of `histories`, and how many had to be written now. New profiles are
     stored at once, or with `pending` appended there for the caller to store with its own result
     (an evaluation that fails then leaves no profiles behind)."""
-    cached = store.get_profiles(sorted(histories), task.name, llm.id)
+    cached = store.get_profiles(sorted(histories), task.name, llm.state_id)
     profiles = {
         uid: p.text
         for uid, p in cached.items()
@@ -44,7 +45,7 @@ def ensure_profiles(
     requests = [profile_request(task, histories[uid], budget) for uid in missing]
     written = generate(llm, requests, PROFILE_MAX_NEW_TOKENS, batch_size, max_input_tokens, progress, stage="writing profiles")
     new = [
-        Profile(uid, task.name, llm.id, task.pag_instruction, len(histories[uid]), text)
+        Profile(uid, task.name, llm.state_id, task.pag_instruction, len(histories[uid]), text)
         for uid, text in zip(missing, written)
     ]
     if pending is None:

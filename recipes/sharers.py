@@ -26,7 +26,7 @@ from recipes.adapters import LoraWeights
 from recipes.assembly import user_embedding
 from recipes.backbones import LLM, cache_dir, loaded
 from recipes.gates import GateSettings, train_gates
-from recipes.lora_plugins import apply_chain, base_chain
+from recipes.lora_plugins import apply_chain, base_chain, chain_key
 from recipes.lora_training import LoraSettings, train_lora
 from recipes.pool import layer_of, piece_tensors
 from recipes.progress import Progress, report
@@ -160,7 +160,7 @@ def register_sharers(
     chain = base_chain(store, base)
     llm = loaded(llm)
     _check_pool_compatible(store, task, llm.id, base)
-    staging = _staging_dir(store, task, llm, sharers, lora, gates, base)
+    staging = _staging_dir(store, task, llm, sharers, lora, gates, [chain_key(chain), histories])
     apply_chain(llm, chain)
     result = Registration(task=task.name, sharers=list(sharers))
     tick = report(progress)
@@ -230,10 +230,14 @@ def _shared_modules(modules: list[str], ratio: float, seed: str) -> list[str]:
 
 
 def _staging_dir(
-    store: Store, task: Task, llm: LLM, sharers: list[str], lora: LoraSettings, gates: GateSettings, base: Optional[str]
+    store: Store, task: Task, llm: LLM, sharers: list[str], lora: LoraSettings, gates: GateSettings, inputs: list
 ) -> Path:
-    """Where this exact registration keeps its finished sharers until the pool version is written."""
-    key = json.dumps([store.uri, task.name, llm.id, base, sharers, asdict(lora), asdict(gates)], sort_keys=True)
+    """Where this exact registration keeps its finished sharers until the pool version is written:
+    keyed by the store, task, LLM, sharers, settings, the base chain's weights and the sharers'
+    histories (`inputs`), so a changed base or history never resumes from stale pieces."""
+    base_key, histories = inputs
+    texts = {s: [(item.item_id, item.text, item.fields) for item in histories[s]] for s in sharers}
+    key = json.dumps([store.uri, task.name, llm.id, base_key, sharers, asdict(lora), asdict(gates), texts], sort_keys=True, default=str)
     return cache_dir() / "registrations" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

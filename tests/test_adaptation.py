@@ -184,3 +184,20 @@ def test_a_stopped_oppu_run_stores_nothing_resumes_and_a_replaced_base_retrains(
     _cli(store, "adapt", "--task", "LaMP-7", "--name", "base-b", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--seed", "1", "--replace")
     again = _cli(store, *oppu)
     assert (again["trained"], again["reused"]) == (2, 0)
+
+
+def test_pag_profiles_are_stored_with_their_run_and_keyed_by_the_merged_base(store, trained, monkeypatch):
+    """An evaluation that fails after writing profiles stores none; a profile written by the bare
+    LLM is not reused when a base is merged into it (another model wrote it)."""
+    pag = ["evaluate", "--task", "LaMP-7", "--method", "pag", "--limit", "1", "--max-new-tokens", "4"]
+
+    def fails(*_, **__):
+        raise RuntimeError("generation failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("recipes.evaluation.answer_prompts", fails)
+        assert runner.invoke(app, ["--store", str(store), *pag, "--json"]).exit_code != 0
+    assert Store(store).count("profiles") == 0
+    assert _cli(store, *pag)["config"]["profiles_written"] == 1
+    assert _cli(store, *pag, "--base", "task-lora-LaMP-7")["config"]["profiles_written"] == 1
+    assert _cli(store, *pag)["config"]["profiles_written"] == 0

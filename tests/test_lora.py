@@ -4,6 +4,7 @@ as bytes, merging, per-row adapters in one batch, and peft folders that peft its
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -78,8 +79,13 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_the_same(t
     with pytest.raises(KeyboardInterrupt):
         train_lora(tiny_llama, EXAMPLES, settings, progress=stop_at_five, checkpoint=checkpoint)
     assert checkpoint.exists()
+    # another base under the adapter, or other dev examples, must not resume this run: said, not silent
+    for other in ({"base_key": "another base"}, {"dev": EXAMPLES[:2]}):
+        shutil.copy(checkpoint, tmp_path / "other.pt")
+        started_over = train_lora(tiny_llama, EXAMPLES, settings, checkpoint=tmp_path / "other.pt", **other)
+        assert started_over.resumed_from is None and "training started over" in started_over.ignored_checkpoint
     resumed = train_lora(tiny_llama, EXAMPLES, settings, checkpoint=checkpoint)
-    assert resumed.resumed_from == 4
+    assert resumed.resumed_from == 4 and resumed.ignored_checkpoint is None
     assert not checkpoint.exists(), "a finished run removes its checkpoint"
     for path, (a, b) in whole.weights.modules.items():
         torch.testing.assert_close(resumed.weights.modules[path][0], a)
