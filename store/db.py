@@ -186,11 +186,13 @@ class Store(ResultTables, PluginTables, PieceTables):
             before = self._latest_versions()
             try:
                 yield
-            except BaseException:
+                if outermost:
+                    self._record_commit()
+            except BaseException as exc:
                 self._roll_back(before)
+                if _is_io_failure(exc):  # a full disk, a read-only or vanished directory: the user's to fix
+                    raise StoreError(f"store {self.uri}: could not write ({_first_line(exc)}); nothing was changed") from None
                 raise
-            if outermost:
-                self._record_commit()
 
     def _latest_versions(self) -> dict[str, int]:
         return {name: self._db.open_table(name).version for name in self._all_tables() if name != COMMITS}
@@ -505,6 +507,16 @@ class Store(ResultTables, PluginTables, PieceTables):
                 table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
         else:
             table.optimize()
+
+
+def _is_io_failure(exc: BaseException) -> bool:
+    """An operating-system failure to write, as Python or LanceDB (a RuntimeError naming LanceError(IO)) reports it."""
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "LanceError(IO)" in str(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split(", /")[0].removeprefix("lance error: ")  # drop the library's source location
 
 
 def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: str, dim: int) -> pa.RecordBatch:

@@ -112,3 +112,16 @@ def cli_fails(store: Path, *args: str) -> str:
     assert result.exit_code == 2, result.output
     assert result.output.strip().count("\n") == 0, result.output
     return result.output
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault suite's counts, printed after the run when it ran."""
+    import sys
+
+    faults = sys.modules.get("test_faults")
+    if faults is not None and faults.TALLY["kills"]:
+        tally = faults.TALLY
+        terminalreporter.write_line(
+            f"fault suite: {tally['kills']} kill -9s of 5 writing commands, {tally['states_checked']} stores checked "
+            f"(each exactly as before or after the command), {tally['reruns_completed']} reruns completed"
+        )
