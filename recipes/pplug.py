@@ -23,7 +23,7 @@ import torch
 from recipes import PersonaError
 from recipes.training_data import checkpoint_path, split_queries
 from recipes.backbones import LLM, Encoder, load_encoder, loaded
-from recipes.lora_plugins import apply_chain, base_chain, check_llm
+from recipes.lora_plugins import apply_chain, base_chain, chain_key, check_llm
 from recipes.lora_training import (
     IGNORE, PRECISIONS, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, causal_batch, causal_loss,
     encode_example, eval_cadence, planned_steps, settings_key, trainable_state,

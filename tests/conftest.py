@@ -114,13 +114,23 @@ def cli_fails(store: Path, *args: str) -> str:
     return result.output
 
 
+def pytest_configure(config) -> None:
+    """A file the fault suite writes its counts to: with pytest-xdist it runs in a worker process,
+    and the summary is printed by the main one."""
+    import os
+    import tempfile
+
+    if "PERSONA_FAULT_TALLY" not in os.environ:
+        os.environ["PERSONA_FAULT_TALLY"] = os.path.join(tempfile.mkdtemp(prefix="persona-faults-"), "tally.json")
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The fault suite's counts, printed after the run when it ran."""
-    import sys
+    import os
 
-    faults = sys.modules.get("test_faults")
-    if faults is not None and faults.TALLY["kills"]:
-        tally = faults.TALLY
+    path = Path(os.environ.get("PERSONA_FAULT_TALLY", ""))
+    if path.is_file():
+        tally = json.loads(path.read_text(encoding="utf-8"))
         terminalreporter.write_line(
             f"fault suite: {tally['kills']} kill -9s of 5 writing commands, {tally['states_checked']} stores checked "
             f"(each exactly as before or after the command), {tally['reruns_completed']} reruns completed"

@@ -160,6 +160,7 @@ def test_kill_9_at_any_moment_leaves_before_or_after_and_a_rerun_completes(forks
                 assert state(work) == after, name
             TALLY["reruns_completed"] += 1
     assert TALLY["kills"] >= 20
+    Path(os.environ["PERSONA_FAULT_TALLY"]).write_text(json.dumps(TALLY), encoding="utf-8")  # printed by conftest
 
 
 def test_a_full_disk_fails_cleanly_and_changes_nothing(forks, tmp_path):

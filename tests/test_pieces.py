@@ -72,19 +72,37 @@ def test_the_mix_is_the_exact_sum_of_weighted_products_not_averaged_a_and_b(tiny
     assert not torch.allclose(mixed.delta(path), averaged, atol=1e-3)
 
 
+def _mean_input_direction(llm) -> torch.Tensor:
+    """The mean direction of layer 0's attention inputs over the examples' tokens."""
+    seen = []
+    norm = llm.model.model.layers[0].input_layernorm
+    handle = norm.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
+    try:
+        with torch.no_grad():
+            for example in EXAMPLES:
+                llm.model(llm.tokenizer((example.prompt or "") + " " + example.target, return_tensors="pt")["input_ids"])
+    finally:
+        handle.remove()
+    units = torch.nn.functional.normalize(torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]), dim=-1)
+    return units.mean(dim=0)
+
+
 def test_assembly_follows_the_gates_and_is_deterministic(tiny_llama):
     hidden = tiny_llama.model.config.hidden_size
     generator = torch.Generator().manual_seed(0)
-    # sharer 12's gate points along the model's typical input direction, the others against it
-    probe = tiny_llama.model.model.layers[0].input_layernorm.weight.detach().clone().abs() + 0.1
-    gates = {"7": -probe, "12": probe, "30": torch.randn(hidden, generator=generator)}
+    # sharer 12's gate points along the mean direction of the layer's inputs, 7's against it, 30's anywhere
+    along = _mean_input_direction(tiny_llama)
+    gates = {"7": -along, "12": along, "30": torch.randn(hidden, generator=generator)}
     pool = _pool(tiny_llama, gates)
     first = assemble_user(tiny_llama, pool, EXAMPLES, top_k=1, batch_size=2)
     second = assemble_user(tiny_llama, pool, EXAMPLES, top_k=1, batch_size=2)
     assert first == second
+    layer0 = [path for path in pool.module_order if ".layers.0." in path]  # inputs no earlier piece has changed
+    assert layer0 and all(first[path][0][0] == "12" for path in layer0), first
     assert all(abs(sum(w for _, w in picked) - 1) < 1e-6 for picked in first.values())
     wide = assemble_user(tiny_llama, pool, EXAMPLES, top_k=3, batch_size=2)
     assert all(len(picked) == 3 for picked in wide.values())
+    assert all([s for s, _ in wide[path]][0] == "12" and [s for s, _ in wide[path]][-1] == "7" for path in layer0), wide
     # softmax(score / sqrt(n)) of mean cosines in [-1, 1]: the weights stay within a narrow band
     n = hidden
     assert all(max(w for _, w in p) / min(w for _, w in p) <= math.exp(2 / math.sqrt(n)) + 1e-6 for p in wide.values())

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import EXAMPLES, ROOT, cli_fails, cli_json
@@ -25,11 +26,13 @@ USERS = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
 STYLES = {u["user_id"]: u["style"] for u in USERS}
 PROMPT = "Paraphrase the following tweet without any explanation before or after it: "
 # float32 so the figures hold on every CPU (bf16 autocast is only where the CPU has it); history items
-# with an input are examples too. 150 steps at lr 6e-3: at 100 steps (lr 5e-3) no answer shows a style yet
-TRAINING = ["--history-examples", "--steps", "150", "--batch-size", "8", "--lr", "6e-3", "--eval-every", "75",
-            "--max-length", "128", "--precision", "float32"]  # fmt: skip
-# measured in float32 with these settings: agreement 0.333 (seed 0) and 0.513 (seed 1), its --ablation
-# (another user's history) 0.000 and 0.051
+# with an input are examples too; over the task LoRA as the paper stacks it (the LLM then paraphrases
+# already, and the embedder only has to learn the style): 80 steps at lr 6e-3. On the bare LLM it took
+# 150 steps (0.333 vs 0.000), and 100 steps at lr 5e-3 showed no style at all
+TASK_LORA = ["--steps", "16", "--eval-every", "8", "--precision", "float32"]
+TRAINING = ["--base", "task-lora-LaMP-7", "--history-examples", "--steps", "80", "--batch-size", "8", "--lr", "6e-3",
+            "--eval-every", "40", "--max-length", "128", "--precision", "float32"]  # fmt: skip
+# measured in float32 with these settings: agreement 0.385, its --ablation (another user's history) 0.000
 STYLE_FLOOR, MARGIN = 0.20, 0.15
 
 
@@ -37,6 +40,7 @@ STYLE_FLOOR, MARGIN = 0.20, 0.15
 def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pplug") / "store"
     assert runner.invoke(app, ["--store", str(path), "ingest", str(EXAMPLES), "--task", "LaMP-7"]).exit_code == 0
+    cli_json(path, "adapt", "--task", "LaMP-7", *TASK_LORA)
     return path
 
 
@@ -68,11 +72,14 @@ def _agreement(store: Path, run_id: str) -> tuple[float, list[str]]:
 
 
 def test_train_embedder_stores_a_pplug_plugin_with_its_ids_and_curve(store, trained):
-    assert trained["name"] == "pplug-LaMP-7" and trained["kind"] == "pplug" and trained["base"] is None
+    assert trained["name"] == "pplug-LaMP-7" and trained["kind"] == "pplug" and trained["base"] == "task-lora-LaMP-7"
     assert trained["encoder"] == "all-MiniLM-L6-v2" and trained["llm"] == "SmolLM2-135M-Instruct"
     assert trained["pooling"] == "attention" and trained["personal"] and trained["llm_dim"] == 576
     assert trained["train_examples"] > 96  # 96 training-split queries plus the history items with an input
-    assert trained["steps"] == 150 and trained["best_step"] in (75, 150) and trained["best_dev_loss"] > 0
+    assert trained["steps"] == 80 and trained["best_dev_loss"] > 0
+    curve = cli_json(store, "plugins", "show", "pplug-LaMP-7")["curve"]
+    dev = {p["step"]: p["dev_loss"] for p in curve if "dev_loss" in p}
+    assert sorted(dev) == [40, 80] and trained["best_step"] == min(dev, key=dev.get) and trained["best_dev_loss"] == min(dev.values())
     listed = {p["name"]: p for p in cli_json(store, "plugins", "list")["plugins"]}
     assert listed["pplug-LaMP-7"]["kind"] == "pplug"
 
@@ -108,16 +115,30 @@ def test_the_ablation_serves_each_user_with_another_users_history(store, trained
         assert by_user[query.query_id] != own["raw"]
 
 
-def test_a_user_ingested_after_training_is_served_with_no_training(store, trained, tmp_path):
+def test_a_user_ingested_after_training_is_served_with_no_training(store, trained, tmp_path, llm):
+    """Two newcomers write the same sentences, one with a signature hashtag, one plainly: served at
+    once, with nothing trained, each with personal tokens made from their own history."""
     rule = STYLE_RULES["hashtag"]
     sentences = [h["input"] for h in USERS[2]["history"]]
-    user = {"user_id": "newcomer", "history": [{"id": f"n{i}", "text": rule(s), "input": s} for i, s in enumerate(sentences)]}
-    (tmp_path / "new.jsonl").write_text(json.dumps(user) + "\n")
+    users = [{"user_id": name, "history": [{"id": f"n{i}", "text": write(s), "input": s} for i, s in enumerate(sentences)]}
+             for name, write in (("newcomer", rule), ("plain-newcomer", lambda s: s))]  # fmt: skip
+    (tmp_path / "new.jsonl").write_text("\n".join(json.dumps(u) for u in users) + "\n")
     plugins_before = _tables(store)["plugins"]
     assert runner.invoke(app, ["--store", str(store), "ingest", str(tmp_path / "new.jsonl"), "--task", "LaMP-7"]).exit_code == 0
-    answer = cli_json(store, "generate", "--user", "newcomer", "--method", "pplug", PROMPT + "The museum opens early on Sundays.")
-    assert answer["method"] == "pplug" and answer["output"]
-    assert _tables(store)["plugins"] == plugins_before  # nothing was trained or stored for the newcomer
+    answers = {u["user_id"]: cli_json(store, "generate", "--user", u["user_id"], "--method", "pplug", PROMPT + "The museum opens early on Sundays.")
+               for u in users}  # fmt: skip
+    assert answers["newcomer"]["method"] == "pplug" and answers["newcomer"]["output"]
+    assert _tables(store)["plugins"] == plugins_before  # nothing was trained or stored for the newcomers
+    # their personal tokens come from their own stored histories: same input, different histories,
+    # different tokens; the instruction token (the first) is everyone's
+    from recipes.pplug import query_soft_tokens
+    from recipes.tasks import get_task
+    from store import Query
+
+    opened = Store(store)
+    queries = [Query("q", u["user_id"], "LaMP-7", PROMPT + "The museum opens early on Sundays.") for u in users]
+    tokens = query_soft_tokens(opened, opened.get_plugin("pplug-LaMP-7"), llm, get_task("LaMP-7"), queries).vectors
+    assert torch.equal(tokens[0, 0], tokens[1, 0]) and not torch.allclose(tokens[0, 1:], tokens[1, 1:], atol=1e-3)
     explained = cli_json(store, "explain", "--user", "newcomer", PROMPT + "The museum opens early on Sundays.")
     assert explained["history_items"] == len(sentences) and all(i["item_id"].startswith("n") for i in explained["items"])
 

@@ -1,13 +1,13 @@
 """kill -9 during `persona ingest`: does the next reader see a consistent store, and does a rerun finish?
 
-A store of 50 users (copies of the bundled example users) receives an ingest of 400 more; each
+A store of 50 users (copies of the bundled example users) receives an ingest of `--users` more (400); each
 trial kills the ingest at one moment, then checks the store as the next command sees it and runs
 the ingest again. Half the trials kill at a random moment, half right after a table's new version
 appears on disk (between two table writes of one command, where a half-written store would show).
 Consistent means: exactly the 50 users from before, each user row counting exactly the items
 and queries the other tables hold for it, and no item or query of a user missing from `users`.
 
-    python benchmarks/faults/kill_ingest.py [--trials 16] [--seed 0] [--out benchmarks/faults/results.json]
+    python benchmarks/faults/kill_ingest.py [--trials 16] [--users 400] [--seed 0] [--out benchmarks/faults/results.json]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _user_ids(opened: Store, table: str) -> list[str]:
     return [] if found is None else found.to_arrow().column("user_id").to_pylist()
 
 
-def trial(base: Path, users: Path, work: Path, mode: str, rng: random.Random, full_s: float) -> dict:
+def trial(base: Path, users: Path, added: int, work: Path, mode: str, rng: random.Random, full_s: float) -> dict:
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     shutil.copytree(base, store)
@@ -95,15 +95,16 @@ def trial(base: Path, users: Path, work: Path, mode: str, rng: random.Random, fu
     after = consistency(store)
     return {
         "mode": mode, "killed_after_s": round(killed_at, 2), "finished_before_kill": finished_first, "seen_after_kill": seen,
-        "consistent": seen["rows_agree"] and seen["orphan_users"] == 0 and seen["users"] in (50, 450),
+        "consistent": seen["rows_agree"] and seen["orphan_users"] == 0 and seen["users"] in (50, 50 + added),
         "unchanged": seen["users"] == 50, "rerun_exit": rerun.returncode, "after_rerun": after,
-        "rerun_complete": rerun.returncode == 0 and after["users"] == 450 and after["rows_agree"],
+        "rerun_complete": rerun.returncode == 0 and after["users"] == 50 + added and after["rows_agree"],
     }  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--users", type=int, default=400, help="Users in the ingest that is killed.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
     args = parser.parse_args()
@@ -111,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         users_file(work / "first.jsonl", 0, 50)
-        users_file(work / "more.jsonl", 50, 400)
+        users_file(work / "more.jsonl", 50, args.users)
         base = work / "base"
         subprocess.run(ingest_command(base, work / "first.jsonl"), check=True, capture_output=True, cwd=ROOT)
         timing = work / "timing"
@@ -121,12 +122,14 @@ def main() -> None:
         full_s = time.perf_counter() - started
         trials = []
         for n in range(args.trials):
-            result = trial(base, work / "more.jsonl", work, "random" if n % 2 == 0 else "between-writes", rng, full_s)
+            result = trial(base, work / "more.jsonl", args.users, work, "random" if n % 2 == 0 else "between-writes", rng, full_s)
             trials.append(result)
             print(json.dumps(result), flush=True)
     summary = {
         "command": "python benchmarks/faults/kill_ingest.py " + " ".join(sys.argv[1:]),
         "machine": platform.processor() or platform.machine(),
+        "users_before": 50,
+        "users_ingested": args.users,
         "uninterrupted_ingest_s": round(full_s, 1),
         "trials": len(trials),
         "consistent_after_kill": sum(t["consistent"] for t in trials),
