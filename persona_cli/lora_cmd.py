@@ -166,5 +166,7 @@ def train_oppu_command(
         str(len(summary["skipped"])), f"{summary['mean_train_seconds']}", human_bytes(summary["mean_adapter_bytes"]),
     )  # fmt: skip
     console.print(table)
+    for stale_user, reason in list(summary["stale"].items())[:5]:
+        console.print(f"user {stale_user}'s stored adapter was trained again: {reason}")
     for skipped_user, reason in list(summary["skipped"].items())[:5]:
         console.print(f"skipped user {skipped_user}: {reason}")

@@ -110,6 +110,7 @@ class OppuReport:
     trained: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
+    stale: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     train_seconds: list[float] = field(default_factory=list)
     adapter_bytes: list[int] = field(default_factory=list)
@@ -117,7 +118,7 @@ class OppuReport:
     def summary(self) -> dict:
         return {
             "group": self.group, "base": self.base, "trained": len(self.trained), "reused": len(self.reused),
-            "resumed": len(self.resumed),
+            "resumed": len(self.resumed), "stale": self.stale,
             "skipped": self.skipped,
             "mean_train_seconds": round(statistics.fmean(self.train_seconds), 3) if self.train_seconds else None,
             "mean_adapter_bytes": round(statistics.fmean(self.adapter_bytes)) if self.adapter_bytes else None,
@@ -156,8 +157,10 @@ def train_oppu(
             report_.reused.append(user)
             report_.train_seconds.append(old.metrics.get("train_seconds", 0.0))
             report_.adapter_bytes.append(old.size)
-        else:
-            todo.append(user)
+            continue
+        if old is not None and not retrain:  # a stored adapter that no longer fits: retrained, and said why
+            report_.stale[user] = "its settings, base weights or history changed since it was trained"
+        todo.append(user)
     if not todo:
         return report_
     staging = OppuStaging(checkpoint_path(store, group).with_suffix(".oppu"))

@@ -199,7 +199,7 @@ def test_a_stopped_oppu_run_stores_nothing_resumes_and_a_replaced_base_retrains(
     assert (_cli(store, *oppu)["reused"]) == 2
     _cli(store, "adapt", "--task", "LaMP-7", "--name", "base-b", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--seed", "1", "--replace")
     again = _cli(store, *oppu)
-    assert (again["trained"], again["reused"]) == (2, 0)
+    assert (again["trained"], again["reused"]) == (2, 0) and set(again["stale"]) == {"2", "4"}  # and says why
 
 
 def test_pag_profiles_are_stored_with_their_run_and_keyed_by_the_merged_base(store, trained, monkeypatch):
