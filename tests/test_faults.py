@@ -1,4 +1,4 @@
-"""Faults: `kill -9` at random moments of every writing command, a full disk.
+"""Faults: `kill -9` at random moments of every writing command, a full disk, a store that cannot be written.
 
 Each command (ingest, adapt, train-oppu, register-sharers, assemble, on a tiny random LLM saved
 to disk) first runs once to completion from a saved "before" store, which gives its "after"
@@ -171,6 +171,18 @@ def test_a_full_disk_fails_cleanly_and_changes_nothing(forks, tmp_path):
     before = state(store)
     args = ["ingest", str(_users(tmp_path, 2, 10)), "--task", "LaMP-7"]
     code = _finish(forks, store, args, file_limit=16_000)
-    assert code not in (0, 99), "a full disk must be a one-line error, not success or a traceback"
+    assert code == 2, "a full disk must be the one-line user error (exit 2), not success or a traceback"
     assert state(store) == before
     assert _finish(forks, store, args) == 0 and state(store)["rows"]["users"] == 12
+
+
+def test_a_store_the_process_cannot_write_serves_reads_and_refuses_writes_in_one_line(forks, tmp_path):
+    """No file may grow (a file-size limit of 0: a read-only store, as far as a root process can be
+    kept from writing): reading commands work, a writing one fails with one error line, nothing changes."""
+    store = tmp_path / "store"
+    assert _finish(forks, store, ["ingest", str(_users(tmp_path, 0, 2)), "--task", "LaMP-7"]) == 0
+    before = state(store)
+    assert _finish(forks, store, ["users", "list"], file_limit=0) == 0
+    assert _finish(forks, store, ["search", "--user", "0", "the team", "--k", "2"], file_limit=0) == 0
+    assert _finish(forks, store, ["ingest", str(_users(tmp_path, 2, 2)), "--task", "LaMP-7"], file_limit=0) == 2
+    assert state(store) == before
