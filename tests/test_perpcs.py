@@ -200,3 +200,10 @@ def test_a_stopped_registration_resumes_from_finished_sharers(store, llm, monkey
     assert opened.pool_tags() == before  # nothing half-registered
     result = register_sharers(opened, llm, get_task("LaMP-7"), ["22", "23"], lora, gates)
     assert result.resumed == ["22"] and result.sharers == ["22", "23"]
+    # staged sharers are keyed by their history too: one more item, and the stopped run's sharer is trained again
+    with pytest.raises(KeyboardInterrupt):
+        register_sharers(Store(store), llm, get_task("LaMP-7"), ["22", "23"], lora, gates, progress=stop_after_first)
+    more = tmp_path / "more.jsonl"
+    more.write_text(json.dumps({"user_id": "22", "history": [{"id": "u22-more", "text": "one more tweet", "input": "One more tweet."}]}) + "\n")
+    assert runner.invoke(app, ["--store", str(store), "ingest", str(more), "--task", "LaMP-7"]).exit_code == 0
+    assert register_sharers(Store(store), llm, get_task("LaMP-7"), ["22", "23"], lora, gates).resumed == []
