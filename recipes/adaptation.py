@@ -87,7 +87,7 @@ def adapt_task(
     scorer = _dev_scorer(llm, task, dev, settings.batch_size) if dev and select == "metric" else None
     trained = train_lora(
         llm, query_examples(train), settings, query_examples(dev) or None, progress, checkpoint_path(store, name),
-        stage=f"training {name}", dev_score=scorer, base_key=chain_key(chain),
+        stage=f"training {name}", dev_score=scorer,
     )  # fmt: skip
     weights = trained.weights.to_bytes()
     config = _lora_config(llm, settings, trained, chain)
@@ -170,11 +170,10 @@ def train_oppu(
     tick("training OPPU adapters", 0, len(todo))
     for n, user in enumerate(todo, 1):
         examples = history_examples(task, histories.get(user, []))
-        staged = None if retrain else staging.load(user, keys[user])
+        plugin = None if retrain or not examples else staging.load(user, keys[user])
         if not examples:
             report_.skipped[user] = f"no {task.name} history"
-        elif staged is not None:
-            finished.append(staged)
+        elif plugin is not None:
             report_.resumed.append(user)
         else:
             trained = train_lora(llm, examples, settings)
@@ -185,11 +184,11 @@ def train_oppu(
                 base=base, config=config, metrics=_training_metrics(trained, len(weights)),
             )  # fmt: skip
             staging.save(plugin)
-            finished.append(plugin)
             report_.trained.append(user)
-        if finished and finished[-1].user_id == user:
-            report_.train_seconds.append(finished[-1].metrics.get("train_seconds", 0.0))
-            report_.adapter_bytes.append(len(finished[-1].weights))
+        if plugin is not None:
+            finished.append(plugin)
+            report_.train_seconds.append(plugin.metrics.get("train_seconds", 0.0))
+            report_.adapter_bytes.append(len(plugin.weights))
         tick("training OPPU adapters", n, len(todo))
     store.put_plugins(finished)
     staging.clear()

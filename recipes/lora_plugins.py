@@ -8,7 +8,6 @@ exporting folds the chain into one peft adapter.
 from __future__ import annotations
 
 import hashlib
-
 from pathlib import Path
 from typing import Callable, Optional
 

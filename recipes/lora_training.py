@@ -311,7 +311,6 @@ def train_lora(
     checkpoint: Optional[Path] = None,
     stage: str = "training",
     dev_score: Optional[Callable[[], float]] = None,
-    base_key: str = "",
 ) -> TrainedLora:
     """Train a fresh LoRA on `examples` over the LLM as loaded (bases already merged into it).
 
@@ -319,8 +318,8 @@ def train_lora(
     adapter with the lowest dev loss is returned; with `dev_score` too (a task metric of the
     LLM as it is at that step, higher is better), the adapter with the best score is. With
     `checkpoint`, state is saved every `checkpoint_every` steps and a matching checkpoint found
-    there is resumed from (`base_key`, the digest of the bases merged into the LLM, is part of
-    what must match). Examples are tokenized once and batched by similar length.
+    there is resumed from (the plug-ins merged into the LLM, `LLM.state_id`, are part of what
+    must match). Examples are tokenized once and batched by similar length.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -332,7 +331,7 @@ def train_lora(
     steps = settings.total_steps(len(examples))
     data = TokenizedExamples(llm, examples, settings.max_length)
     plan = batch_order(len(examples), steps, settings.batch_size, settings.seed, data.lengths)
-    fingerprint = _fingerprint(llm, examples, settings, targets, [dev or [], dev_score is not None, base_key])
+    fingerprint = _fingerprint(llm, examples, settings, targets, dev or [], dev_score is not None)
     torch.manual_seed(settings.seed)
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets, bias="none",
@@ -577,16 +576,16 @@ def load_trainable(model: Any, tensors: dict[str, torch.Tensor]) -> None:
 # ---------- checkpoints ----------
 
 
-def _fingerprint(llm: LLM, examples: list[Example], settings: LoraSettings, targets: list[str], selection: list) -> str:
-    """What a checkpoint must match to be resumed: the LLM, the examples, every setting and what
-    picks the kept step and sits under the adapter (`selection`: dev examples, whether a metric
-    selects, the base chain's key)."""
+def _fingerprint(
+    llm: LLM, examples: list[Example], settings: LoraSettings, targets: list[str], dev: list[Example], by_metric: bool
+) -> str:
+    """What a checkpoint must match to be resumed: the LLM with what is merged into it, the
+    examples, every setting, and what picks the kept step (the dev examples, whether a metric does)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([llm.id, settings_key(settings), targets], sort_keys=True).encode())
+    digest.update(json.dumps([llm.state_id, settings_key(settings), targets], sort_keys=True).encode())
     for example in examples:
         digest.update(json.dumps([example.prompt, example.target]).encode())
-    dev, by_metric, base_key = selection
-    digest.update(json.dumps([[(e.prompt, e.target) for e in dev], by_metric, base_key]).encode())
+    digest.update(json.dumps([[(e.prompt, e.target) for e in dev], by_metric]).encode())
     return digest.hexdigest()
 
 

@@ -23,7 +23,7 @@ import torch
 from recipes import PersonaError
 from recipes.training_data import checkpoint_path, split_queries
 from recipes.backbones import LLM, Encoder, load_encoder, loaded
-from recipes.lora_plugins import apply_chain, base_chain, chain_key, check_llm
+from recipes.lora_plugins import apply_chain, base_chain, check_llm
 from recipes.lora_training import (
     IGNORE, PRECISIONS, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, causal_batch, causal_loss,
     encode_example, eval_cadence, planned_steps, settings_key, trainable_state,
@@ -249,7 +249,6 @@ def train_embedder(
     progress: Optional[Progress] = None,
     checkpoint: Optional[Any] = None,
     stage: str = "training embedder",
-    base_key: str = "",
 ) -> TrainedEmbedder:
     """Train the embedder's trainable parts on `train` with the LLM frozen; the dev loss, measured
     every `eval_every` steps and at the end, picks the state that is kept."""
@@ -270,7 +269,7 @@ def train_embedder(
             return example_loss(llm, embedder, [train[i] for i in plan[step]], vectors, settings.max_length)
 
     evaluate = (lambda state: _evaluate(llm, embedder, dev, vectors, settings, state)) if dev else None
-    fingerprint = _fingerprint(llm, train + dev, vectors, settings, base_key)
+    fingerprint = _fingerprint(llm, train + dev, vectors, settings)
     loop = TrainingLoop(
         steps, settings.warmup, eval_cadence(settings.eval_every, steps), settings.checkpoint_every, checkpoint, fingerprint,
         settings.max_minutes,
@@ -293,10 +292,10 @@ def _evaluate(llm: LLM, embedder: UserEmbedder, dev: list[PPlugExample], vectors
         state.best_step, state.best_dev_loss = state.step, loss
 
 
-def _fingerprint(llm: LLM, examples: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings, base_key: str) -> str:
-    """What a checkpoint must match to be resumed: the LLM and the bases under it, the training
-    and dev examples, the histories and every setting."""
-    digest = hashlib.sha256(json.dumps([llm.id, base_key, settings_key(settings)], sort_keys=True).encode())
+def _fingerprint(llm: LLM, examples: list[PPlugExample], vectors: dict[str, np.ndarray], settings: PPlugSettings) -> str:
+    """What a checkpoint must match to be resumed: the LLM with the bases merged into it
+    (`LLM.state_id`), the training and dev examples, the histories and every setting."""
+    digest = hashlib.sha256(json.dumps([llm.state_id, settings_key(settings)], sort_keys=True).encode())
     for e in examples:
         digest.update(json.dumps([e.user_id, e.prompt, e.target, e.keep]).encode())
         digest.update(vectors[e.user_id].tobytes())
@@ -343,9 +342,7 @@ def train_pplug(
     if encoder.id != known[0]:
         raise PersonaError(f"the store's vectors are of encoder '{known[0]}', not '{encoder.id}'")
     embedder = build_embedder(encoder, llm, settings)
-    trained = train_embedder(
-        llm, embedder, train, dev, vectors, settings, progress, checkpoint_path(store, name), f"training {name}", chain_key(chain)
-    )
+    trained = train_embedder(llm, embedder, train, dev, vectors, settings, progress, checkpoint_path(store, name), f"training {name}")
     weights = embedder.to_bytes()
     plugin = Plugin(
         name=name, kind=PPLUG, llm=llm.id, encoder=encoder.id, weights=weights, task=task.name, base=base,

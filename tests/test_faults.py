@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import EXAMPLES
 from recipes.splits import user_split
@@ -93,17 +91,11 @@ def _versions(store: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 2-layer random Llama with the embedded tokenizer, saved where `--llm PATH` loads it."""
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+def tiny_llm_dir(tmp_path_factory, tiny_llama) -> Path:
+    """conftest's tiny random Llama with the embedded tokenizer, saved where `--llm PATH` loads it."""
     folder = tmp_path_factory.mktemp("tiny-llm")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -4,6 +4,7 @@ as bytes, merging, per-row adapters in one batch, and peft folders that peft its
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 
 import pytest
@@ -80,9 +81,10 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_and_ends_the_same(t
         train_lora(tiny_llama, EXAMPLES, settings, progress=stop_at_five, checkpoint=checkpoint)
     assert checkpoint.exists()
     # another base under the adapter, or other dev examples, must not resume this run: said, not silent
-    for other in ({"base_key": "another base"}, {"dev": EXAMPLES[:2]}):
+    merged_base = dataclasses.replace(tiny_llama, merged=("another base",))  # as apply_chain records a merge
+    for llm, other in ((merged_base, {}), (tiny_llama, {"dev": EXAMPLES[:2]})):
         shutil.copy(checkpoint, tmp_path / "other.pt")
-        started_over = train_lora(tiny_llama, EXAMPLES, settings, checkpoint=tmp_path / "other.pt", **other)
+        started_over = train_lora(llm, EXAMPLES, settings, checkpoint=tmp_path / "other.pt", **other)
         assert started_over.resumed_from is None and "training started over" in started_over.ignored_checkpoint
     resumed = train_lora(tiny_llama, EXAMPLES, settings, checkpoint=checkpoint)
     assert resumed.resumed_from == 4 and resumed.ignored_checkpoint is None
