@@ -14,11 +14,8 @@ interval of each personal method's paired difference to its ablation.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import random
-import shlex
 import shutil
 import sys
 import time
@@ -32,31 +29,30 @@ from make_users import PROMPT, shows_style  # noqa: E402
 # each personal method and what its --ablation serves instead (the personal part taken away);
 # the demo's main result is the difference between the two rows
 PAIRS = {"oppu": "its task LoRA alone (the task LoRA's row)", "perpcs": "uniform gates", "pplug": "another user's history"}
-STYLED_USERS = {"2": "#blessed", "36": "!!!", "45": "Honestly,", "17": "...", "4": "British", "8": "- Sam"}
-SHARERS = ["0", "12", "14", "5", "6", "7", "18", "9"]  # one non-test user per planted style that test users write in
+STYLED_USERS = {"2": "#blessed", "36": "!!!", "4": "British", "8": "- Sam"}
+SHARERS = ["12", "6", "14", "18"]  # non-test users writing #hashtags, !!!, British spelling, sign-offs (4 of the 9 styles; more sharers cost time)
 NEW_INPUT = PROMPT + "The museum opens early on Sundays."
 
 
+STEP_SECONDS: dict[str, float] = {}  # each step's title and wall time, for the closing breakdown
+_current: list = []
+
+
 def step(title: str) -> None:
-    print(f"\n\033[1;36m== {title}\033[0m", flush=True)
+    """Start a titled step (and close the one before: its time goes into STEP_SECONDS)."""
+    now = time.perf_counter()
+    if _current:
+        STEP_SECONDS[_current[0]] = STEP_SECONDS.get(_current[0], 0.0) + now - _current[1]
+    _current[:] = [title, now] if title else []
+    if title:
+        print(f"\n\033[1;36m== {title}\033[0m", flush=True)
 
 
 def persona(store: Path, *args: str, quiet: bool = False) -> dict:
-    """Print `persona ARGS` and run it here; with quiet, run it with --json and return the parsed
-    output instead of showing it. A failing command stops the demo (except where it is the point)."""
-    from persona_cli.main import app
+    """Print `persona ARGS` and run it here (see run_persona); a failing command returns its exit code."""
+    from persona_cli.inprocess import run_persona
 
-    print(f"$ persona {shlex.join(args)}", flush=True)
-    argv = ["--store", str(store), *args] + (["--json"] if quiet else [])
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured) if quiet else contextlib.nullcontext():
-        try:
-            code = app(argv, prog_name="persona", standalone_mode=False)
-        except SystemExit as stop:
-            code = stop.code
-    if code not in (0, None):
-        return {"exit_code": code}
-    return json.loads(captured.getvalue()) if quiet else {}
+    return run_persona(store, *args, quiet=quiet)
 
 
 # ---------- the two data sources ----------
@@ -95,7 +91,7 @@ def train_everything(store: Path, lamp: bool) -> None:
     persona(store, "adapt", "--task", "LaMP-7", "--steps", "16", "--eval-every", "8")
 
     step("OPPU: one LoRA per test user, trained on that user's own history only, over the task LoRA")
-    persona(store, "train-oppu", "--task", "LaMP-7", "--split", "test", "--steps", "8", "--batch-size", "4")
+    persona(store, "train-oppu", "--task", "LaMP-7", "--split", "test", "--steps", "3", "--batch-size", "4", "--lr", "4e-3")
 
     step("Per-Pcs: sharers (never test users) train a LoRA and its gates; their pieces become pool version pool-1")
     sharers = ["--strategy", "history-cluster", "--k", "10"] if lamp else [arg for s in SHARERS for arg in ("--sharer", s)]
@@ -105,11 +101,11 @@ def train_everything(store: Path, lamp: bool) -> None:
 
     step("PPlug: one user embedder for everyone (input encoder, projector, instruction token), the task-adapted LLM frozen")
     persona(store, "train-embedder", "--task", "LaMP-7", "--base", "task-lora-LaMP-7", "--history-examples", "--steps", "80",
-            "--lr", "6e-3", "--eval-every", "80", "--max-length", "128")  # fmt: skip
+            "--lr", "6e-3", "--encoder-lr", "0", "--eval-every", "80", "--max-length", "128")  # fmt: skip
 
 
 def show_styles(store: Path) -> None:
-    step("One input, six test users the methods never trained on... except through their history")
+    step(f"One input, {len(STYLED_USERS)} test users the methods never trained on... except through their history")
     for user, style in STYLED_USERS.items():
         for method in ("pplug", "oppu"):
             answer = persona(store, "generate", "--user", user, "--method", method, NEW_INPUT, quiet=True)
@@ -143,7 +139,7 @@ def evaluate_all(store: Path) -> dict[str, dict]:
     for method in PAIRS:
         plans |= {method: ["--method", method], f"{method} ablation": ["--method", method, "--ablation"]}
     for label, args in plans.items():
-        run = persona(store, "evaluate", "--task", "LaMP-7", *args, quiet=True)
+        run = persona(store, "evaluate", "--task", "LaMP-7", *args, "--batch-size", "40", quiet=True)
         runs[label] = run
         metrics = "  ".join(f"{k} {v:.3f}" for k, v in run["metrics"].items())
         print(f"   run {run['run_id']}: {label:<16} {metrics}  ({run['n_examples']} queries, {run['wall_s']:.0f} s)", flush=True)
@@ -266,11 +262,15 @@ def main() -> None:
     if styles:
         show_styles(store)
     runs = evaluate_all(store)
-    summary = report(store, runs, styles, args.dir / "results")
+    report(store, runs, styles, args.dir / "results")
     if not args.lamp:
         bad_input(store)
     step(f"The result ({args.dir / 'results'}/report.md, .json, .png)")
     print((args.dir / "results" / "report.md").read_text(encoding="utf-8"))
+    step("")
+    print("where the time went:")
+    for title, seconds in STEP_SECONDS.items():
+        print(f"   {seconds:5.0f} s  {title[:90]}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 

@@ -18,6 +18,11 @@ from store import Store
 console = Console()
 err_console = Console(stderr=True)
 
+PairsOption = typer.Option(
+    "none", "--pairs",
+    help="How history items train: none (items without an input by language modelling) or rules (every item made a "
+    "task-format pair: its own input, its fields, or for tweets a seeded plain rewrite; see `persona pairs show`).",
+)  # fmt: skip
 JsonOption = typer.Option(False, "--json", help="Print a JSON object for scripts instead of tables.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
 MethodOption = typer.Option(

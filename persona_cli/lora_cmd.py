@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
+from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
 from recipes import PersonaError
 from recipes.adaptation import adapt_task, split_users, train_oppu
 from recipes.backbones import load_llm
@@ -70,6 +70,7 @@ def adapt(
     max_minutes: Optional[float] = MaxMinutesOption,
     select: str = typer.Option("loss", "--select", help="loss (dev loss) or metric (the task's first metric on the dev queries, e.g. ROUGE-1; slower)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Train on at most N training-split queries."),
+    pairs: str = PairsOption,
     replace: bool = typer.Option(False, "--replace", help="Overwrite a stored plug-in of that name."),
     seed: int = SeedOption,
     precision: str = PrecisionOption,
@@ -77,7 +78,8 @@ def adapt(
     device: str = DeviceOption,
     json_out: bool = JsonOption,
 ) -> None:
-    """Train the task LoRA on training-split users' (prompt, gold) pairs; the dev split picks the best step.
+    """Train the task LoRA on training-split users' (prompt, gold) pairs (with --pairs rules, their
+    history items made into pairs too); the dev split picks the best step.
 
     An interrupted run resumes from its last checkpoint when started again with the same options."""
     store = open_store(ctx)
@@ -89,19 +91,21 @@ def adapt(
     with progress_bar(enabled=not json_out) as tick:
         plugin = adapt_task(
             store, lambda: load_llm(llm, device), task_spec, settings, name or task_lora_name(task_spec), base, replace,
-            max_examples, tick, select,
+            max_examples, tick, select, pairs,
         )  # fmt: skip
     summary = {k: v for k, v in plugin.metrics.items() if k != "curve"}
     if json_out:
         print_json({"name": plugin.name, "kind": plugin.kind, "task": plugin.task, "base": plugin.base, "llm": plugin.llm, **summary,
-                    "train_examples": plugin.config["train_examples"], "dev_examples": plugin.config["dev_examples"]})
+                    "train_examples": plugin.config["train_examples"], "history_pairs": plugin.config["history_pairs"],
+                    "dev_examples": plugin.config["dev_examples"]})
         return
     resumed = f", resumed at step {summary['resumed_from']}" if summary.get("resumed_from") else ""
     if summary.get("ignored_checkpoint"):
         console.print(f"[yellow]{summary['ignored_checkpoint']}[/]")
     console.print(
         f"stored plug-in [bold]{plugin.name}[/] ({human_bytes(plugin.metrics['adapter_bytes'])}): "
-        f"{plugin.config['train_examples']} examples of {plugin.config['train_users']} training users, "
+        f"{plugin.config['train_examples']} examples of {plugin.config['train_users']} training users"
+        + (f" ({plugin.config['history_pairs']} of them history pairs)" if plugin.config["history_pairs"] else "") + ", "
         f"{summary['steps']} steps in {summary['train_seconds']:.1f} s{resumed}; "
         f"final loss {summary['final_loss']}; kept step {summary['best_step']} (dev loss {summary['best_dev_loss']}"
         + (f", dev {get_task(task).metric_names[0]} {summary['best_dev_score']}" if summary.get("best_dev_score") is not None else "")
@@ -129,6 +133,7 @@ def train_oppu_command(
     max_length: int = MaxLengthOption,
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop each user's training after this many minutes."),
     retrain: bool = typer.Option(False, "--retrain", help="Train again users whose adapter already exists."),
+    pairs: str = PairsOption,
     seed: int = SeedOption,
     precision: str = PrecisionOption,
     llm: Optional[str] = LlmOption,
@@ -153,7 +158,7 @@ def train_oppu_command(
     with progress_bar(enabled=not json_out) as tick:
         result = train_oppu(
             store, lambda: load_llm(llm, device), task_spec, user_ids, settings, group or oppu_group(task_spec), base,
-            retrain, progress=tick,
+            retrain, progress=tick, pairs=pairs,
         )  # fmt: skip
     summary = result.summary()
     if json_out:

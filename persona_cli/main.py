@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from persona_cli import (
-    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, pieces_cmd, plugins_cmd, pplug_cmd, runs_cmd, search_cmd, store_cmd,
+    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, pairs_cmd, pieces_cmd, plugins_cmd, pplug_cmd, runs_cmd, search_cmd, store_cmd,
     users_cmd,
 )  # fmt: skip
 
@@ -57,3 +57,4 @@ app.add_typer(users_cmd.app, name="users")
 app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(plugins_cmd.app, name="plugins")
 app.add_typer(pieces_cmd.app, name="pool")
+app.add_typer(pairs_cmd.app, name="pairs")

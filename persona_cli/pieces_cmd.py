@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
+from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
 from persona_cli.lora_cmd import (
     AlphaOption, AutoBaseOption, DropoutOption, LlmOption, MaxLengthOption, PrecisionOption, ROption, SeedOption, TargetsOption,
     lora_settings, resolve_base,
@@ -50,6 +50,7 @@ def register_sharers_command(
     share_ratio: float = typer.Option(1.0, "--share-ratio", help="Share of each sharer's modules put in the pool."),
     tag: Optional[list[str]] = typer.Option(None, "--tag", help="Extra tag of the new pool version (repeatable)."),
     max_length: int = MaxLengthOption,
+    pairs: str = PairsOption,
     seed: int = SeedOption,
     precision: str = PrecisionOption,
     llm: Optional[str] = LlmOption,
@@ -77,7 +78,7 @@ def register_sharers_command(
     base_name = resolve_base(store, task_spec, base)
     with progress_bar(enabled=not json_out) as tick:
         result = register_sharers(
-            store, lambda: load_llm(llm, device), task_spec, chosen, settings, gates, base_name, share_ratio, tag, selection, tick
+            store, lambda: load_llm(llm, device), task_spec, chosen, settings, gates, base_name, share_ratio, tag, selection, tick, pairs
         )  # fmt: skip
     summary = {
         "task": result.task, "pool_version": result.pool_version, "tags": result.tags, "base": base_name,

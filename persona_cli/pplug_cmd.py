@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
+from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
 from persona_cli.lora_cmd import LlmOption, MaxLengthOption, MaxMinutesOption, PrecisionOption, SeedOption, TaskOption
 from recipes.answering import user_task
 from recipes.backbones import load_llm, resolve_device
@@ -25,6 +25,7 @@ def train_embedder(
     no_personal: bool = typer.Option(False, "--no-personal", help="Ablation: only the instruction token, no personal token (reads no history)."),
     history_dropout: bool = typer.Option(False, "--history-dropout", help="Also train on a copy of each example with a random part of the history dropped."),
     history_examples: bool = typer.Option(False, "--history-examples", help="Also learn from training users' history items that have an input (each against the rest of the history)."),
+    pairs: str = PairsOption,
     history_cap: int = typer.Option(512, "--history-cap", help="Most recent history items a personal embedding reads."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the projector and instruction embedding."),
     encoder_lr: float = typer.Option(2e-5, "--encoder-lr", help="Peak learning rate of the input encoder (0 freezes it)."),
@@ -51,7 +52,7 @@ def train_embedder(
     task_spec = get_task(task)
     settings = PPlugSettings(
         pooling=pooling, personal=not no_personal, history_dropout=history_dropout, history_examples=history_examples,
-        history_cap=history_cap,
+        pairs=pairs, history_cap=history_cap,
         learning_rate=lr, encoder_learning_rate=encoder_lr, batch_size=batch_size, steps=steps, epochs=epochs,
         eval_every=eval_every, max_length=max_length, precision=precision, seed=seed, max_minutes=max_minutes,
     )  # fmt: skip

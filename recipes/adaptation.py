@@ -20,7 +20,8 @@ from recipes.lora_training import LoraSettings, TrainedLora, settings_key, train
 from recipes.progress import Progress, report
 from recipes.splits import query_split
 from recipes.tasks import Task
-from recipes.training_data import checkpoint_path, history_examples, query_examples, split_queries
+from recipes.history_pairs import check_recipe, paired_histories
+from recipes.training_data import checkpoint_path, history_examples, query_examples, split_queries, train_user_pairs
 from store import Plugin, Query, Store
 
 
@@ -67,12 +68,15 @@ def adapt_task(
     max_examples: Optional[int] = None,
     progress: Optional[Progress] = None,
     select: str = "loss",
+    pairs: str = "none",
 ) -> Plugin:
     """Train the task LoRA on the training-split users' queries, keep the step that does best on
     the dev-split queries (select 'loss': the lowest dev loss; 'metric': the task's first metric,
     e.g. ROUGE-1, which generates every dev answer at every evaluation), and store it as plug-in
-    `name`. Test users' queries are never read."""
+    `name`. With `pairs` (history_pairs) the training users' history items made into task-format
+    pairs train too (never one whose output is a held-out query's gold). Test users are never trained on."""
     settings.validate()
+    check_recipe(pairs)
     if select not in SELECTIONS:
         raise PersonaError(f"--select {select}: expected one of {', '.join(SELECTIONS)}")
     if not replace and store.get_plugins([name]):
@@ -81,17 +85,21 @@ def adapt_task(
     if not train:
         raise PersonaError(f"store {store.uri} has no {task.name} training-split queries with gold outputs")
     dev = split_queries(store, task, "dev")
+    examples = query_examples(train) + train_user_pairs(store, task, sorted({q.user_id for q in train}), pairs, settings.seed)
     chain = base_chain(store, base)
     llm = loaded(llm)
     apply_chain(llm, chain)
     scorer = _dev_scorer(llm, task, dev, settings.batch_size) if dev and select == "metric" else None
     trained = train_lora(
-        llm, query_examples(train), settings, query_examples(dev) or None, progress, checkpoint_path(store, name),
+        llm, examples, settings, query_examples(dev) or None, progress, checkpoint_path(store, name),
         stage=f"training {name}", dev_score=scorer,
     )  # fmt: skip
     weights = trained.weights.to_bytes()
     config = _lora_config(llm, settings, trained, chain)
-    config.update(train_users=len({q.user_id for q in train}), train_examples=len(train), dev_examples=len(dev))
+    config.update(
+        train_users=len({q.user_id for q in train}), train_examples=len(examples), train_queries=len(train),
+        history_pairs=len(examples) - len(train), pairs=pairs, dev_examples=len(dev),
+    )  # fmt: skip
     plugin = Plugin(
         name=name, kind=TASK_LORA, llm=llm.id, weights=weights, task=task.name, base=base,
         config=config, metrics=_training_metrics(trained, len(weights)),
@@ -135,12 +143,15 @@ def train_oppu(
     base: Optional[str] = None,
     retrain: bool = False,
     progress: Optional[Progress] = None,
+    pairs: str = "none",
 ) -> OppuReport:
     """Train one LoRA per user on that user's history only, on top of `base`, stored as
     `group/USER`, all in one write at the end. A user whose stored adapter was made from the same
     settings, base weights and history is kept. Each finished adapter is staged on disk first, so
-    a run that is stopped resumes where it was and the store never holds half a run."""
+    a run that is stopped resumes where it was and the store never holds half a run. `pairs`
+    (history_pairs) is how history items become examples: `rules` makes task-format pairs of them."""
     settings.validate()
+    check_recipe(pairs)
     if not user_ids:
         raise PersonaError("no users to train")
     store.require_users(user_ids)
@@ -148,7 +159,7 @@ def train_oppu(
     llm = loaded(llm)
     report_ = OppuReport(group=group, base=base)
     existing = {p.name: p for p in store.list_plugins(kind=OPPU, prefix=f"{group}/")}
-    histories = store.histories(user_ids, task.name)
+    histories = paired_histories(store, task, store.histories(user_ids, task.name), pairs, settings.seed)
     keys = {user: oppu_key(llm.id, settings, chain, history_examples(task, histories.get(user, []))) for user in user_ids}
     todo = []
     for user in user_ids:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from recipes import PersonaError
+from recipes.history_pairs import paired_histories
 from recipes.training_data import history_examples
 from recipes.backbones import LLM, loaded
 from recipes.lora_plugins import apply_chain, base_chain
@@ -170,7 +171,7 @@ def assemble_users(
     if pool.llm != llm.id:
         raise PersonaError(f"pool {pool.label} was made for LLM '{pool.llm}', not '{llm.id}' (pass --llm {pool.llm})")
     apply_chain(llm, chain)
-    histories = store.histories(user_ids, task.name)
+    histories = paired_histories(store, task, store.histories(user_ids, task.name), pool.pairs, pool.pair_seed)
     result = AssemblyReport(pool.label, pool.version, top_k)
     records = []
     tick = report(progress)

@@ -56,6 +56,8 @@ class Pool:
     sharers: list[str]
     modules: dict[str, PoolModule] = field(default_factory=dict)
     seq2seq: bool = False
+    pairs: str = "none"  # how sharers' history items became examples; assembly reads targets' the same way
+    pair_seed: int = 0
 
     @property
     def label(self) -> str:
@@ -92,8 +94,11 @@ def pool_from_pieces(task: str, pool: PoolVersion, pieces: list[Piece]) -> Pool:
         gates = torch.nn.functional.normalize(torch.stack([t["gate"] for _, t, _ in parts]), dim=-1)
         modules[path] = PoolModule([s for s, _, _ in parts], a, b, gates)
     sharers = sorted({p.sharer_id for p in pieces}, key=id_sort_key)
-    seq2seq = bool(pieces[0].config.get("seq2seq", False))
-    return Pool(task, pool.version, pool.tags, llms.pop(), bases.pop(), sharers, modules, seq2seq)
+    config = pieces[0].config
+    return Pool(
+        task, pool.version, pool.tags, llms.pop(), bases.pop(), sharers, modules, bool(config.get("seq2seq", False)),
+        config.get("pairs", "none"), int(config.get("lora", {}).get("seed", 0)),
+    )  # fmt: skip
 
 
 def load_pool(store: Store, task: str, ref: Optional[str] = None) -> Pool:

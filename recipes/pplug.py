@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from recipes import PersonaError
+from recipes.history_pairs import PAIR_RECIPES, paired_histories
 from recipes.training_data import checkpoint_path, split_queries
 from recipes.backbones import LLM, Encoder, load_encoder, loaded
 from recipes.lora_plugins import apply_chain, base_chain, check_llm
@@ -51,6 +52,7 @@ class PPlugSettings:
     personal: bool = True
     history_dropout: bool = False
     history_examples: bool = False
+    pairs: str = "none"  # history_pairs recipe of the history examples (rules implies history_examples)
     history_cap: int = 512
     learning_rate: float = 1e-3
     encoder_learning_rate: float = 2e-5
@@ -69,6 +71,7 @@ class PPlugSettings:
         checks = [
             (self.max_minutes is None or self.max_minutes > 0, f"--max-minutes must be positive, got {self.max_minutes}"),
             (self.pooling in POOLINGS, f"--pooling {self.pooling}: expected one of {', '.join(POOLINGS)}"),
+            (self.pairs in PAIR_RECIPES, f"--pairs {self.pairs}: expected one of {', '.join(PAIR_RECIPES)}"),
             (self.history_cap >= 1, f"--history-cap must be at least 1, got {self.history_cap}"),
             (self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}"),
             (self.encoder_learning_rate >= 0, f"--encoder-lr must not be negative, got {self.encoder_learning_rate}"),
@@ -152,7 +155,10 @@ def history_item_examples(task: Task, histories: dict[str, list[Behavior]], cap:
             item_input = item.fields.get("input")
             if isinstance(item_input, str) and item_input.strip() and len(kept) > 1:
                 others = [i for i in range(len(kept)) if i != position]
-                examples.append(PPlugExample(user, task.item_prompt(item_input), item.text, item_input, others))
+                prompt = task.item_prompt(item_input)
+                output = item.fields.get("output")
+                target = output if isinstance(output, str) and output.strip() else item.text
+                examples.append(PPlugExample(user, prompt, target, task.query_text(prompt), others))
     return examples
 
 
@@ -328,9 +334,10 @@ def train_pplug(
     dev_queries = split_queries(store, task, "dev")
     vectors = history_vectors(store, task, [q.user_id for q in train_queries + dev_queries], settings.history_cap)
     train = pplug_examples(task, train_queries, vectors, settings.history_dropout, settings.seed)
-    if settings.history_examples:
+    if settings.history_examples or settings.pairs != "none":
         train_users = sorted({q.user_id for q in train_queries})
-        train += history_item_examples(task, store.histories(train_users, task.name), settings.history_cap)
+        histories = paired_histories(store, task, store.histories(train_users, task.name), settings.pairs, settings.seed)
+        train += history_item_examples(task, histories, settings.history_cap)
     train = train[:max_examples]
     dev = pplug_examples(task, dev_queries, vectors, False, settings.seed)
     if not train:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recipes import PersonaError
+from recipes.history_pairs import check_recipe, paired_histories
 from recipes.training_data import history_examples
 from recipes.adapters import LoraWeights
 from recipes.assembly import user_embedding
@@ -133,12 +134,15 @@ def register_sharers(
     tags: Optional[list[str]] = None,
     selection: Optional[dict] = None,
     progress: Optional[Progress] = None,
+    pairs: str = "none",
 ) -> Registration:
     """Train each sharer's LoRA on their history (the OPPU trainer, on top of `base`) and then its
     gates with the LoRA frozen; write the pieces (a `share_ratio` share of each sharer's modules)
-    as a new pool version tagged pool-N plus `tags`. A stopped run resumes from finished sharers."""
+    as a new pool version tagged pool-N plus `tags`. A stopped run resumes from finished sharers.
+    `pairs` (history_pairs) is how history items become examples; the pool records it for assembly."""
     lora.validate()
     gates.validate()
+    check_recipe(pairs)
     if not 0 < share_ratio <= 1:
         raise PersonaError(f"--share-ratio must be in (0, 1], got {share_ratio}")
     if not sharers:
@@ -153,7 +157,7 @@ def register_sharers(
         check_tag(tag)
         if tag in store.pool_tags():
             raise PersonaError(f"pool tag '{tag}' exists")
-    histories = store.histories(sharers, task.name)
+    histories = paired_histories(store, task, store.histories(sharers, task.name), pairs, lora.seed)
     empty = [s for s in sharers if not histories.get(s)]
     if empty:
         raise PersonaError(f"sharer '{empty[0]}' has no {task.name} history")
@@ -164,7 +168,7 @@ def register_sharers(
     apply_chain(llm, chain)
     result = Registration(task=task.name, sharers=list(sharers))
     tick = report(progress)
-    config = {"lora": asdict(lora), "gates": asdict(gates), "share_ratio": share_ratio, "selection": selection or {}, "seq2seq": llm.is_seq2seq}
+    config = {"lora": asdict(lora), "gates": asdict(gates), "share_ratio": share_ratio, "selection": selection or {}, "seq2seq": llm.is_seq2seq, "pairs": pairs}
     pieces: list[Piece] = []
     tick("registering sharers", 0, len(sharers))
     for n, sharer in enumerate(sharers, 1):

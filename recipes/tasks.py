@@ -34,7 +34,9 @@ class Task:
     together with the user's own answer for it); `query_marker` is the text after which the
     input holds the part that retrieval searches with; `rank_template` is how a label is
     written when labels are ranked by likelihood (the way the item template writes them);
-    `decoding` is how its answers are decoded unless a run says otherwise.
+    `decoding` is how its answers are decoded unless a run says otherwise; `query_template` is
+    the task's own wording of a question around its input; `pair_fields` names the (input, answer)
+    fields of a history item that make it a training pair in that wording (history_pairs).
     """
 
     name: str
@@ -51,6 +53,7 @@ class Task:
     rank_template: str = "{label}"
     lamp_name: str | None = field(default=None)
     query_template: str = "{input}"
+    pair_fields: tuple[str, str] | None = None
 
     # ---------- documents and queries ----------
 
@@ -190,38 +193,47 @@ TASKS: dict[str, Task] = {
             "LaMP-2", ("description",), "movie tagging", CLASSIFICATION, MOVIE_TAGS, "description:",
             rag_header="How this user tagged other movies:", item_template='"{tag}" is the tag of the movie "{description}"',
             pag_instruction="Describe in two or three sentences what kinds of movies this user tags and how.",
-            max_new_tokens=24, rank_template='"{label}"', lamp_name="LaMP_2",
+            max_new_tokens=24, rank_template='"{label}"', lamp_name="LaMP_2", pair_fields=("description", "tag"),
+            query_template="Which tag does this movie relate to among the following tags? Just answer with the tag name "
+            f"without further explanation. tags: [{', '.join(MOVIE_TAGS)}] description: {{input}}",
         ),
         Task(
             "LaMP-2N", ("text",), "news categorization", CLASSIFICATION, NEWS_CATEGORIES, "article:",
             rag_header="How this journalist categorized other articles:",
             item_template='"{category}" is the category of the article "{text}"',
             pag_instruction="Describe in two or three sentences which topics this journalist writes about and how they categorize them.",
-            max_new_tokens=24, rank_template='"{label}"', lamp_name="LaMP_2N",
+            max_new_tokens=24, rank_template='"{label}"', lamp_name="LaMP_2N", pair_fields=("text", "category"),
+            query_template="Which category does this article relate to among the following categories? Just answer with the "
+            f"category name without further explanation. categories: [{', '.join(NEWS_CATEGORIES)}] article: {{input}}",
         ),
         Task(
             "LaMP-3", ("text",), "product rating", RATING, ("1", "2", "3", "4", "5"), "review:",
             rag_header="This user's other reviews and the scores they gave:", item_template='{score} is the score for "{text}"',
             pag_instruction="Describe in two or three sentences how this user rates products and what they value.",
-            max_new_tokens=8, lamp_name="LaMP_3",
+            max_new_tokens=8, lamp_name="LaMP_3", pair_fields=("text", "score"),
+            query_template="What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, or 5 "
+            "without further explanation. review: {input}",
         ),
         Task(
             "LaMP-4", ("title", "text"), "news headline generation", query_marker="article:",
             rag_header="Headlines this journalist wrote for other articles:", item_template='"{title}" is the title for "{text}"',
             pag_instruction="Describe in two or three sentences the style of the headlines this journalist writes.",
             max_new_tokens=32, lamp_name="LaMP_4", query_template="Generate a headline for the following article: {input}",
+            pair_fields=("text", "title"),
         ),
         Task(
             "LaMP-5", ("title", "abstract"), "scholarly title generation", query_marker="abstract:",
             rag_header="Titles this scholar gave other papers:", item_template='"{title}" is the title for "{abstract}"',
             pag_instruction="Describe in two or three sentences the research topics and title style of this scholar.",
             max_new_tokens=32, lamp_name="LaMP_5", query_template="Generate a title for the following abstract of a paper: {input}",
+            pair_fields=("abstract", "title"),
         ),
         Task(
             "LaMP-6", ("text",), "email subject generation", query_marker="email:",
             rag_header="Subjects this user wrote for other emails:", item_template='"{title}" is the subject for "{text}"',
             pag_instruction="Describe in two or three sentences how this user writes email subjects.",
             max_new_tokens=32, lamp_name="LaMP_6", query_template="Generate a subject for the following email: {input}",
+            pair_fields=("text", "title"),
         ),
         Task(
             "LaMP-7", ("text",), "tweet paraphrasing", query_marker="before or after it:",

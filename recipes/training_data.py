@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 from recipes.backbones import cache_dir
+from recipes.history_pairs import history_pairs
 from recipes.lora_training import Example
 from recipes.splits import query_split
 from recipes.tasks import Task
@@ -31,6 +32,14 @@ def history_examples(task: Task, history: list[Behavior]) -> list[Example]:
         else:
             examples.append(Example(None, item.text))
     return examples
+
+
+def train_user_pairs(store: Store, task: Task, user_ids: list[str], recipe: str, seed: int) -> list[Example]:
+    """Task-format pairs made from these (training) users' history items; none for recipe `none`."""
+    if recipe == "none":
+        return []
+    pairs = history_pairs(store, task, store.histories(user_ids, task.name), recipe, seed)
+    return [Example(p.input, p.output) for user in user_ids for p in pairs.get(user, [])]
 
 
 def split_queries(store: Store, task: Task, split: str) -> list[Query]:

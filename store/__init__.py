@@ -7,7 +7,7 @@ LanceDB directory. Callers use the typed functions here and never see a LanceDB 
 from store.errors import StoreError
 from store.sql import id_sort_key
 from store.db import Store, default_store_path, FORMAT_VERSION
-from store.records import AssemblyRecord, Behavior, Piece, Plugin, PoolVersion, Prediction, Profile, Query, Run, SearchHit, UserRow
+from store.records import AssemblyRecord, Behavior, HistoryPair, Piece, Plugin, PoolVersion, Prediction, Profile, Query, Run, SearchHit, UserRow
 
 __all__ = [
     "Store",
@@ -20,6 +20,7 @@ __all__ = [
     "UserRow",
     "SearchHit",
     "Profile",
+    "HistoryPair",
     "Prediction",
     "Run",
     "Plugin",

@@ -70,6 +70,22 @@ class Profile:
 
 
 @dataclass
+class HistoryPair:
+    """A training pair made from one history item: a task-format input and the user's own output.
+    `recipe` names how the input was made (with its seed); `source_digest` is the item's content
+    it was made from, so a changed item is never served a stale pair."""
+
+    user_id: str
+    task: str
+    item_id: str
+    recipe: str
+    source_digest: str
+    input: str
+    output: str
+    created_at: datetime | None = None
+
+
+@dataclass
 class Prediction:
     """One answer of one run: the normalized output that is scored, and the raw model text."""
 

@@ -1,4 +1,5 @@
-"""Tables of what the toolkit computed from the history: PAG profiles, evaluation runs and their predictions."""
+"""Tables of what the toolkit computed from the history: PAG profiles, training pairs, evaluation
+runs and their predictions."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import pyarrow as pa
 
 from store import schemas
 from store.errors import StoreError
-from store.records import Prediction, Profile, Run
+from store.records import HistoryPair, Prediction, Profile, Run
 from store.sql import id_sort_key, in_list, scan, sql_str as _q
 
-PROFILES, RUNS, PREDICTIONS = "profiles", "runs", "predictions"
+PROFILES, PAIRS, RUNS, PREDICTIONS = "profiles", "pairs", "runs", "predictions"
 
 
 def _now() -> datetime:
@@ -47,6 +48,29 @@ class ResultTables:
             if users is not None:
                 updates = pa.table({"user_id": [p.user_id for p in profiles], "profile": [p.text for p in profiles]})
                 users.merge_insert("user_id").when_matched_update_all().execute(updates)
+
+    # ---------- training pairs made from history items ----------
+
+    def get_pairs(self, user_ids: list[str], task: str, recipe: str) -> dict[str, list[HistoryPair]]:
+        """Stored pairs of these users for this task made by `recipe`, per user."""
+        table = self._open(PAIRS)
+        found: dict[str, list[HistoryPair]] = {}
+        if table is None or not user_ids:
+            return found
+        where = f"task = {_q(task)} AND recipe = {_q(recipe)} AND {in_list('user_id', user_ids)}"
+        for row in scan(table, where).to_pylist():
+            found.setdefault(row["user_id"], []).append(HistoryPair(**row))
+        return found
+
+    def put_pairs(self, pairs: list[HistoryPair]) -> None:
+        """Upsert pairs by (user, task, item, recipe), in one write."""
+        if not pairs:
+            return
+        rows = [{**p.__dict__, "created_at": p.created_at or _now()} for p in pairs]
+        with self.transaction():
+            table = self._open_or_create(PAIRS, schemas.PAIRS)
+            data = pa.Table.from_pylist(rows, schema=schemas.PAIRS)
+            table.merge_insert(schemas.PAIR_KEY).when_matched_update_all().when_not_matched_insert_all().execute(data)
 
     # ---------- evaluation runs ----------
 

@@ -64,6 +64,20 @@ PROFILES = pa.schema(
     ]
 )
 
+PAIRS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("recipe", pa.string(), nullable=False),
+        pa.field("source_digest", pa.string(), nullable=False),
+        pa.field("input", pa.string(), nullable=False),
+        pa.field("output", pa.string(), nullable=False),
+        pa.field("created_at", TS),
+    ]
+)
+PAIR_KEY = ["user_id", "task", "item_id", "recipe"]
+
 RUNS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),

@@ -58,6 +58,15 @@ def tiny_llama(tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny random Llama saved where `--llm PATH` loads it: CLI mechanics in seconds."""
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(tokenizer_dir):
     """A 2-layer random T5 for the seq2seq path."""
     torch.manual_seed(0)
@@ -121,7 +130,18 @@ def pytest_configure(config) -> None:
     import tempfile
 
     if "PERSONA_FAULT_TALLY" not in os.environ:
-        os.environ["PERSONA_FAULT_TALLY"] = os.path.join(tempfile.mkdtemp(prefix="persona-faults-"), "tally.json")
+        config._persona_tally_dir = tempfile.mkdtemp(prefix="persona-faults-")  # made (and removed) by this process only
+        os.environ["PERSONA_FAULT_TALLY"] = os.path.join(config._persona_tally_dir, "tally.json")
+
+
+def pytest_unconfigure(config) -> None:
+    import os
+    import shutil
+
+    made = getattr(config, "_persona_tally_dir", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+        os.environ.pop("PERSONA_FAULT_TALLY", None)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -152,6 +152,10 @@ MODEL_FREE = [  # refused before any model loads: a typo costs no model load
     (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--plugin", "missing"], "no plug-in 'missing'"),
     (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora, oppu or pplug, not rag"),
     (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--ablation"], "--ablation goes with a personal method"),
+    (["adapt", "--task", "LaMP-7", "--name", "x", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
+    (["train-oppu", "--task", "LaMP-7", "--user", "2", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
+    (["register-sharers", "--task", "LaMP-7", "--sharer", "0", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
+    (["train-embedder", "--task", "LaMP-7", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
     (["plugins", "export", "nothing", "out"], "no plug-in 'nothing'"),
     (["plugins", "import", "no-such-dir", "--name", "y"], "no adapter_config.json"),
 ]

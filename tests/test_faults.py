@@ -90,15 +90,6 @@ def _versions(store: Path) -> int:
     return sum(1 for _ in store.glob("*.lance/_versions/*.manifest"))
 
 
-@pytest.fixture(scope="module")
-def tiny_llm_dir(tmp_path_factory, tiny_llama) -> Path:
-    """conftest's tiny random Llama with the embedded tokenizer, saved where `--llm PATH` loads it."""
-    folder = tmp_path_factory.mktemp("tiny-llm")
-    tiny_llama.model.save_pretrained(folder)
-    tiny_llama.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _users(tmp: Path, first: int, count: int) -> Path:
     lines = EXAMPLES.read_text(encoding="utf-8").splitlines()[first : first + count]
     path = tmp / f"users-{first}-{count}.jsonl"

@@ -1,0 +1,265 @@
+"""Benchmark: every method and each personal method's non-personal ablation on the same LaMP test users.
+
+For one LaMP folder (questions.json + outputs.json) and the toolkit's own user split, it ingests
+the users (once), trains what the methods need (each step skipped when the store already holds
+it: a stopped run resumes), and evaluates on the same test users:
+
+- copy the input unchanged (generation tasks) or the most frequent training label (classification);
+- k=0; RAG with k chosen on training-split users (never on test users) among --rag-ks;
+- the task LoRA (trained on the training users' queries, and with --pairs rules their history pairs);
+- OPPU over the task LoRA, and its ablation: the task LoRA alone;
+- Per-Pcs (sharers from the training split, assembled for the test users), and uniform gates;
+- PPlug over the task LoRA, and another user's history.
+
+It writes results.json, results.md and results.png (means with bootstrap 95% intervals, each
+personal method's paired difference to its ablation, RAG's to k=0, the best method's to the copy
+baseline, and Per-Pcs assembly seconds per user against OPPU training seconds per user).
+
+    .venv/bin/python benchmarks/lamp/run.py --data ../shared/data/lamp7 --store .persona-bench/lamp7 [--users N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from persona_cli.inprocess import run_persona  # noqa: E402
+
+PERSONAL = {"oppu": "task LoRA alone", "perpcs": "uniform gates", "pplug": "another user's history"}
+
+
+def settings(quick: bool) -> dict:
+    """Training sizes: the full run's, or a quick run's for smoke tests (minutes on 2 cores)."""
+    if quick:
+        return {"task_steps": 40, "oppu_steps": 4, "sharers": 8, "sharer_steps": 8, "pplug_steps": 60, "tune_users": 20}
+    return {"task_steps": 300, "oppu_steps": None, "sharers": 20, "sharer_steps": 50, "pplug_steps": 400, "tune_users": 60}
+
+
+def cli(store: Path, *args: str) -> dict:
+    """One persona command with --json; a failure stops the benchmark with the command's error."""
+    out = run_persona(store, *args, quiet=True)
+    if "exit_code" in out:
+        raise SystemExit(f"persona {' '.join(args)} failed (exit {out['exit_code']})")
+    return out
+
+
+def ingest(store: Path, data: Path, task: str) -> None:
+    from store import Store
+
+    if Store(str(store)).count("users"):
+        return
+    cli(store, "ingest", "--format", "lamp", str(data / "questions.json"), "--outputs", str(data / "outputs.json"), "--task", task)
+
+
+def split_ids(store: Path, task: str, split: str, n: int | None, seed: int, out: Path) -> Path:
+    """A seeded sample of N users of a split with gold queries, as a user-id file."""
+    from recipes.splits import query_split
+    from store import Store
+
+    ids = sorted({q.user_id for q in Store(str(store)).task_queries(task) if q.output and query_split(q.split, q.user_id) == split})
+    picked = sorted(random.Random(seed).sample(ids, n)) if n and n < len(ids) else ids
+    path = out / f"{split}_users.txt"
+    path.write_text("\n".join(picked) + "\n", encoding="utf-8")
+    return path
+
+
+def has_plugin(store: Path, name: str) -> bool:
+    from store import Store
+
+    return bool(Store(str(store)).get_plugins([name]))
+
+
+def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs: str, timings: dict) -> None:
+    """Everything the methods need, each step skipped when already stored."""
+    if not has_plugin(store, names["task_lora"]):
+        cli(store, "adapt", "--task", task, "--name", names["task_lora"], "--steps", str(size["task_steps"]), "--pairs", pairs)
+    oppu_steps = ["--steps", str(size["oppu_steps"])] if size["oppu_steps"] else []
+    oppu = cli(store, "train-oppu", "--task", task, "--users", str(test_ids), "--base", names["task_lora"], "--name", names["oppu"],
+               "--pairs", pairs, *oppu_steps)  # fmt: skip
+    timings["oppu_train_s_per_user"] = oppu["mean_train_seconds"]
+    from store import Store
+
+    if names["pool"] not in Store(str(store)).pool_tags():
+        cli(store, "register-sharers", "--task", task, "--strategy", "history-cluster", "--k", str(size["sharers"]),
+            "--base", names["task_lora"], "--steps", str(size["sharer_steps"]), "--gate-steps", str(size["sharer_steps"]),
+            "--tag", names["pool"], "--pairs", pairs)  # fmt: skip
+    assembled = cli(store, "assemble", "--task", task, "--users", str(test_ids), "--pool", names["pool"], "--top-k", "3")
+    seconds = [entry["seconds"] for entry in assembled["users"].values()]
+    timings["perpcs_assembly_s_per_user"] = round(statistics.mean(seconds), 3) if seconds else None
+    if not has_plugin(store, names["pplug"]):
+        cli(store, "train-embedder", "--task", task, "--base", names["task_lora"], "--name", names["pplug"], "--pairs", pairs,
+            "--steps", str(size["pplug_steps"]))  # fmt: skip
+
+
+def choose_rag_k(store: Path, task: str, ks: list[int], tune_ids: Path) -> tuple[int, dict]:
+    """k of RAG picked on training-split users by the task's first metric (k=0 among the choices)."""
+    from recipes.tasks import get_task
+
+    metric = get_task(task).metric_names[0]
+    better = get_task(task).higher_is_better(metric)
+    scores = {0: cli(store, "evaluate", "--task", task, "--split", "train", "--users", str(tune_ids))["metrics"][metric]}
+    for k in ks:
+        run = cli(store, "evaluate", "--task", task, "--method", "rag", "--k", str(k), "--split", "train", "--users", str(tune_ids))
+        scores[k] = run["metrics"][metric]
+    best = max(scores, key=lambda k: scores[k] if better else -scores[k])
+    return best, scores
+
+
+def evaluate_all(store: Path, task: str, test_ids: Path, names: dict, rag_k: int) -> dict[str, str]:
+    """Every method's run on the test users; returns label -> run id."""
+    plans = {
+        "k=0": ["--method", "none"],
+        f"RAG k={rag_k}" if rag_k else "RAG (k=0 chosen)": ["--method", "rag", "--k", str(rag_k)] if rag_k else ["--method", "none"],
+        "task LoRA": ["--method", "task-lora", "--plugin", names["task_lora"]],
+        "oppu": ["--method", "oppu", "--plugin", names["oppu"]],
+        "oppu ablation": ["--method", "oppu", "--plugin", names["oppu"], "--ablation"],
+        "perpcs": ["--method", "perpcs", "--pool", names["pool"]],
+        "perpcs ablation": ["--method", "perpcs", "--pool", names["pool"], "--ablation"],
+        "pplug": ["--method", "pplug", "--plugin", names["pplug"]],
+        "pplug ablation": ["--method", "pplug", "--plugin", names["pplug"], "--ablation"],
+    }
+    return {label: cli(store, "evaluate", "--task", task, "--users", str(test_ids), *args)["run_id"] for label, args in plans.items()}
+
+
+def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> tuple[str, dict[str, dict[str, float]]]:
+    """Per-query score of every run (ROUGE-1, or 1/0 accuracy for label tasks), plus the copy or
+    most-frequent-label baseline on the same queries."""
+    from recipes.metrics import per_example_rouge
+    from recipes.splits import query_split
+    from recipes.tasks import get_task
+    from store import Store
+
+    spec, opened = get_task(task), Store(str(store))
+    generation = not spec.is_classification
+    measure = "rouge-1" if generation else "accuracy"
+    scores = {}
+    for label, run_id in runs.items():
+        predictions = opened.run_predictions(run_id)
+        if generation:
+            rows = per_example_rouge([p.output for p in predictions], [p.gold or "" for p in predictions])
+            scores[label] = {p.query_id: r["rouge-1"] for p, r in zip(predictions, rows)}
+        else:
+            scores[label] = {p.query_id: float(p.output == p.gold) for p in predictions}
+    queries = {q.query_id: q for q in opened.task_queries(task)}
+    ids = sorted(set.intersection(*(set(s) for s in scores.values())))
+    if generation:
+        rows = per_example_rouge([spec.query_text(queries[i].input) for i in ids], [queries[i].output or "" for i in ids])
+        scores = {"copy the input": dict(zip(ids, (r["rouge-1"] for r in rows))), **scores}
+    else:
+        train_golds = [q.output for q in queries.values() if q.output and query_split(q.split, q.user_id) == "train"]
+        frequent = Counter(train_golds).most_common(1)[0][0]
+        scores = {f"most frequent label ({frequent})": {i: float(queries[i].output == frequent) for i in ids}, **scores}
+    return measure, {label: {i: s[i] for i in ids} for label, s in scores.items()}
+
+
+def summarize(measure: str, scores: dict[str, dict[str, float]], rag_label: str) -> dict:
+    from recipes.metrics import bootstrap_interval
+
+    def interval(values: list[float]) -> list[float]:
+        low, high = bootstrap_interval(values)
+        return [round(sum(values) / len(values), 4), round(low, 4), round(high, 4)]
+
+    def paired(a: str, b: str) -> list[float]:
+        return interval([scores[a][i] - scores[b][i] for i in scores[a]])
+
+    methods = {label: interval(list(values.values())) for label, values in scores.items()}
+    baseline = next(iter(scores))
+    best = max((label for label in scores if label != baseline and "ablation" not in label), key=lambda label: methods[label][0])
+    differences = {f"{m} - {m} ablation": paired(m, f"{m} ablation") for m in PERSONAL}
+    differences[f"{rag_label} - k=0"] = paired(rag_label, "k=0")
+    differences[f"{best} - {baseline}"] = paired(best, baseline)
+    return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "differences": differences, "best": best}
+
+
+def markdown(summary: dict, header: str) -> str:
+    lines = [header, "", f"| method | {summary['measure']} [95% CI] |", "|---|---|"]
+    for label, (mean, low, high) in summary["methods"].items():
+        lines.append(f"| {label} | {mean:.4f} [{low:.3f}, {high:.3f}] |")
+    lines += ["", "Paired differences over the same queries (bootstrap 95%):", ""]
+    for label, (mean, low, high) in summary["differences"].items():
+        verdict = "ahead" if low > 0 else "behind" if high < 0 else "not separable"
+        lines.append(f"- {label}: {mean:+.4f} [{low:+.4f}, {high:+.4f}]: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(summary["methods"])
+    means = [summary["methods"][label][0] for label in labels]
+    errors = [[m - summary["methods"][label][1] for label, m in zip(labels, means)],
+              [summary["methods"][label][2] - m for label, m in zip(labels, means)]]  # fmt: skip
+    colors = ["#aaaaaa" if "ablation" in label else "#1f77b4" for label in labels]
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    axis.bar(labels, means, yerr=errors, capsize=3, color=colors)
+    axis.set_ylabel(f"{summary['measure']} (95% bootstrap CI)")
+    axis.set_title(f"each method on the same {summary['n_queries']} test queries (ablations grey)")
+    axis.tick_params(axis="x", rotation=35)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="a LaMP folder with questions.json and outputs.json")
+    parser.add_argument("--task", default="LaMP-7")
+    parser.add_argument("--store", type=Path, required=True, help="the benchmark's store (ingested once, reused)")
+    parser.add_argument("--users", type=int, default=None, help="a seeded sample of N test users (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small training for a smoke run")
+    parser.add_argument("--pairs", default="rules", help="history pairs recipe every trainer uses (none or rules)")
+    parser.add_argument("--task-lora", default=None, help="use this stored task LoRA instead of training bench-task-lora")
+    parser.add_argument("--rag-ks", default="1,2,4", help="the k values RAG chooses from on training users")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/lamp/results-TASK[-quick]")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    out = args.out or Path(__file__).with_name(f"results-{args.task.lower()}{'-quick' if args.quick else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    size = settings(args.quick)
+    prefix = "bench-quick" if args.quick else "bench"
+    names = {"task_lora": args.task_lora or f"{prefix}-task-lora", "oppu": f"{prefix}-oppu", "pool": f"{prefix}-pool", "pplug": f"{prefix}-pplug"}
+    ingest(args.store, args.data, args.task)
+    test_ids = split_ids(args.store, args.task, "test", args.users, args.seed, out)
+    tune_ids = split_ids(args.store, args.task, "train", size["tune_users"], args.seed, out)
+    timings: dict = {}
+    train(args.store, args.task, size, test_ids, names, args.pairs, timings)
+    rag_k, rag_scores = choose_rag_k(args.store, args.task, [int(k) for k in args.rag_ks.split(",")], tune_ids)
+    runs = evaluate_all(args.store, args.task, test_ids, names, rag_k)
+    measure, scores = per_query_scores(args.store, args.task, runs)
+    rag_label = next(label for label in runs if label.startswith("RAG"))
+    summary = summarize(measure, scores, rag_label)
+    if timings.get("perpcs_assembly_s_per_user"):
+        timings["assembly_speedup_vs_oppu"] = round(timings["oppu_train_s_per_user"] / timings["perpcs_assembly_s_per_user"], 1)
+    result = {
+        "task": args.task, "data": str(args.data), "store": str(args.store), "quick": args.quick, "settings": size,
+        "pairs": args.pairs, "names": names, "test_users": len(test_ids.read_text().split()), "runs": runs,
+        "rag_k_chosen_on_train_users": rag_k, "rag_scores_on_train_users": rag_scores, "timings": timings, **summary,
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "wall_s": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    header = (f"{args.task}, {result['test_users']} test users ({summary['n_queries']} queries), "
+              f"{'quick' if args.quick else 'full'} settings, pairs {args.pairs}; RAG k={rag_k} chosen on "
+              f"{size['tune_users']} training users {rag_scores}; timings {timings}")  # fmt: skip
+    (out / "results.md").write_text(markdown(summary, header), encoding="utf-8")
+    chart(summary, out / "results.png")
+    print((out / "results.md").read_text(encoding="utf-8"))
+    print(f"benchmark finished in {result['wall_s']:.0f} s; {out}/results.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
