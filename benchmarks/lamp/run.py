@@ -24,6 +24,7 @@ import argparse
 import json
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -101,21 +102,21 @@ def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs
             "--steps", str(size["pplug_steps"]))  # fmt: skip
 
 
-def choose_rag_k(store: Path, task: str, ks: list[int], tune_ids: Path) -> tuple[int, dict]:
+def choose_rag_k(store: Path, task: str, ks: list[int], tune_ids: Path, decode: list[str]) -> tuple[int, dict]:
     """k of RAG picked on training-split users by the task's first metric (k=0 among the choices)."""
     from recipes.tasks import get_task
 
     metric = get_task(task).metric_names[0]
     better = get_task(task).higher_is_better(metric)
-    scores = {0: cli(store, "evaluate", "--task", task, "--split", "train", "--users", str(tune_ids))["metrics"][metric]}
+    scores = {0: cli(store, "evaluate", "--task", task, "--split", "train", "--users", str(tune_ids), *decode)["metrics"][metric]}
     for k in ks:
-        run = cli(store, "evaluate", "--task", task, "--method", "rag", "--k", str(k), "--split", "train", "--users", str(tune_ids))
+        run = cli(store, "evaluate", "--task", task, "--method", "rag", "--k", str(k), "--split", "train", "--users", str(tune_ids), *decode)
         scores[k] = run["metrics"][metric]
     best = max(scores, key=lambda k: scores[k] if better else -scores[k])
     return best, scores
 
 
-def evaluate_all(store: Path, task: str, test_ids: Path, names: dict, rag_k: int) -> dict[str, str]:
+def evaluate_all(store: Path, task: str, test_ids: Path, names: dict, rag_k: int, decode: list[str]) -> dict[str, str]:
     """Every method's run on the test users; returns label -> run id."""
     plans = {
         "k=0": ["--method", "none"],
@@ -128,7 +129,7 @@ def evaluate_all(store: Path, task: str, test_ids: Path, names: dict, rag_k: int
         "pplug": ["--method", "pplug", "--plugin", names["pplug"]],
         "pplug ablation": ["--method", "pplug", "--plugin", names["pplug"], "--ablation"],
     }
-    return {label: cli(store, "evaluate", "--task", task, "--users", str(test_ids), *args)["run_id"] for label, args in plans.items()}
+    return {label: cli(store, "evaluate", "--task", task, "--users", str(test_ids), *args, *decode)["run_id"] for label, args in plans.items()}
 
 
 def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> tuple[str, dict[str, dict[str, float]]]:
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="rules", help="history pairs recipe every trainer uses (none or rules)")
     parser.add_argument("--task-lora", default=None, help="use this stored task LoRA instead of training bench-task-lora")
     parser.add_argument("--rag-ks", default="1,2,4", help="the k values RAG chooses from on training users")
+    parser.add_argument("--decode", default="", help='decoding options of every evaluation, e.g. "--beams 4 --repetition-penalty 1.2" (chosen on dev users by benchmarks/decoding)')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/lamp/results-TASK[-quick]")
     args = parser.parse_args()
@@ -237,8 +239,9 @@ def main() -> None:
     tune_ids = split_ids(args.store, args.task, "train", size["tune_users"], args.seed, out)
     timings: dict = {}
     train(args.store, args.task, size, test_ids, names, args.pairs, timings)
-    rag_k, rag_scores = choose_rag_k(args.store, args.task, [int(k) for k in args.rag_ks.split(",")], tune_ids)
-    runs = evaluate_all(args.store, args.task, test_ids, names, rag_k)
+    decode = shlex.split(args.decode)
+    rag_k, rag_scores = choose_rag_k(args.store, args.task, [int(k) for k in args.rag_ks.split(",")], tune_ids, decode)
+    runs = evaluate_all(args.store, args.task, test_ids, names, rag_k, decode)
     measure, scores = per_query_scores(args.store, args.task, runs)
     rag_label = next(label for label in runs if label.startswith("RAG"))
     summary = summarize(measure, scores, rag_label)
@@ -246,14 +249,14 @@ def main() -> None:
         timings["assembly_speedup_vs_oppu"] = round(timings["oppu_train_s_per_user"] / timings["perpcs_assembly_s_per_user"], 1)
     result = {
         "task": args.task, "data": str(args.data), "store": str(args.store), "quick": args.quick, "settings": size,
-        "pairs": args.pairs, "names": names, "test_users": len(test_ids.read_text().split()), "runs": runs,
+        "pairs": args.pairs, "decode": args.decode, "names": names, "test_users": len(test_ids.read_text().split()), "runs": runs,
         "rag_k_chosen_on_train_users": rag_k, "rag_scores_on_train_users": rag_scores, "timings": timings, **summary,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     header = (f"{args.task}, {result['test_users']} test users ({summary['n_queries']} queries), "
-              f"{'quick' if args.quick else 'full'} settings, pairs {args.pairs}; RAG k={rag_k} chosen on "
+              f"{'quick' if args.quick else 'full'} settings, pairs {args.pairs}, decoding {args.decode or 'the task default'}; RAG k={rag_k} chosen on "
               f"{size['tune_users']} training users {rag_scores}; timings {timings}")  # fmt: skip
     (out / "results.md").write_text(markdown(summary, header), encoding="utf-8")
     chart(summary, out / "results.png")
