@@ -104,3 +104,14 @@ def test_user_errors_are_one_line_with_exit_code_2(demo_store, args, message):
 def test_search_on_an_empty_store_says_what_to_do(tmp_path):
     result = runner.invoke(app, ["--store", str(tmp_path / "empty"), "search", "--user", "1", "x"])
     assert result.exit_code == 2 and "run persona ingest first" in result.output
+
+
+def test_the_in_process_runner_returns_a_commands_json_or_its_exit_code(demo_store, capsys):
+    from persona_cli.inprocess import run_persona
+
+    listing = run_persona(demo_store, "users", "list", "--limit", "2", quiet=True)
+    assert [u["user_id"] for u in listing["users"]] == ["0", "1"]
+    assert capsys.readouterr().out.startswith("$ persona users list --limit 2")  # the command line, not its JSON
+    assert run_persona(demo_store, "users", "show", "nobody", quiet=True, echo=False) == {"exit_code": 2}
+    printed = capsys.readouterr()
+    assert "no user 'nobody'" in printed.err + printed.out
