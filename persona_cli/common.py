@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import typer
@@ -13,6 +14,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from recipes import PersonaError
+from recipes.adaptation import split_users
+from recipes.data import read_user_ids
+from recipes.tasks import Task
 from store import Store
 
 console = Console()
@@ -98,6 +102,21 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int, int], Non
             bar.update(tasks[stage], completed=done, total=total or None, note=note)
 
         yield update
+
+
+def check_one_user_choice(user: Optional[list[str]], split: Optional[str], users: Optional[Path]) -> None:
+    """--user, --split and --users name the users a command works on: exactly one of them."""
+    if sum([bool(user), split is not None, users is not None]) != 1:
+        raise PersonaError("name the users with exactly one of --user, --split or --users")
+
+
+def named_users(store: Store, task: Task, user: Optional[list[str]], split: Optional[str], users: Optional[Path]) -> list[str]:
+    """The users named by exactly one of --user (repeatable), --split (the task's users of that split)
+    or --users (a file of ids)."""
+    check_one_user_choice(user, split, users)
+    if user:
+        return list(dict.fromkeys(user))
+    return read_user_ids(users) if users else split_users(store, task, split)
 
 
 def human_bytes(n: Optional[int]) -> str:

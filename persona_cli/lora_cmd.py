@@ -8,11 +8,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
+from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, named_users, open_store, print_json, progress_bar
 from recipes import PersonaError
-from recipes.adaptation import adapt_task, split_users, train_oppu
+from recipes.adaptation import adapt_task, train_oppu
 from recipes.backbones import load_llm
-from recipes.data import read_user_ids
 from recipes.lora_plugins import oppu_group, task_lora_name
 from recipes.lora_training import LoraSettings
 from recipes.tasks import Task, get_task
@@ -146,10 +145,7 @@ def train_oppu_command(
     Users whose adapter exists with the same settings are skipped, so a stopped run resumes."""
     store = open_store(ctx)
     task_spec = get_task(task)
-    chosen = [bool(user), split is not None, users is not None]
-    if sum(chosen) != 1:
-        raise PersonaError("name the users with exactly one of --user, --split or --users")
-    user_ids = list(dict.fromkeys(user)) if user else read_user_ids(users) if users else split_users(store, task_spec, split)
+    user_ids = named_users(store, task_spec, user, split, users)
     base = resolve_base(store, task_spec, base)
     settings = lora_settings(
         target_modules, r=r, alpha=alpha, dropout=dropout, learning_rate=lr, batch_size=batch_size, steps=steps,

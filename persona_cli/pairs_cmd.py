@@ -8,10 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import JsonOption, console, handle_errors, open_store, print_json
+from persona_cli.common import JsonOption, console, handle_errors, named_users, open_store, print_json
 from recipes import PersonaError
-from recipes.adaptation import split_users
-from recipes.data import read_user_ids
 from recipes.history_pairs import PAIR_RECIPES, check_recipe, history_pairs, recipe_id
 from recipes.tasks import get_task
 
@@ -37,9 +35,7 @@ def build(
     store = open_store(ctx)
     task_spec = get_task(task)
     _check(recipe)
-    if sum([bool(user), split is not None, users is not None]) != 1:
-        raise PersonaError("name the users with exactly one of --user, --split or --users")
-    user_ids = list(dict.fromkeys(user)) if user else read_user_ids(users) if users else split_users(store, task_spec, split)
+    user_ids = named_users(store, task_spec, user, split, users)
     store.require_users(user_ids)
     histories = store.histories(user_ids, task_spec.name)
     stored = sum(len(v) for v in store.get_pairs(user_ids, task_spec.name, recipe_id(recipe, seed)).values())

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
+from persona_cli.common import DeviceOption, JsonOption, PairsOption, check_one_user_choice, console, handle_errors, human_bytes, open_store, print_json, progress_bar
 from persona_cli.lora_cmd import (
     AlphaOption, AutoBaseOption, DropoutOption, LlmOption, MaxLengthOption, PrecisionOption, ROption, SeedOption, TargetsOption,
     lora_settings, resolve_base,
@@ -119,8 +119,7 @@ def assemble_command(
 
     Stores per module only (sharer, weight) against the pool version used."""
     store = open_store(ctx)
-    if sum([bool(user), split is not None, users is not None]) != 1:
-        raise PersonaError("name the users with exactly one of --user, --split or --users")
+    check_one_user_choice(user, split, users)
     if user:
         user_ids = list(dict.fromkeys(user))
         task_spec = user_task(store, user_ids[0], task)

@@ -1,7 +1,7 @@
 """Training pairs made from history items: a task-format input and the user's own output.
 
 A LaMP query is one question; a user's history holds dozens of items that show how they
-answer. An item becomes a pair in one of two ways:
+answer. An item becomes a pair in one of three ways:
 - it carries its own input (users.jsonl items with `input`), used as it is (recipe `given`);
 - its fields hold both sides (LaMP-2N: the article and the category the journalist gave it;
   LaMP-4: article and headline; ...), put into the task's own query wording (recipe `fields`);
@@ -19,9 +19,10 @@ import hashlib
 import random
 import re
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Optional
 
 from recipes import PersonaError
+from recipes.splits import query_split
 from recipes.tasks import Task
 from store import Behavior, HistoryPair, Store
 
@@ -97,12 +98,21 @@ def item_digest(item: Behavior) -> str:
     return hashlib.sha256(repr((item.text, sorted(item.fields.items()))).encode()).hexdigest()[:16]
 
 
+def given_pair(task: Task, item: Behavior) -> Optional[tuple[str, str]]:
+    """An item's own (task prompt, target) when it carries an `input`: that input in the task's
+    wording, and its `output` field or else its text. None for an item without an input."""
+    given = item.fields.get("input")
+    if not (isinstance(given, str) and given.strip()):
+        return None
+    output = item.fields.get("output")
+    return task.item_prompt(given), output if isinstance(output, str) and output.strip() else item.text
+
+
 def make_pair(task: Task, item: Behavior, rng: random.Random) -> Optional[tuple[str, str]]:
     """(task-format input, output) of one history item, or None where the item cannot be a pair."""
-    given = item.fields.get("input")
-    if isinstance(given, str) and given.strip():
-        output = item.fields.get("output")
-        return task.item_prompt(given), output if isinstance(output, str) and output.strip() else item.text
+    given = given_pair(task, item)
+    if given is not None:
+        return given
     if task.pair_fields:
         source, answer = task.pair_fields
         values = {"text": item.text, **item.fields}
@@ -133,9 +143,9 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def held_out_golds(store: Store, task: Task, is_held_out: Callable[[str | None, str], bool]) -> frozenset[str]:
-    """Gold outputs of the queries whose users are held out (dev, test): never a training target."""
-    return frozenset(_norm(q.output) for q in store.task_queries(task.name) if q.output and is_held_out(q.split, q.user_id))
+def held_out_golds(store: Store, task: Task) -> frozenset[str]:
+    """Gold outputs of the queries outside the training split (dev, test): never a training target."""
+    return frozenset(_norm(q.output) for q in store.task_queries(task.name) if q.output and query_split(q.split, q.user_id) != "train")
 
 
 # ---------- stored pairs ----------
@@ -148,17 +158,15 @@ def history_pairs(
     check_recipe(recipe)
     if recipe == "none" or not histories:
         return {user: [] for user in histories}
-    from recipes.splits import query_split
-
     stored = store.get_pairs(list(histories), task.name, recipe_id(recipe, seed))
-    forbidden = held_out_golds(store, task, lambda split, user: query_split(split, user) != "train")
+    forbidden = held_out_golds(store, task)
     result, new = {}, []
     for user, items in histories.items():
         cached = {p.item_id: p for p in stored.get(user, [])}
         fresh = [i for i in items if i.item_id not in cached or cached[i.item_id].source_digest != item_digest(i)]
         made = synthesize(task, fresh, recipe, seed, forbidden)
         new += made
-        by_item = {**{p.item_id: p for p in stored.get(user, [])}, **{p.item_id: p for p in made}}
+        by_item = {**cached, **{p.item_id: p for p in made}}
         result[user] = [by_item[i.item_id] for i in items if i.item_id in by_item and _norm(by_item[i.item_id].output) not in forbidden]
     store.put_pairs(new)
     return result

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from recipes import PersonaError
-from recipes.history_pairs import PAIR_RECIPES, paired_histories
+from recipes.history_pairs import PAIR_RECIPES, given_pair, paired_histories
 from recipes.training_data import checkpoint_path, split_queries
 from recipes.backbones import LLM, Encoder, load_encoder, loaded
 from recipes.lora_plugins import apply_chain, base_chain, check_llm
@@ -152,12 +152,10 @@ def history_item_examples(task: Task, histories: dict[str, list[Behavior]], cap:
     for user, items in histories.items():
         kept = items[-cap:]
         for position, item in enumerate(kept):
-            item_input = item.fields.get("input")
-            if isinstance(item_input, str) and item_input.strip() and len(kept) > 1:
+            given = given_pair(task, item)
+            if given is not None and len(kept) > 1:
+                prompt, target = given
                 others = [i for i in range(len(kept)) if i != position]
-                prompt = task.item_prompt(item_input)
-                output = item.fields.get("output")
-                target = output if isinstance(output, str) and output.strip() else item.text
                 examples.append(PPlugExample(user, prompt, target, task.query_text(prompt), others))
     return examples
 

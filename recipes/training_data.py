@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 from recipes.backbones import cache_dir
-from recipes.history_pairs import history_pairs
+from recipes.history_pairs import given_pair, history_pairs
 from recipes.lora_training import Example
 from recipes.splits import query_split
 from recipes.tasks import Task
@@ -24,13 +24,8 @@ def history_examples(task: Task, history: list[Behavior]) -> list[Example]:
     text being the user's output), else language modelling on the item's text."""
     examples = []
     for item in history:
-        item_input = item.fields.get("input")
-        if isinstance(item_input, str) and item_input.strip():
-            output = item.fields.get("output")
-            target = output if isinstance(output, str) and output.strip() else item.text
-            examples.append(Example(task.item_prompt(item_input), target))
-        else:
-            examples.append(Example(None, item.text))
+        given = given_pair(task, item)
+        examples.append(Example(*given) if given else Example(None, item.text))
     return examples
 
 
