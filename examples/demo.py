@@ -148,7 +148,7 @@ def evaluate_all(store: Path) -> dict[str, dict]:
 
 def per_query(opened, inputs: dict[str, str], run: dict, styles: dict[str, str] | None) -> list[dict]:
     """Each prediction's ROUGE and, with planted styles, whether it is written in its user's style."""
-    from recipes.metrics import per_example_rouge
+    from recipes.kit.metrics import per_example_rouge
 
     predictions = sorted(opened.run_predictions(run["run_id"]), key=lambda p: p.query_id)
     rows = per_example_rouge([p.output for p in predictions], [p.gold or "" for p in predictions])
@@ -161,7 +161,7 @@ def per_query(opened, inputs: dict[str, str], run: dict, styles: dict[str, str] 
 
 def report(store: Path, runs: dict[str, dict], styles: dict[str, str] | None, out: Path) -> dict:
     """The table, JSON and chart: every run's means, each personal method's paired difference to its ablation."""
-    from recipes.metrics import bootstrap_interval
+    from recipes.kit.metrics import bootstrap_interval
     from store import Store
 
     opened = Store(str(store))

@@ -14,9 +14,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from recipes import PersonaError
-from recipes.adaptation import split_users
-from recipes.data import read_user_ids
-from recipes.tasks import Task
+from recipes.methods.task_lora import split_users
+from recipes.kit.inputs import read_user_ids
+from recipes.kit.tasks import Task
 from store import Store
 
 console = Console()
@@ -51,7 +51,7 @@ def open_store(ctx: typer.Context) -> Store:
 
 def store_encoder(store: Store, name: Optional[str], device: str) -> Callable[[], Any]:
     """A loader of the encoder named, else of the one the store's vectors were made with."""
-    from recipes.backbones import load_encoder
+    from recipes.kit.backbones import load_encoder
 
     def load() -> Any:
         return load_encoder(name or (store.encoder() or (None,))[0], device)

@@ -14,10 +14,10 @@ from persona_cli.common import (
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
 from recipes import PersonaError
-from recipes.backbones import load_llm
-from recipes.data import read_user_ids
-from recipes.evaluation import EvalRequest, evaluate as run_evaluation, score_files, write_lamp_predictions
-from recipes.tasks import get_task
+from recipes.kit.backbones import load_llm
+from recipes.kit.inputs import read_user_ids
+from recipes.flows.evaluate import EvalRequest, evaluate as run_evaluation, score_files, write_lamp_predictions
+from recipes.kit.tasks import get_task
 
 
 @handle_errors

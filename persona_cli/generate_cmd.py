@@ -12,10 +12,10 @@ from persona_cli.common import (
     MethodOption, PoolOption, TopKOption, BeamsOption, NoRepeatOption, RepetitionOption, LengthRatioOption,
     DeviceOption, JsonOption, console, err_console, handle_errors, open_store, print_json, store_encoder,
 )  # fmt: skip
-from recipes.answering import answer, prompt_method, user_task
-from recipes.backbones import load_llm
-from recipes.evaluation import answer_mode
-from recipes.prompting import PromptSettings
+from recipes.flows.answer import answer, prompt_method, user_task
+from recipes.kit.backbones import load_llm
+from recipes.flows.evaluate import answer_mode
+from recipes.kit.prompts import PromptSettings
 
 
 @handle_errors

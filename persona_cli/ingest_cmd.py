@@ -10,9 +10,9 @@ from rich.table import Table
 
 from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, open_store, print_json, progress_bar
 from recipes import PersonaError
-from recipes.backbones import load_encoder
-from recipes.ingest import ingest as run_ingest, lamp_source, users_jsonl_source
-from recipes.tasks import get_task
+from recipes.kit.backbones import load_encoder
+from recipes.flows.ingest import ingest as run_ingest, lamp_source, users_jsonl_source
+from recipes.kit.tasks import get_task
 
 
 @handle_errors

@@ -10,11 +10,11 @@ from rich.table import Table
 
 from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, named_users, open_store, print_json, progress_bar
 from recipes import PersonaError
-from recipes.adaptation import adapt_task, train_oppu
-from recipes.backbones import load_llm
-from recipes.lora_plugins import oppu_group, task_lora_name
-from recipes.lora_training import LoraSettings
-from recipes.tasks import Task, get_task
+from recipes.methods.task_lora import adapt_task, train_oppu
+from recipes.kit.backbones import load_llm
+from recipes.kit.plugins import oppu_group, task_lora_name
+from recipes.kit.training_loop import LoraSettings
+from recipes.kit.tasks import Task, get_task
 from store import Store
 
 TaskOption = typer.Option(..., "--task", help="Task whose data trains the adapter, e.g. LaMP-7.")

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from persona_cli.common import JsonOption, console, handle_errors, named_users, open_store, print_json
 from recipes import PersonaError
-from recipes.history_pairs import PAIR_RECIPES, check_recipe, history_pairs, recipe_id
-from recipes.tasks import get_task
+from recipes.kit.history_pairs import PAIR_RECIPES, check_recipe, history_pairs, recipe_id
+from recipes.kit.tasks import get_task
 
 app = typer.Typer(help="Training pairs made from history items (what --pairs rules trains on).", no_args_is_help=True)
 RecipeOption = typer.Option("rules", "--recipe", help=f"How pairs are made: {', '.join(r for r in PAIR_RECIPES if r != 'none')}.")

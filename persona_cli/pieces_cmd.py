@@ -14,15 +14,15 @@ from persona_cli.lora_cmd import (
     lora_settings, resolve_base,
 )  # fmt: skip
 from recipes import PersonaError
-from recipes.adaptation import split_users
-from recipes.answering import user_task
-from recipes.assembly import assemble_users, export_assembly
-from recipes.backbones import load_llm
-from recipes.data import read_user_ids
-from recipes.gates import GateSettings
-from recipes.pool import Choices, layer_of, pool_diff, pool_summary, sharer_mass
-from recipes.sharers import candidate_histories, register_sharers, select_sharers
-from recipes.tasks import get_task
+from recipes.methods.task_lora import split_users
+from recipes.flows.answer import user_task
+from recipes.methods.perpcs.assembly import assemble_users, export_assembly
+from recipes.kit.backbones import load_llm
+from recipes.kit.inputs import read_user_ids
+from recipes.methods.perpcs.gates import GateSettings
+from recipes.methods.perpcs.pool import Choices, layer_of, pool_diff, pool_summary, sharer_mass
+from recipes.methods.perpcs.sharers import candidate_histories, register_sharers, select_sharers
+from recipes.kit.tasks import get_task
 
 PoolOption = typer.Option(None, "--pool", help="Pool tag or version (default: the newest).")
 

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, human_bytes, open_store, print_json
-from recipes.backbones import load_llm
-from recipes.lora_plugins import export_plugin, import_plugin
+from recipes.kit.backbones import load_llm
+from recipes.kit.plugins import export_plugin, import_plugin
 
 app = typer.Typer(help="Trained plug-ins (task LoRA, OPPU adapters): list, show, export as peft folders, import.", no_args_is_help=True)
 
@@ -105,7 +105,7 @@ def import_(
     json_out: bool = JsonOption,
 ) -> None:
     """Store a peft LoRA folder as a plug-in; peft loads it onto the LLM first, so a mismatch is refused."""
-    from recipes.tasks import get_task
+    from recipes.kit.tasks import get_task
 
     store = open_store(ctx)
     task_name = get_task(task).name if task else None

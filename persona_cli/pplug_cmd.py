@@ -9,10 +9,10 @@ from rich.table import Table
 
 from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
 from persona_cli.lora_cmd import LlmOption, MaxLengthOption, MaxMinutesOption, PrecisionOption, SeedOption, TaskOption
-from recipes.answering import user_task
-from recipes.backbones import load_llm, resolve_device
-from recipes.pplug import PPlugSettings, explain, pplug_name, train_pplug
-from recipes.tasks import get_task
+from recipes.flows.answer import user_task
+from recipes.kit.backbones import load_llm, resolve_device
+from recipes.methods.pplug.training import PPlugSettings, explain, pplug_name, train_pplug
+from recipes.kit.tasks import get_task
 
 
 @handle_errors

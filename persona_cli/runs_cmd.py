@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from persona_cli.common import JsonOption, console, handle_errors, open_store, print_json
-from recipes.evaluation import compare_runs, write_lamp_predictions
-from recipes.tasks import get_task
+from recipes.flows.evaluate import compare_runs, write_lamp_predictions
+from recipes.kit.tasks import get_task
 
 app = typer.Typer(help="Stored evaluation runs: list, show, compare.", no_args_is_help=True)
 

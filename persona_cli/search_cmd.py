@@ -9,8 +9,8 @@ from rich.table import Table
 
 from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, open_store, print_json
 from recipes import PersonaError
-from recipes.backbones import load_encoder
-from recipes.retrieval import dense_search
+from recipes.kit.backbones import load_encoder
+from recipes.kit.retrieval import dense_search
 
 
 @handle_errors

@@ -24,21 +24,21 @@ def shared(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def encoder():
-    from recipes.backbones import load_encoder
+    from recipes.kit.backbones import load_encoder
 
     return load_encoder(device="cpu")
 
 
 @pytest.fixture(scope="session")
 def llm():
-    from recipes.backbones import load_llm
+    from recipes.kit.backbones import load_llm
 
     return load_llm(device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir():
-    from recipes.backbones import embedded_llm_cache
+    from recipes.kit.backbones import embedded_llm_cache
 
     return embedded_llm_cache()
 
@@ -52,7 +52,7 @@ def tiny_llama(tokenizer_dir):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
-    from recipes.backbones import prepare_llm
+    from recipes.kit.backbones import prepare_llm
 
     return prepare_llm("tiny-llama", LlamaForCausalLM(config), tokenizer, torch.device("cpu"))
 
@@ -77,7 +77,7 @@ def tiny_t5(tokenizer_dir):
         decoder_start_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
-    from recipes.backbones import prepare_llm
+    from recipes.kit.backbones import prepare_llm
 
     return prepare_llm("tiny-t5", T5ForConditionalGeneration(config), tokenizer, torch.device("cpu"))
 

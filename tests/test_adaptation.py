@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import EXAMPLES, cli_fails, cli_json
 from persona_cli.main import app
-from recipes.generation import prompt_token_ids
+from recipes.kit.generation import prompt_token_ids
 from store import Store
 
 runner = CliRunner()
@@ -126,7 +126,7 @@ def test_an_imported_adapter_serves_like_the_original(store, trained, tmp_path):
     first = _cli(store, "generate", "--user", "2", "--method", "task-lora", "--max-new-tokens", "16", PROMPT)["output"]
     again = _cli(store, "generate", "--user", "2", "--method", "task-lora", "--plugin", "task-again", "--max-new-tokens", "16", PROMPT)
     assert again["output"] == first
-    from recipes.lora_plugins import lora_weights
+    from recipes.kit.plugins import lora_weights
 
     def deltas(name: str) -> dict:
         weights = lora_weights(Store(store).get_plugin(name))
@@ -183,9 +183,9 @@ def test_a_stopped_oppu_run_stores_nothing_resumes_and_a_replaced_base_retrains(
     """Adapters are staged until the run ends (none stored by a run that stops), a rerun takes the
     staged ones instead of training them again, and an adapter is kept only while the base's
     weights are the same, not just its name."""
-    from recipes.adaptation import train_oppu
-    from recipes.lora_training import LoraSettings
-    from recipes.tasks import get_task
+    from recipes.methods.task_lora import train_oppu
+    from recipes.kit.training_loop import LoraSettings
+    from recipes.kit.tasks import get_task
 
     _cli(store, "adapt", "--task", "LaMP-7", "--name", "base-b", "--steps", "2", "--batch-size", "4", "--eval-every", "2")
 
@@ -215,7 +215,7 @@ def test_pag_profiles_are_stored_with_their_run_and_keyed_by_the_merged_base(sto
         raise RuntimeError("generation failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr("recipes.evaluation.answer_prompts", fails)
+        patch.setattr("recipes.flows.evaluate.answer_prompts", fails)
         assert runner.invoke(app, ["--store", str(store), *pag, "--json"]).exit_code != 0
     assert Store(store).count("profiles") == 0
     assert _cli(store, *pag)["config"]["profiles_written"] == 1

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from recipes import PersonaError
-from recipes.backbones import DEFAULT_LLM, encoder_id, llm_id, resolve_device
-from recipes.generation import generate
+from recipes.kit.backbones import DEFAULT_LLM, encoder_id, llm_id, resolve_device
+from recipes.kit.generation import generate
 
 
 def test_embedded_encoder_gives_normalized_384d_vectors(encoder):

@@ -14,11 +14,11 @@ import torch
 from conftest import EXAMPLES, cli_fails
 from persona_cli.main import app
 from recipes import PersonaError
-from recipes.answering import answer_prompts
-from recipes.decoding import GREEDY, LENGTH_SLACK, Decoding
-from recipes.generation import generate, prompt_token_ids
-from recipes.soft_prompts import SoftTokens
-from recipes.tasks import get_task
+from recipes.flows.answer import answer_prompts
+from recipes.kit.decoding import GREEDY, LENGTH_SLACK, Decoding
+from recipes.kit.generation import generate, prompt_token_ids
+from recipes.kit.soft_prompts import SoftTokens
+from recipes.kit.tasks import get_task
 
 PROMPTS = [
     "the cat sat on the mat and the cat sat on the mat",

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from conftest import EXAMPLES, cli_fails, cli_json, shared
 from persona_cli.main import app
-from recipes.splits import user_split
-from recipes.tasks import NEWS_CATEGORIES
+from recipes.kit.splits import user_split
+from recipes.kit.tasks import NEWS_CATEGORIES
 from store import Store
 
 runner = CliRunner()

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES
-from recipes.splits import user_split
+from recipes.kit.splits import user_split
 from store import Store
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def forks():
     os.environ["PYTHONWARNINGS"] = "ignore:lancedb fork support:RuntimeWarning"
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([  # what the commands import, so a forked command starts at once
-        "persona_cli.main", "recipes.adaptation", "recipes.sharers", "recipes.assembly", "peft", "sentence_transformers",
+        "persona_cli.main", "recipes.methods.task_lora", "recipes.methods.perpcs.sharers", "recipes.methods.perpcs.assembly", "peft", "sentence_transformers",
         "transformers.models.llama.modeling_llama",
     ])  # fmt: skip
     return context

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipes.generation import generate, label_logprobs, prompt_token_ids, rank_labels
+from recipes.kit.generation import generate, label_logprobs, prompt_token_ids, rank_labels
 
 PROMPTS = [
     "short",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_fails, cli_json
-from recipes.history_pairs import make_pair, rewrite_tweet
-from recipes.tasks import get_task
+from recipes.kit.history_pairs import make_pair, rewrite_tweet
+from recipes.kit.tasks import get_task
 from store import Behavior, Store
 
 TWEETS = [
@@ -72,7 +72,7 @@ def _tweeters(tmp: Path, texts: dict[str, list[str]], golds: dict[str, str]) -> 
 
 @pytest.fixture
 def tweet_store(tmp_path, store_path) -> Path:
-    from recipes.splits import user_split
+    from recipes.kit.splits import user_split
 
     train = next(u for u in map(str, range(100, 200)) if user_split(u) == "train")
     test = next(u for u in map(str, range(100, 200)) if user_split(u) == "test")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, read_jsonl, shared
-from recipes.data import read_lamp_outputs, read_lamp_questions, read_users_jsonl
-from recipes.ingest import ingest, lamp_source, users_jsonl_source
-from recipes.tasks import get_task
+from recipes.kit.inputs import read_lamp_outputs, read_lamp_questions, read_users_jsonl
+from recipes.flows.ingest import ingest, lamp_source, users_jsonl_source
+from recipes.kit.tasks import get_task
 from store import Store, StoreError
 
 

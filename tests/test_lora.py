@@ -12,12 +12,12 @@ import torch
 from peft import PeftModel
 
 from recipes import PersonaError
-from recipes.adapters import LoraWeights, combine, export_peft, find_target_modules, merge_into, read_peft_folder
-from recipes.backbones import prepare_llm
-from recipes.decoding import GREEDY, Decoding
-from recipes.generation import generate, label_logprobs, prompt_token_ids
-from recipes.lora_training import Example, LoraSettings, batch_order, train_lora
-from recipes.row_lora import RowLora
+from recipes.kit.lora import LoraWeights, combine, export_peft, find_target_modules, merge_into, read_peft_folder
+from recipes.kit.backbones import prepare_llm
+from recipes.kit.decoding import GREEDY, Decoding
+from recipes.kit.generation import generate, label_logprobs, prompt_token_ids
+from recipes.kit.training_loop import Example, LoraSettings, batch_order, train_lora
+from recipes.kit.row_lora import RowLora
 
 EXAMPLES = [
     Example("Paraphrase: the cat sat on the mat", "THE CAT SAT ON THE MAT"),
@@ -180,8 +180,8 @@ def test_unknown_target_modules_are_a_clear_error(tiny_llama):
 
 
 def test_history_trains_in_task_format_when_items_have_inputs_else_as_text():
-    from recipes.training_data import history_examples
-    from recipes.tasks import get_task
+    from recipes.kit.training_data import history_examples
+    from recipes.kit.tasks import get_task
     from store import Behavior
 
     task = get_task("LaMP-7")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from recipes.metrics import classification_metrics, generation_metrics, per_example_rouge, rating_metrics
+from recipes.kit.metrics import classification_metrics, generation_metrics, per_example_rouge, rating_metrics
 
 LABELS = ["a", "b", "c"]
 RATINGS = ["1", "2", "3", "4", "5"]
@@ -139,7 +139,7 @@ def test_empty_and_mismatched_inputs_raise(call):
 
 
 def test_bootstrap_intervals_hold_the_mean_narrow_with_more_queries_and_repeat():
-    from recipes.metrics import bootstrap_interval
+    from recipes.kit.metrics import bootstrap_interval
 
     scores = [0.1, 0.5, 0.3, 0.2, 0.9, 0.4, 0.0, 0.6]
     low, high = bootstrap_interval(scores)

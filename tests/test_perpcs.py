@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from conftest import EXAMPLES, cli_fails, cli_json
 from persona_cli.main import app
-from recipes.generation import prompt_token_ids
-from recipes.pool import read_pool
+from recipes.kit.generation import prompt_token_ids
+from recipes.methods.perpcs.pool import read_pool
 from store import Store
 
 runner = CliRunner()
@@ -115,8 +115,8 @@ def test_perpcs_with_rag_and_the_peft_retrieval_baseline_run(store, test_users_a
 def test_perpcs_ablation_mixes_every_sharer_equally_for_every_user(store, test_users_assembled):
     """--ablation is Per-Pcs with uniform gates: one adapter, each module the mean of all ten
     sharers' pieces, the same for every user, so personal assemblies and it can be compared."""
-    from recipes.serving import plan_serving
-    from recipes.tasks import get_task
+    from recipes.flows.serve import plan_serving
+    from recipes.kit.tasks import get_task
 
     plan = plan_serving(Store(store), get_task("LaMP-7"), "perpcs", ["2", "4", "2"], ablation=True)
     assert len(set(plan.per_prompt)) == 1 and plan.details["ablation"].startswith("uniform gates")
@@ -181,10 +181,10 @@ def test_bad_requests_fail_in_one_line_and_change_nothing(store, registered, arg
 
 
 def test_a_stopped_registration_resumes_from_finished_sharers(store, llm, monkeypatch, tmp_path):
-    from recipes.gates import GateSettings
-    from recipes.lora_training import LoraSettings
-    from recipes.sharers import register_sharers
-    from recipes.tasks import get_task
+    from recipes.methods.perpcs.gates import GateSettings
+    from recipes.kit.training_loop import LoraSettings
+    from recipes.methods.perpcs.sharers import register_sharers
+    from recipes.kit.tasks import get_task
 
     monkeypatch.setenv("PERSONA_CACHE", str(tmp_path))
     lora, gates = LoraSettings(steps=2, batch_size=2, max_length=96), GateSettings(steps=2, batch_size=2, max_length=96)

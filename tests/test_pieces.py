@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from recipes import PersonaError
-from recipes.adapters import LoraWeights, merge_into
-from recipes.assembly import _Assembler, assemble_user, retrieval_choices
-from recipes.gates import GateSettings, gated_lora, train_gates
-from recipes.lora_training import Example
-from recipes.pool import Pool, PoolModule, decode_choices, encode_choices, mixed_lora, piece_tensors, pool_from_pieces
-from recipes.sharers import select_sharers
+from recipes.kit.lora import LoraWeights, merge_into
+from recipes.methods.perpcs.assembly import _Assembler, assemble_user, retrieval_choices
+from recipes.methods.perpcs.gates import GateSettings, gated_lora, train_gates
+from recipes.kit.training_loop import Example
+from recipes.methods.perpcs.pool import Pool, PoolModule, decode_choices, encode_choices, mixed_lora, piece_tensors, pool_from_pieces
+from recipes.methods.perpcs.sharers import select_sharers
 from store import Behavior, Piece, PoolVersion, Store
 from test_lora import EXAMPLES, _copy, _random_lora
 
@@ -206,7 +206,7 @@ def test_pool_versions_are_tagged_and_stay_readable_after_the_pool_grows(tmp_pat
         store.tag_pool(first.version, "paper")
     store.tag_pool(first.version, "baseline")
     assert store.resolve_pool("baseline").version == first.version
-    from recipes.pool import pool_diff
+    from recipes.methods.perpcs.pool import pool_diff
 
     diff = pool_diff(store, "pool-1", "pool-2")
     assert diff["sharers_added"] == ["LaMP-7/30"] and diff["sharers_retrained"] == ["LaMP-7/12"]
@@ -224,7 +224,7 @@ def test_pool_versions_are_tagged_and_stay_readable_after_the_pool_grows(tmp_pat
 
 
 def test_methods_combine_a_per_user_adapter_with_a_prompt_method():
-    from recipes.serving import split_method
+    from recipes.flows.serve import split_method
 
     assert split_method("perpcs") == ("perpcs", "none")
     assert split_method("perpcs+rag") == ("perpcs", "rag")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.backbones import Encoder
-from recipes.generation import generate, label_logprobs
-from recipes.pplug import PPlugExample, PPlugSettings, build_embedder, soft_tokens, train_embedder
-from recipes.pplug_model import EmbedderShape, UserEmbedder, pad_histories
-from recipes.soft_prompts import SoftTokens, soft_prompt_ids, soft_start
+from recipes.kit.backbones import Encoder
+from recipes.kit.generation import generate, label_logprobs
+from recipes.methods.pplug.training import PPlugExample, PPlugSettings, build_embedder, soft_tokens, train_embedder
+from recipes.methods.pplug.model import EmbedderShape, UserEmbedder, pad_histories
+from recipes.kit.soft_prompts import SoftTokens, soft_prompt_ids, soft_start
 from store import Behavior
 
 PROMPTS = ["Paraphrase: the cat sat on the mat.", "Paraphrase: we walked to the old bridge at sunset today.", "hi"]
@@ -155,8 +155,8 @@ def test_training_moves_only_the_embedder_and_a_stopped_run_resumes_exactly(mode
 
 
 def test_history_item_examples_leave_the_item_out_of_its_own_profile():
-    from recipes.pplug import history_item_examples
-    from recipes.tasks import get_task
+    from recipes.methods.pplug.training import history_item_examples
+    from recipes.kit.tasks import get_task
 
     items = [Behavior(f"h{i}", "u", "LaMP-7", f"text {i} #blessed", {"input": f"text {i}"}) for i in range(3)]
     items.append(Behavior("h3", "u", "LaMP-7", "a plain tweet", {}))

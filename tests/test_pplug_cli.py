@@ -100,7 +100,7 @@ def test_personal_tokens_carry_each_users_style(store, trained):
 
 def test_the_ablation_serves_each_user_with_another_users_history(store, trained):
     """A seeded derangement: nobody keeps their own history, every history is used once, same seed same map."""
-    from recipes.serving import donors
+    from recipes.flows.serve import donors
 
     users = [str(u) for u in range(13)]
     mapping = donors(users, seed=0)
@@ -132,8 +132,8 @@ def test_a_user_ingested_after_training_is_served_with_no_training(store, traine
     assert _tables(store)["plugins"] == plugins_before  # nothing was trained or stored for the newcomers
     # their personal tokens come from their own stored histories: same input, different histories,
     # different tokens; the instruction token (the first) is everyone's
-    from recipes.pplug import query_soft_tokens
-    from recipes.tasks import get_task
+    from recipes.methods.pplug.training import query_soft_tokens
+    from recipes.kit.tasks import get_task
     from store import Query
 
     opened = Store(store)

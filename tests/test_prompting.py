@@ -7,10 +7,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from recipes import PersonaError
-from recipes.prompting import PromptSettings, TokenBudget, build_prompts, choose_items, history_prompt, profile_request
-from recipes.retrieval import bm25_top, random_items, recency_top
-from recipes.splits import query_split, user_split
-from recipes.tasks import TASKS, get_task
+from recipes.kit.prompts import PromptSettings, TokenBudget, build_prompts, choose_items, history_prompt, profile_request
+from recipes.kit.retrieval import bm25_top, random_items, recency_top
+from recipes.kit.splits import query_split, user_split
+from recipes.kit.tasks import TASKS, get_task
 from store import Behavior, Query
 
 NEWS = get_task("LaMP-2N")

@@ -42,7 +42,7 @@ METRICS = ("rouge-1", "rouge-L")
 
 def summarize(rows: list[dict[str, float]], greedy: list[dict[str, float]] | None) -> dict:
     """Means with bootstrap intervals, and the paired difference to greedy's rows."""
-    from recipes.metrics import bootstrap_interval
+    from recipes.kit.metrics import bootstrap_interval
 
     out: dict = {}
     for metric in METRICS:
@@ -111,10 +111,10 @@ def main() -> None:
     if not (args.lamp / "questions.json").exists():
         sys.exit(f"no LaMP-7 data at {args.lamp} (questions.json, outputs.json)")
 
-    from recipes.backbones import load_llm
-    from recipes.evaluation import EvalRequest, evaluate, select_queries
-    from recipes.metrics import per_example_rouge
-    from recipes.tasks import get_task
+    from recipes.kit.backbones import load_llm
+    from recipes.flows.evaluate import EvalRequest, evaluate, select_queries
+    from recipes.kit.metrics import per_example_rouge
+    from recipes.kit.tasks import get_task
 
     store = open_store(args.store, args.lamp)
     task = get_task("LaMP-7")

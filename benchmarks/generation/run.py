@@ -36,9 +36,9 @@ def main() -> None:
     if not args.questions.exists():
         sys.exit(f"{args.questions} not found: pass --questions path/to/lamp7/questions.json")
 
-    from recipes.backbones import load_llm
-    from recipes.generation import generate
-    from recipes.tasks import get_task
+    from recipes.kit.backbones import load_llm
+    from recipes.kit.generation import generate
+    from recipes.kit.tasks import get_task
 
     task = get_task("LaMP-7")
     prompts = [q["input"] for q in json.loads(args.questions.read_text())[: args.n]]

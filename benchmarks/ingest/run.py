@@ -2,7 +2,7 @@
 
 Each phase runs in its own process so its peak memory (max RSS) is its own:
   raw     SentenceTransformer.encode(all texts, same batch size, normalized), nothing else
-  ingest  recipes.ingest.ingest: validate the LaMP file, embed every item, write the LanceDB store
+  ingest  recipes.flows.ingest.ingest: validate the LaMP file, embed every item, write the LanceDB store
 Goal (issue 2): ingest at least 85% of the raw encoder's items/s.
 
     .venv/bin/python benchmarks/ingest/run.py [--questions ../shared/data/lamp7/questions.json]
@@ -28,9 +28,9 @@ DEFAULT_QUESTIONS = ROOT.parent / "shared" / "data" / "lamp7" / "questions.json"
 
 
 def phase_raw(questions: Path, task_name: str, batch_size: int) -> dict:
-    from recipes.backbones import load_encoder
-    from recipes.data import read_lamp_questions
-    from recipes.tasks import get_task
+    from recipes.kit.backbones import load_encoder
+    from recipes.kit.inputs import read_lamp_questions
+    from recipes.kit.tasks import get_task
 
     texts = [item.text for user in read_lamp_questions(questions, get_task(task_name)) for item in user.items]
     model = load_encoder(device="cpu").model
@@ -42,9 +42,9 @@ def phase_raw(questions: Path, task_name: str, batch_size: int) -> dict:
 
 
 def phase_ingest(questions: Path, task_name: str, batch_size: int) -> dict:
-    from recipes.backbones import load_encoder
-    from recipes.ingest import ingest, lamp_source
-    from recipes.tasks import get_task
+    from recipes.kit.backbones import load_encoder
+    from recipes.flows.ingest import ingest, lamp_source
+    from recipes.kit.tasks import get_task
     from store import Store
 
     encoder = load_encoder(device="cpu")

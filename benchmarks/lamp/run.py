@@ -64,7 +64,7 @@ def ingest(store: Path, data: Path, task: str) -> None:
 
 def split_ids(store: Path, task: str, split: str, n: int | None, seed: int, out: Path) -> Path:
     """A seeded sample of N users of a split with gold queries, as a user-id file."""
-    from recipes.splits import query_split
+    from recipes.kit.splits import query_split
     from store import Store
 
     ids = sorted({q.user_id for q in Store(str(store)).task_queries(task) if q.output and query_split(q.split, q.user_id) == split})
@@ -104,7 +104,7 @@ def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs
 
 def choose_rag_k(store: Path, task: str, ks: list[int], tune_ids: Path, decode: list[str]) -> tuple[int, dict]:
     """k of RAG picked on training-split users by the task's first metric (k=0 among the choices)."""
-    from recipes.tasks import get_task
+    from recipes.kit.tasks import get_task
 
     metric = get_task(task).metric_names[0]
     better = get_task(task).higher_is_better(metric)
@@ -135,9 +135,9 @@ def evaluate_all(store: Path, task: str, test_ids: Path, names: dict, rag_k: int
 def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> tuple[str, dict[str, dict[str, float]]]:
     """Per-query score of every run (ROUGE-1, or 1/0 accuracy for label tasks), plus the copy or
     most-frequent-label baseline on the same queries."""
-    from recipes.metrics import per_example_rouge
-    from recipes.splits import query_split
-    from recipes.tasks import get_task
+    from recipes.kit.metrics import per_example_rouge
+    from recipes.kit.splits import query_split
+    from recipes.kit.tasks import get_task
     from store import Store
 
     spec, opened = get_task(task), Store(str(store))
@@ -164,7 +164,7 @@ def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> tuple[str,
 
 
 def summarize(measure: str, scores: dict[str, dict[str, float]], rag_label: str) -> dict:
-    from recipes.metrics import bootstrap_interval
+    from recipes.kit.metrics import bootstrap_interval
 
     def interval(values: list[float]) -> list[float]:
         low, high = bootstrap_interval(values)

@@ -39,13 +39,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
 
-    from recipes.adaptation import split_users, train_oppu
-    from recipes.assembly import assemble_users
-    from recipes.backbones import load_llm
-    from recipes.evaluation import EvalRequest, evaluate
-    from recipes.lora_training import LoraSettings
-    from recipes.pool import load_pool
-    from recipes.tasks import get_task
+    from recipes.methods.task_lora import split_users, train_oppu
+    from recipes.methods.perpcs.assembly import assemble_users
+    from recipes.kit.backbones import load_llm
+    from recipes.flows.evaluate import EvalRequest, evaluate
+    from recipes.kit.training_loop import LoraSettings
+    from recipes.methods.perpcs.pool import load_pool
+    from recipes.kit.tasks import get_task
     from store import Store
 
     store = Store(args.store)

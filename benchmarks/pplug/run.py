@@ -47,13 +47,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
 
-    from recipes.backbones import load_llm
-    from recipes.evaluation import select_queries
-    import recipes.generation as generation
-    from recipes.generation import generate
-    from recipes.lora_plugins import apply_chain, base_chain
-    from recipes.pplug import get_pplug, history_vectors, load_embedder, pplug_name, soft_tokens
-    from recipes.tasks import get_task
+    from recipes.kit.backbones import load_llm
+    from recipes.flows.evaluate import select_queries
+    import recipes.kit.generation as generation
+    from recipes.kit.generation import generate
+    from recipes.kit.plugins import apply_chain, base_chain
+    from recipes.methods.pplug.training import get_pplug, history_vectors, load_embedder, pplug_name, soft_tokens
+    from recipes.kit.tasks import get_task
     from store import Store
 
     store = Store(args.store)
@@ -121,7 +121,7 @@ def main() -> None:
 @torch.inference_mode()
 def _embedding_times(embedder, texts: list[str], lengths: list[int], dim: int) -> list[dict]:
     """ms per query to make soft tokens from histories of exactly n items, at batch 1 and 16."""
-    from recipes.pplug import soft_tokens
+    from recipes.methods.pplug.training import soft_tokens
 
     rng = np.random.default_rng(0)
     rows = []

@@ -90,9 +90,9 @@ class MemoryTrace:
 
 def open_store(store_path: Path, lamp: Path):
     """The LaMP-7 users in a store of their own (ingested once, reused by later runs)."""
-    from recipes.backbones import load_encoder
-    from recipes.ingest import ingest, lamp_source
-    from recipes.tasks import get_task
+    from recipes.kit.backbones import load_encoder
+    from recipes.flows.ingest import ingest, lamp_source
+    from recipes.kit.tasks import get_task
     from store import Store
 
     store = Store(str(store_path))
@@ -175,7 +175,7 @@ def bare_soft(llm, batches: list[list[tuple[list[int], list[int]]]], start: int,
 
 def measure_pair(name: str, run_trainer: Callable, run_bare: Callable | None) -> dict:
     """Run the trainer, then its bare loop (None: memory only), each with a fresh peak-memory mark."""
-    from recipes.lora_training import release_freed_memory
+    from recipes.kit.training_loop import release_freed_memory
 
     release_freed_memory()
     reset_peak()
@@ -200,15 +200,15 @@ def measure_pair(name: str, run_trainer: Callable, run_bare: Callable | None) ->
 
 
 def run_all(store, llm, encoder, trainers: list[str], steps: int, precision: str, skip_bare: bool = False) -> dict:
-    from recipes.gates import GateSettings, train_gates
-    from recipes.lora_training import (
+    from recipes.methods.perpcs.gates import GateSettings, train_gates
+    from recipes.kit.training_loop import (
         Example, LoraSettings, TokenizedExamples, autocast_dtype, batch_order, encode_example, train_lora,
     )  # fmt: skip
-    from recipes.adapters import find_target_modules
-    from recipes.pplug import PPlugSettings, build_embedder, history_vectors, pplug_examples, train_embedder
-    from recipes.soft_prompts import soft_start
-    from recipes.tasks import get_task
-    from recipes.training_data import history_examples, query_examples, split_queries
+    from recipes.kit.lora import find_target_modules
+    from recipes.methods.pplug.training import PPlugSettings, build_embedder, history_vectors, pplug_examples, train_embedder
+    from recipes.kit.soft_prompts import soft_start
+    from recipes.kit.tasks import get_task
+    from recipes.kit.training_data import history_examples, query_examples, split_queries
 
     task = get_task("LaMP-7")
     dtype = autocast_dtype(llm, precision)
@@ -299,8 +299,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"--trainers: unknown {unknown[0]}; expected some of {', '.join(TRAINERS)}")
 
-    from recipes.backbones import load_encoder, load_llm
-    from recipes.lora_training import autocast_dtype
+    from recipes.kit.backbones import load_encoder, load_llm
+    from recipes.kit.training_loop import autocast_dtype
 
     store = open_store(args.store, args.lamp)
     llm = load_llm(None, args.device)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import ijson
 
 from recipes import PersonaError
-from recipes.tasks import Task, canonical_task_name
+from recipes.kit.tasks import Task, canonical_task_name
 from store import Query
 
 

@@ -24,10 +24,10 @@ import torch
 from transformers import DynamicCache
 
 from recipes import PersonaError
-from recipes.adapters import LoraWeights, check_target_modules, find_target_modules, from_peft_model
-from recipes.backbones import LLM
-from recipes.prompt_tokens import prompt_token_ids
-from recipes.progress import Progress, report
+from recipes.kit.lora import LoraWeights, check_target_modules, find_target_modules, from_peft_model
+from recipes.kit.backbones import LLM
+from recipes.kit.prompt_tokens import prompt_token_ids
+from recipes.kit.progress import Progress, report
 
 IGNORE = -100
 PRECISIONS = ("auto", "float32", "bfloat16")

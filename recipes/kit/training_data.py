@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from recipes.backbones import cache_dir
-from recipes.history_pairs import given_pair, history_pairs
-from recipes.lora_training import Example
-from recipes.splits import query_split
-from recipes.tasks import Task
+from recipes.kit.backbones import cache_dir
+from recipes.kit.history_pairs import given_pair, history_pairs
+from recipes.kit.training_loop import Example
+from recipes.kit.splits import query_split
+from recipes.kit.tasks import Task
 from store import Behavior, Query, Store
 
 

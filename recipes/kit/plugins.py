@@ -1,7 +1,7 @@
 """LoRA plug-ins between the store and a loaded LLM: base chains, serving plans, export and import.
 
 A plug-in may be trained on top of another (`base`), e.g. a user's OPPU LoRA on the task LoRA.
-Serving (recipes.serving) merges the whole base chain into the loaded LLM's weights once;
+Serving (recipes.flows.serve) merges the whole base chain into the loaded LLM's weights once;
 exporting folds the chain into one peft adapter.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from recipes import PersonaError
-from recipes.adapters import LoraWeights, check_peft_folder, combine, export_peft, merge_into, read_peft_folder
-from recipes.backbones import LLM, loaded
-from recipes.tasks import Task
+from recipes.kit.lora import LoraWeights, check_peft_folder, combine, export_peft, merge_into, read_peft_folder
+from recipes.kit.backbones import LLM, loaded
+from recipes.kit.tasks import Task
 from store import Plugin, Store
 
 TASK_LORA, OPPU = "task-lora", "oppu"

@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from recipes import PersonaError
-from recipes.answering import answer_prompts
-from recipes.backbones import LLM, loaded
-from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, chain_key, oppu_name
-from recipes.lora_training import LoraSettings, TrainedLora, settings_key, train_lora
-from recipes.progress import Progress, report
-from recipes.splits import query_split
-from recipes.tasks import Task
-from recipes.history_pairs import check_recipe, paired_histories
-from recipes.training_data import checkpoint_path, history_examples, query_examples, split_queries, train_user_pairs
+from recipes.flows.answer import answer_prompts
+from recipes.kit.backbones import LLM, loaded
+from recipes.kit.plugins import OPPU, TASK_LORA, apply_chain, base_chain, chain_key, oppu_name
+from recipes.kit.training_loop import LoraSettings, TrainedLora, settings_key, train_lora
+from recipes.kit.progress import Progress, report
+from recipes.kit.splits import query_split
+from recipes.kit.tasks import Task
+from recipes.kit.history_pairs import check_recipe, paired_histories
+from recipes.kit.training_data import checkpoint_path, history_examples, query_examples, split_queries, train_user_pairs
 from store import Plugin, Query, Store
 
 

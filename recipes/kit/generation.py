@@ -17,13 +17,13 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from recipes.backbones import LLM
-from recipes.decoding import GREEDY, Decoding, GeneratedOnly
-from recipes.progress import Progress, report
-from recipes.adapters import zero_pad
-from recipes.row_lora import RowLora
-from recipes.prompt_tokens import prompt_token_ids, stop_token_ids
-from recipes.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start
+from recipes.kit.backbones import LLM
+from recipes.kit.decoding import GREEDY, Decoding, GeneratedOnly
+from recipes.kit.progress import Progress, report
+from recipes.kit.lora import zero_pad
+from recipes.kit.row_lora import RowLora
+from recipes.kit.prompt_tokens import prompt_token_ids, stop_token_ids
+from recipes.kit.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start
 
 
 

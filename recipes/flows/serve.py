@@ -15,18 +15,18 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from recipes.soft_prompts import SoftTokens
+from recipes.kit.soft_prompts import SoftTokens
 
 from recipes import PersonaError
-from recipes.adapters import LoraWeights
-from recipes.assembly import retrieval_choices, user_embedding
-from recipes.backbones import LLM
-from recipes.lora_plugins import OPPU, TASK_LORA, apply_chain, base_chain, lora_weights, oppu_group, oppu_name, task_lora_name
-from recipes.pplug import PPLUG, get_pplug, query_soft_tokens, require_histories, check_encoder as check_pplug_encoder, history_vectors
-from recipes.pool import Pool, decode_choices, load_pool, mixed_lora, pool_label, read_pool
-from recipes.prompting import PROMPT_METHODS
-from recipes.row_lora import RowLora
-from recipes.tasks import Task
+from recipes.kit.lora import LoraWeights
+from recipes.methods.perpcs.assembly import retrieval_choices, user_embedding
+from recipes.kit.backbones import LLM
+from recipes.kit.plugins import OPPU, TASK_LORA, apply_chain, base_chain, lora_weights, oppu_group, oppu_name, task_lora_name
+from recipes.methods.pplug.training import PPLUG, get_pplug, query_soft_tokens, require_histories, check_encoder as check_pplug_encoder, history_vectors
+from recipes.methods.perpcs.pool import Pool, decode_choices, load_pool, mixed_lora, pool_label, read_pool
+from recipes.kit.prompts import PROMPT_METHODS
+from recipes.kit.row_lora import RowLora
+from recipes.kit.tasks import Task
 from store import Plugin, Query, Store
 
 PERPCS, PEFT_RETRIEVAL = "perpcs", "peft-retrieval"

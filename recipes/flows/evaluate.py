@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from recipes import PersonaError
-from recipes.backbones import LLM, Encoder
-from recipes.decoding import Decoding
-from recipes.data import read_lamp_outputs
-from recipes.answering import answer_prompts, method_prompts, prompt_method
-from recipes.progress import Progress
-from recipes.prompting import PromptSettings
-from recipes.serving import plan_serving, split_method
-from recipes.splits import SPLITS, query_split
-from recipes.tasks import GENERATION, Task, get_task
+from recipes.kit.backbones import LLM, Encoder
+from recipes.kit.decoding import Decoding
+from recipes.kit.inputs import read_lamp_outputs
+from recipes.flows.answer import answer_prompts, method_prompts, prompt_method
+from recipes.kit.progress import Progress
+from recipes.kit.prompts import PromptSettings
+from recipes.flows.serve import plan_serving, split_method
+from recipes.kit.splits import SPLITS, query_split
+from recipes.kit.tasks import GENERATION, Task, get_task
 from store import Prediction, Profile, Query, Run, Store, id_sort_key
 
 ANSWER_MODES = ("auto", "rank", "generate")

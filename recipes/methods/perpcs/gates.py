@@ -15,12 +15,12 @@ from typing import Iterator, Optional
 import torch
 
 from recipes import PersonaError
-from recipes.adapters import LoraWeights, check_fits
-from recipes.backbones import LLM
-from recipes.lora_training import (
+from recipes.kit.lora import LoraWeights, check_fits
+from recipes.kit.backbones import LLM
+from recipes.kit.training_loop import (
     PRECISIONS, Example, StepResult, TokenizedExamples, TrainingLoop, autocast_for, batch_loss, batch_order,
 )  # fmt: skip
-from recipes.progress import Progress
+from recipes.kit.progress import Progress
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recipes.backbones import LLM
+from recipes.kit.backbones import LLM
 
 
 def render_prompt(llm: LLM, prompt: str) -> str:

@@ -11,10 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from recipes.backbones import Encoder
-from recipes.data import UserInput, read_lamp_outputs, read_lamp_questions, read_users_jsonl
-from recipes.progress import Progress, report
-from recipes.tasks import Task
+from recipes.kit.backbones import Encoder
+from recipes.kit.inputs import UserInput, read_lamp_outputs, read_lamp_questions, read_users_jsonl
+from recipes.kit.progress import Progress, report
+from recipes.kit.tasks import Task
 from store import Behavior, Query, Store
 
 EMBED_CHUNK = 4096

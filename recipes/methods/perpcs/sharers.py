@@ -21,18 +21,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recipes import PersonaError
-from recipes.history_pairs import check_recipe, paired_histories
-from recipes.training_data import history_examples
-from recipes.adapters import LoraWeights
-from recipes.assembly import user_embedding
-from recipes.backbones import LLM, cache_dir, loaded
-from recipes.gates import GateSettings, train_gates
-from recipes.lora_plugins import apply_chain, base_chain, chain_key
-from recipes.lora_training import LoraSettings, train_lora
-from recipes.pool import layer_of, piece_tensors
-from recipes.progress import Progress, report
-from recipes.splits import SPLITS, query_split, user_split
-from recipes.tasks import Task
+from recipes.kit.history_pairs import check_recipe, paired_histories
+from recipes.kit.training_data import history_examples
+from recipes.kit.lora import LoraWeights
+from recipes.methods.perpcs.assembly import user_embedding
+from recipes.kit.backbones import LLM, cache_dir, loaded
+from recipes.methods.perpcs.gates import GateSettings, train_gates
+from recipes.kit.plugins import apply_chain, base_chain, chain_key
+from recipes.kit.training_loop import LoraSettings, train_lora
+from recipes.methods.perpcs.pool import layer_of, piece_tensors
+from recipes.kit.progress import Progress, report
+from recipes.kit.splits import SPLITS, query_split, user_split
+from recipes.kit.tasks import Task
 from store import Behavior, Piece, Store, id_sort_key
 from store.pieces import check_tag
 

@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from recipes.backbones import LLM
-from recipes.prompt_tokens import prompt_token_ids, render_prompt
+from recipes.kit.backbones import LLM
+from recipes.kit.prompt_tokens import prompt_token_ids, render_prompt
 
 _MARK = "\u2063persona-soft\u2063"
 

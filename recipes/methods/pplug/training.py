@@ -21,18 +21,18 @@ import numpy as np
 import torch
 
 from recipes import PersonaError
-from recipes.history_pairs import PAIR_RECIPES, given_pair, paired_histories
-from recipes.training_data import checkpoint_path, split_queries
-from recipes.backbones import LLM, Encoder, load_encoder, loaded
-from recipes.lora_plugins import apply_chain, base_chain, check_llm
-from recipes.lora_training import (
+from recipes.kit.history_pairs import PAIR_RECIPES, given_pair, paired_histories
+from recipes.kit.training_data import checkpoint_path, split_queries
+from recipes.kit.backbones import LLM, Encoder, load_encoder, loaded
+from recipes.kit.plugins import apply_chain, base_chain, check_llm
+from recipes.kit.training_loop import (
     IGNORE, PRECISIONS, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, causal_batch, causal_loss,
     encode_example, eval_cadence, planned_steps, settings_key, trainable_state,
 )  # fmt: skip
-from recipes.pplug_model import POOLINGS, EmbedderShape, UserEmbedder, describe, pad_histories, recent
-from recipes.progress import Progress
-from recipes.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start, token_norm
-from recipes.tasks import Task
+from recipes.methods.pplug.model import POOLINGS, EmbedderShape, UserEmbedder, describe, pad_histories, recent
+from recipes.kit.progress import Progress
+from recipes.kit.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start, token_norm
+from recipes.kit.tasks import Task
 from store import Behavior, Plugin, Query, Store
 
 PPLUG = "pplug"

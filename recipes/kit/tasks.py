@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass, field
 
 from recipes import PersonaError
-from recipes import metrics as lamp_metrics
-from recipes.decoding import GREEDY, Decoding
+from recipes.kit import metrics as lamp_metrics
+from recipes.kit.decoding import GREEDY, Decoding
 
 CLASSIFICATION, RATING, GENERATION = "classification", "rating", "generation"
 

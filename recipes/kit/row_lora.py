@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from recipes.adapters import LoraWeights, check_fits, zero_pad
+from recipes.kit.lora import LoraWeights, check_fits, zero_pad
 
 Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Per module path: A of shape (rows, R, in) and B·scale of shape (rows, out, R)."""

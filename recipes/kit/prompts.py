@@ -12,9 +12,9 @@ from typing import Any, Optional
 import numpy as np
 
 from recipes import PersonaError
-from recipes.progress import Progress, report
-from recipes.retrieval import RETRIEVERS, bm25_top, dense_top, random_items, recency_top
-from recipes.tasks import Task
+from recipes.kit.progress import Progress, report
+from recipes.kit.retrieval import RETRIEVERS, bm25_top, dense_top, random_items, recency_top
+from recipes.kit.tasks import Task
 from store import Behavior, Query
 
 PROMPT_METHODS = ("none", "random", "rag", "pag")

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from recipes import PersonaError
-from recipes.history_pairs import paired_histories
-from recipes.training_data import history_examples
-from recipes.backbones import LLM, loaded
-from recipes.lora_plugins import apply_chain, base_chain
-from recipes.lora_training import IGNORE, PRECISIONS, Example, autocast_for, make_batch
-from recipes.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
-from recipes.progress import Progress, report
-from recipes.tasks import Task
+from recipes.kit.history_pairs import paired_histories
+from recipes.kit.training_data import history_examples
+from recipes.kit.backbones import LLM, loaded
+from recipes.kit.plugins import apply_chain, base_chain
+from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, autocast_for, make_batch
+from recipes.methods.perpcs.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
+from recipes.kit.progress import Progress, report
+from recipes.kit.tasks import Task
 from store import AssemblyRecord, Store
 
 
@@ -228,8 +228,8 @@ def retrieval_choices(pool: Pool, target: np.ndarray, sharer_embeddings: dict[st
 def export_assembly(store: Store, task: Task, user_id: str, directory: str, pool_ref: Optional[str] = None) -> dict:
     """Write a user's stored assembly as a standard peft adapter folder for the bare LLM: the
     chosen pieces concatenated (rank k·r per module) with the pool's base chain folded in."""
-    from recipes.adapters import combine, export_peft
-    from recipes.lora_plugins import lora_weights
+    from recipes.kit.lora import combine, export_peft
+    from recipes.kit.plugins import lora_weights
 
     version = store.resolve_pool(pool_ref)
     record = store.get_assemblies(task.name, [user_id], version.version).get(user_id)

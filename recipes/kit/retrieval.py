@@ -14,7 +14,7 @@ import bm25s
 import numpy as np
 
 from recipes import PersonaError
-from recipes.backbones import Encoder
+from recipes.kit.backbones import Encoder
 from store import Behavior, SearchHit, Store
 
 RETRIEVERS = ("bm25", "recency", "dense")

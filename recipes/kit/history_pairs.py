@@ -22,8 +22,8 @@ from dataclasses import replace
 from typing import Optional
 
 from recipes import PersonaError
-from recipes.splits import query_split
-from recipes.tasks import Task
+from recipes.kit.splits import query_split
+from recipes.kit.tasks import Task
 from store import Behavior, HistoryPair, Store
 
 PAIR_RECIPES = ("none", "rules")

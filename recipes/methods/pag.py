@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from recipes.backbones import LLM
-from recipes.generation import generate
-from recipes.progress import Progress
-from recipes.prompting import TokenBudget, profile_request
-from recipes.tasks import Task
+from recipes.kit.backbones import LLM
+from recipes.kit.generation import generate
+from recipes.kit.progress import Progress
+from recipes.kit.prompts import TokenBudget, profile_request
+from recipes.kit.tasks import Task
 from store import Behavior, Profile, Store
 
 PROFILE_MAX_NEW_TOKENS = 96

@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from recipes import PersonaError
-from recipes.backbones import LLM, Encoder
-from recipes.decoding import Decoding
-from recipes.generation import generate, label_logprobs
-from recipes.profiles import ensure_profiles
-from recipes.progress import Progress
-from recipes.prompting import PromptSettings, TokenBudget, build_prompts
-from recipes.row_lora import RowLora
-from recipes.soft_prompts import SoftTokens
-from recipes.serving import plan_serving, split_method
-from recipes.tasks import Task, get_task
+from recipes.kit.backbones import LLM, Encoder
+from recipes.kit.decoding import Decoding
+from recipes.kit.generation import generate, label_logprobs
+from recipes.methods.pag import ensure_profiles
+from recipes.kit.progress import Progress
+from recipes.kit.prompts import PromptSettings, TokenBudget, build_prompts
+from recipes.kit.row_lora import RowLora
+from recipes.kit.soft_prompts import SoftTokens
+from recipes.flows.serve import plan_serving, split_method
+from recipes.kit.tasks import Task, get_task
 from store import Profile, Query, Store
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from recipes import PersonaError
-from recipes.adapters import LoraWeights, zero_pad
+from recipes.kit.lora import LoraWeights, zero_pad
 from store import Piece, PoolVersion, Store, id_sort_key
 
 _LAYER = re.compile(r"\.(\d+)\.")
