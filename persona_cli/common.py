@@ -14,32 +14,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from recipes import PersonaError
-from recipes.methods.task_lora import split_users
+from recipes.kit.splits import split_users
+from recipes.kit.training_loop import LoraSettings
+from recipes.methods.task_lora import task_lora_name
 from recipes.kit.inputs import read_user_ids
 from recipes.kit.tasks import Task
 from store import Store
 
 console = Console()
 err_console = Console(stderr=True)
-
-PairsOption = typer.Option(
-    "none", "--pairs",
-    help="How history items train: none (items without an input by language modelling) or rules (every item made a "
-    "task-format pair: its own input, its fields, or for tweets a seeded plain rewrite; see `persona pairs show`).",
-)  # fmt: skip
-JsonOption = typer.Option(False, "--json", help="Print a JSON object for scripts instead of tables.")
-DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
-MethodOption = typer.Option(
-    "none", "--method",
-    help="none (k=0), random, rag, pag, task-lora, oppu, perpcs, peft-retrieval, pplug, or a per-user method with a prompt method, e.g. pplug+rag.",
-)  # fmt: skip
-PoolOption = typer.Option(None, "--pool", help="perpcs, peft-retrieval: pool tag or version (default: the newest).")
-TopKOption = typer.Option(None, "--top-k", help="peft-retrieval: sharers mixed (default 3); perpcs: must match the stored assemblies.")
-BeamsOption = typer.Option(None, "--beams", help="Beam search with N beams (default: the task's; 1 is greedy).")
-NoRepeatOption = typer.Option(None, "--no-repeat-ngram", help="Never repeat an n-gram of the answer itself (0: off; the prompt is not counted).")
-RepetitionOption = typer.Option(None, "--repetition-penalty", help="Penalize tokens the answer already used (1.0: off; the prompt is not counted).")
-LengthRatioOption = typer.Option(None, "--length-ratio", help="At most RATIO x the input's tokens + 8 new tokens (default: the task's max only).")
-
 
 def open_store(ctx: typer.Context) -> Store:
     """The store named by --store / PERSONA_STORE (opened once per command)."""
@@ -130,3 +113,34 @@ def human_bytes(n: Optional[int]) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
+
+
+def lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
+    """LoraSettings from the command's options, checked before any model loads."""
+    names = None
+    if target_modules is not None:
+        names = [n.strip() for n in target_modules.split(",") if n.strip()]
+        if not names:
+            raise PersonaError("--target-modules is empty")
+    settings = LoraSettings(target_modules=names, **values)
+    settings.validate()
+    return settings
+
+
+def resolve_base(store: Store, task: Task, base: Optional[str]) -> Optional[str]:
+    """--base auto: the task LoRA when it is stored; none: the bare LLM; else the plug-in named."""
+    if base == "auto":
+        default = task_lora_name(task)
+        return default if store.get_plugins([default]) else None
+    return None if base == "none" else base
+
+
+def method_settings_given(values: Optional[list[str]]) -> dict[str, str]:
+    """--set NAME=VALUE options as a dict (checked against the method by the library)."""
+    settings: dict[str, str] = {}
+    for value in values or []:
+        name, eq, text = value.partition("=")
+        if not eq or not name.strip():
+            raise PersonaError(f"--set {value}: expected NAME=VALUE")
+        settings[name.strip()] = text.strip()
+    return settings

@@ -8,9 +8,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import (
-    MethodOption, PoolOption, TopKOption, BeamsOption, NoRepeatOption, RepetitionOption, LengthRatioOption,
-    DeviceOption, JsonOption, console, handle_errors, open_store, print_json, progress_bar, store_encoder,
+from persona_cli.common import console, handle_errors, method_settings_given, open_store, print_json, progress_bar, store_encoder
+from persona_cli.options import (
+    AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthRatioOption, MethodOption,
+    NoRepeatOption, PluginOption, PoolOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
 from recipes import PersonaError
@@ -25,13 +26,14 @@ def evaluate(
     ctx: typer.Context,
     task: str = typer.Option(..., "--task", help="Task of the queries, e.g. LaMP-7 or LaMP-2N."),
     method: str = MethodOption,
-    plugin: Optional[str] = typer.Option(None, "--plugin", help="task-lora, pplug: plug-in name; oppu: adapter group (defaults: task-lora-TASK, pplug-TASK, oppu-TASK)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Run a prompt method on this stored plug-in, e.g. task-lora-LaMP-7."),
+    plugin: Optional[str] = PluginOption,
+    base: Optional[str] = BaseOption,
     pool: Optional[str] = PoolOption,
     top_k: Optional[int] = TopKOption,
-    k: int = typer.Option(1, "--k", help="History items in the prompt (random, rag)."),
-    retriever: str = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense."),
-    answer: str = typer.Option("auto", "--answer", help="auto (rank for label tasks), rank or generate."),
+    set_: Optional[list[str]] = SetOption,
+    k: int = KOption,
+    retriever: str = RetrieverOption,
+    answer: str = AnswerOption,
     split: str = typer.Option("test", "--split", help="train, dev, test or all (fixed user-level split)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N queries."),
     users: Optional[Path] = typer.Option(None, "--users", help="File with one user id per line."),
@@ -42,7 +44,7 @@ def evaluate(
     no_repeat_ngram: Optional[int] = NoRepeatOption,
     repetition_penalty: Optional[float] = RepetitionOption,
     length_ratio: Optional[float] = LengthRatioOption,
-    ablation: bool = typer.Option(False, "--ablation", help="Serve the personal method's non-personal ablation: oppu on its task base, perpcs with uniform gates, pplug with another user's history."),
+    ablation: bool = AblationOption,
     seed: int = typer.Option(0, "--seed", help="Seed of random history choices and of pplug's --ablation."),
     scoring: str = typer.Option("cleaned", "--scoring", help="cleaned: first paragraph, no announcement or wrapping quotes, labels matched (exact scores reported beside as METRIC-exact); exact: the answer as generated, as LaMP scores it."),
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
@@ -63,7 +65,7 @@ def evaluate(
         users=read_user_ids(users) if users else None, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k,
         num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio,
-        ablation=ablation, scoring=scoring,
+        ablation=ablation, scoring=scoring, settings=method_settings_given(set_),
     )  # fmt: skip
     if export is not None and export.is_dir():
         raise PersonaError(f"--export {export}: is a directory; give a file name")

@@ -8,14 +8,15 @@ from typing import Optional
 
 import typer
 
-from persona_cli.common import (
-    MethodOption, PoolOption, TopKOption, BeamsOption, NoRepeatOption, RepetitionOption, LengthRatioOption,
-    DeviceOption, JsonOption, console, err_console, handle_errors, open_store, print_json, store_encoder,
+from persona_cli.common import console, err_console, handle_errors, method_settings_given, open_store, print_json, store_encoder
+from persona_cli.options import (
+    AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthRatioOption, MethodOption,
+    NoRepeatOption, PluginOption, PoolOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
 )  # fmt: skip
-from recipes.flows.answer import answer, prompt_method, user_task
-from recipes.kit.backbones import load_llm
+from recipes.flows.answer import AnswerSettings, answer, user_task
 from recipes.flows.evaluate import answer_mode
-from recipes.kit.prompts import PromptSettings
+from recipes.flows.serve import MethodRequest
+from recipes.kit.backbones import load_llm
 
 
 @handle_errors
@@ -24,14 +25,16 @@ def generate(
     text: str = typer.Argument(..., help="The input, e.g. a LaMP query."),
     user: str = typer.Option(..., "--user", help="The user to answer for."),
     method: str = MethodOption,
-    plugin: Optional[str] = typer.Option(None, "--plugin", help="task-lora, pplug: plug-in name; oppu: adapter group (defaults: task-lora-TASK, pplug-TASK, oppu-TASK)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Run a prompt method on this stored plug-in, e.g. task-lora-LaMP-7."),
+    plugin: Optional[str] = PluginOption,
+    base: Optional[str] = BaseOption,
     pool: Optional[str] = PoolOption,
     top_k: Optional[int] = TopKOption,
+    set_: Optional[list[str]] = SetOption,
+    ablation: bool = AblationOption,
     task: Optional[str] = typer.Option(None, "--task", help="Task of the input (default: the user's only task)."),
-    k: int = typer.Option(1, "--k", help="History items in the prompt (random, rag)."),
-    retriever: str = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense."),
-    answer_how: str = typer.Option("auto", "--answer", help="auto (rank for label tasks), rank or generate."),
+    k: int = KOption,
+    retriever: str = RetrieverOption,
+    answer_how: str = AnswerOption,
     seed: int = typer.Option(0, "--seed"),
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Default: the task's."),
@@ -45,20 +48,22 @@ def generate(
     json_out: bool = JsonOption,
 ) -> None:
     """Answer one input for one user: a prompt method picks what of the user's history the LLM sees;
-    task-lora answers with the task-adapted LLM, oppu and perpcs with the user's own adapter."""
+    a model method changes the LLM for this user (`persona methods` lists them all)."""
     store = open_store(ctx)
     task_spec = user_task(store, user, task)
-    settings = PromptSettings(method=prompt_method(method), k=k, retriever=retriever, seed=seed)
+    request = MethodRequest(
+        method=method, k=k, retriever=retriever, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k, ablation=ablation,
+        settings=method_settings_given(set_),
+    )  # fmt: skip
+    request.prompt_settings()
     mode = answer_mode(task_spec, answer_how)
     decoding = task_spec.decoding.override(
         num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio
     )
     decoding.validate()
     started = time.perf_counter()
-    result = answer(
-        store, user, text, task_spec, settings, mode, lambda: load_llm(llm, device), store_encoder(store, None, device),
-        max_new_tokens, max_input_tokens, method, plugin, base, pool, top_k, decoding,
-    )  # fmt: skip
+    how = AnswerSettings(mode, decoding, max_new_tokens, max_input_tokens)
+    result = answer(store, user, text, task_spec, request, how, lambda: load_llm(llm, device), store_encoder(store, None, device))
     seconds = round(time.perf_counter() - started, 3)
     if json_out:
         print_json({**result.__dict__, "answer": mode, "decoding": asdict(decoding), "seconds": seconds})

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, open_store, print_json, progress_bar
+from persona_cli.common import console, handle_errors, open_store, print_json, progress_bar
+from persona_cli.options import DeviceOption, JsonOption
 from recipes import PersonaError
 from recipes.kit.backbones import load_encoder
 from recipes.flows.ingest import ingest as run_ingest, lamp_source, users_jsonl_source

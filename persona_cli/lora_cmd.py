@@ -8,47 +8,15 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, named_users, open_store, print_json, progress_bar
-from recipes import PersonaError
-from recipes.methods.task_lora import adapt_task, train_oppu
+from persona_cli.common import console, handle_errors, human_bytes, lora_settings, named_users, resolve_base, open_store, print_json, progress_bar
+from persona_cli.options import (
+    AlphaOption, AutoBaseOption, DeviceOption, DropoutOption, JsonOption, LlmOption, MaxLengthOption, MaxMinutesOption, PairsOption, PrecisionOption,
+    ROption, SeedOption, TargetsOption, TaskOption,
+)  # fmt: skip
+from recipes.methods.oppu import oppu_group, train_oppu
+from recipes.methods.task_lora import adapt_task, task_lora_name
 from recipes.kit.backbones import load_llm
-from recipes.kit.plugins import oppu_group, task_lora_name
-from recipes.kit.training_loop import LoraSettings
-from recipes.kit.tasks import Task, get_task
-from store import Store
-
-TaskOption = typer.Option(..., "--task", help="Task whose data trains the adapter, e.g. LaMP-7.")
-LlmOption = typer.Option(None, "--llm", help="HF causal or seq2seq LM, name or path (default: embedded SmolLM2-135M-Instruct).")
-ROption = typer.Option(8, "--r", help="LoRA rank.")
-AlphaOption = typer.Option(8.0, "--alpha", help="LoRA alpha (scale alpha/r).")
-DropoutOption = typer.Option(0.05, "--dropout", help="LoRA dropout.")
-TargetsOption = typer.Option(None, "--target-modules", help="Comma-separated module names (default: the attention projections).")
-MaxLengthOption = typer.Option(256, "--max-length", help="Tokens per training example (prompt and target).")
-SeedOption = typer.Option(0, "--seed", help="Seeds initialization, dropout and batch order.")
-AutoBaseOption = typer.Option("auto", "--base", help="Base plug-in (default: task-lora-TASK when stored; 'none' for the bare LLM).")
-PrecisionOption = typer.Option("auto", "--precision", help="auto (bfloat16 mixed precision where supported), float32 or bfloat16.")
-MaxMinutesOption = typer.Option(None, "--max-minutes", help="Stop after this many minutes of training (evaluating once more), keeping the best step.")
-
-
-def lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
-    """LoraSettings from the command's options, checked before any model loads."""
-    names = None
-    if target_modules is not None:
-        names = [n.strip() for n in target_modules.split(",") if n.strip()]
-        if not names:
-            raise PersonaError("--target-modules is empty")
-    settings = LoraSettings(target_modules=names, **values)
-    settings.validate()
-    return settings
-
-
-def resolve_base(store: Store, task: Task, base: Optional[str]) -> Optional[str]:
-    """--base auto: the task LoRA when it is stored; none: the bare LLM; else the plug-in named."""
-    if base == "auto":
-        default = task_lora_name(task)
-        return default if store.get_plugins([default]) else None
-    return None if base == "none" else base
-
+from recipes.kit.tasks import get_task
 
 @handle_errors
 def adapt(

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from persona_cli import (
-    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, pairs_cmd, pieces_cmd, plugins_cmd, pplug_cmd, runs_cmd, search_cmd, store_cmd,
+    evaluate_cmd, generate_cmd, ingest_cmd, lora_cmd, methods_cmd, pairs_cmd, pieces_cmd, plugins_cmd, pplug_cmd, runs_cmd, search_cmd, store_cmd,
     users_cmd,
 )  # fmt: skip
 
@@ -46,6 +46,7 @@ app.command("ingest")(ingest_cmd.ingest)
 app.command("search")(search_cmd.search)
 app.command("generate")(generate_cmd.generate)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("methods")(methods_cmd.methods)
 app.command("adapt")(lora_cmd.adapt)
 app.command("train-oppu")(lora_cmd.train_oppu_command)
 app.command("register-sharers")(pieces_cmd.register_sharers_command)

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import JsonOption, console, handle_errors, named_users, open_store, print_json
+from persona_cli.common import console, handle_errors, named_users, open_store, print_json
+from persona_cli.options import JsonOption
 from recipes import PersonaError
 from recipes.kit.history_pairs import PAIR_RECIPES, check_recipe, history_pairs, recipe_id
 from recipes.kit.tasks import get_task

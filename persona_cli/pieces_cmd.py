@@ -8,13 +8,15 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, PairsOption, check_one_user_choice, console, handle_errors, human_bytes, open_store, print_json, progress_bar
-from persona_cli.lora_cmd import (
-    AlphaOption, AutoBaseOption, DropoutOption, LlmOption, MaxLengthOption, PrecisionOption, ROption, SeedOption, TargetsOption,
-    lora_settings, resolve_base,
+from persona_cli.common import (
+    check_one_user_choice, console, handle_errors, human_bytes, lora_settings, open_store, print_json, progress_bar, resolve_base,
+)  # fmt: skip
+from persona_cli.options import (
+    AlphaOption, AutoBaseOption, DeviceOption, DropoutOption, JsonOption, LlmOption, MaxLengthOption, PairsOption, PrecisionOption,
+    ROption, SeedOption, TargetsOption,
 )  # fmt: skip
 from recipes import PersonaError
-from recipes.methods.task_lora import split_users
+from recipes.kit.splits import split_users
 from recipes.flows.answer import user_task
 from recipes.methods.perpcs.assembly import assemble_users, export_assembly
 from recipes.kit.backbones import load_llm

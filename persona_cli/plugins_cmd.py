@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, human_bytes, open_store, print_json
+from persona_cli.common import console, handle_errors, human_bytes, open_store, print_json
+from persona_cli.options import DeviceOption, JsonOption
 from recipes.kit.backbones import load_llm
 from recipes.kit.plugins import export_plugin, import_plugin
 

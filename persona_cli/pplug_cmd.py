@@ -7,11 +7,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, PairsOption, console, handle_errors, human_bytes, open_store, print_json, progress_bar
-from persona_cli.lora_cmd import LlmOption, MaxLengthOption, MaxMinutesOption, PrecisionOption, SeedOption, TaskOption
+from persona_cli.common import console, handle_errors, human_bytes, open_store, print_json, progress_bar
+from persona_cli.options import DeviceOption, JsonOption, LlmOption, MaxLengthOption, MaxMinutesOption, PairsOption, PrecisionOption, SeedOption, TaskOption
 from recipes.flows.answer import user_task
 from recipes.kit.backbones import load_llm, resolve_device
-from recipes.methods.pplug.training import PPlugSettings, explain, pplug_name, train_pplug
+from recipes.methods.pplug.serving import explain
+from recipes.methods.pplug.training import PPlugSettings, pplug_name, train_pplug
 from recipes.kit.tasks import get_task
 
 

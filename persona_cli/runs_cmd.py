@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import JsonOption, console, handle_errors, open_store, print_json
+from persona_cli.common import console, handle_errors, open_store, print_json
+from persona_cli.options import JsonOption
 from recipes.flows.evaluate import compare_runs, write_lamp_predictions
 from recipes.kit.tasks import get_task
 

@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import DeviceOption, JsonOption, console, handle_errors, open_store, print_json
+from persona_cli.common import console, handle_errors, open_store, print_json
+from persona_cli.options import DeviceOption, JsonOption
 from recipes import PersonaError
 from recipes.kit.backbones import load_encoder
 from recipes.kit.retrieval import dense_search

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from persona_cli.common import JsonOption, console, handle_errors, human_bytes, open_store, print_json
+from persona_cli.common import console, handle_errors, human_bytes, open_store, print_json
+from persona_cli.options import JsonOption
 
 app = typer.Typer(help="Look after the store: sizes, versions, compaction.", no_args_is_help=True)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from persona_cli.common import JsonOption, console, handle_errors, open_store, print_json
+from persona_cli.common import console, handle_errors, open_store, print_json
+from persona_cli.options import JsonOption
 from recipes import PersonaError
 
 app = typer.Typer(help="Browse the users in the store.", no_args_is_help=True)

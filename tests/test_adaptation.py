@@ -150,7 +150,7 @@ MODEL_FREE = [  # refused before any model loads: a typo costs no model load
     (["train-embedder", "--task", "LaMP-7", "--base", "nothing"], "no plug-in 'nothing'"),
     (["evaluate", "--task", "LaMP-7", "--method", "oppu", "--split", "train", "--limit", "4"], "users have no OPPU adapter"),
     (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--plugin", "missing"], "no plug-in 'missing'"),
-    (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora, oppu or pplug, not rag"),
+    (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora, oppu"),
     (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--ablation"], "--ablation goes with a personal method"),
     (["adapt", "--task", "LaMP-7", "--name", "x", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
     (["train-oppu", "--task", "LaMP-7", "--user", "2", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
@@ -183,7 +183,7 @@ def test_a_stopped_oppu_run_stores_nothing_resumes_and_a_replaced_base_retrains(
     """Adapters are staged until the run ends (none stored by a run that stops), a rerun takes the
     staged ones instead of training them again, and an adapter is kept only while the base's
     weights are the same, not just its name."""
-    from recipes.methods.task_lora import train_oppu
+    from recipes.methods.oppu import train_oppu
     from recipes.kit.training_loop import LoraSettings
     from recipes.kit.tasks import get_task
 

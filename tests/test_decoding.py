@@ -17,6 +17,7 @@ from recipes import PersonaError
 from recipes.flows.answer import answer_prompts
 from recipes.kit.decoding import GREEDY, LENGTH_SLACK, Decoding
 from recipes.kit.generation import generate, prompt_token_ids
+from recipes.kit.row_edits import PerRow
 from recipes.kit.soft_prompts import SoftTokens
 from recipes.kit.tasks import get_task
 
@@ -98,8 +99,8 @@ def test_beam_search_answers_a_mixed_batch_as_each_prompt_alone(model, request):
     width = llm.model.get_input_embeddings().weight.shape[1]
     vectors = torch.randn(len(PROMPTS), 2, width)
     beams = Decoding(num_beams=3)
-    batch = generate(llm, PROMPTS, max_new_tokens=8, batch_size=3, soft=SoftTokens(vectors), decoding=beams)
-    alone = [generate(llm, [p], max_new_tokens=8, batch_size=1, soft=SoftTokens(vectors[i : i + 1]), decoding=beams)[0] for i, p in enumerate(PROMPTS)]
+    batch = generate(llm, PROMPTS, max_new_tokens=8, batch_size=3, per_row=PerRow(soft=SoftTokens(vectors)), decoding=beams)
+    alone = [generate(llm, [p], max_new_tokens=8, batch_size=1, per_row=PerRow(soft=SoftTokens(vectors[i : i + 1])), decoding=beams)[0] for i, p in enumerate(PROMPTS)]
     assert batch == alone
 
 

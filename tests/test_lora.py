@@ -17,6 +17,7 @@ from recipes.kit.backbones import prepare_llm
 from recipes.kit.decoding import GREEDY, Decoding
 from recipes.kit.generation import generate, label_logprobs, prompt_token_ids
 from recipes.kit.training_loop import Example, LoraSettings, batch_order, train_lora
+from recipes.kit.row_edits import PerRow
 from recipes.kit.row_lora import RowLora
 
 EXAMPLES = [
@@ -132,14 +133,14 @@ def test_rows_with_different_adapters_in_one_batch_answer_as_their_merged_models
             merge_into(merged.model, adapter)
         alone.append(generate(merged, [prompt], max_new_tokens=8, batch_size=1, decoding=decoding)[0])
     assert len(set(alone)) > 1
-    together = generate(tiny_llama, PROMPTS, max_new_tokens=8, batch_size=3, lora=RowLora(tiny_llama.model, adapters), decoding=decoding)
+    together = generate(tiny_llama, PROMPTS, max_new_tokens=8, batch_size=3, per_row=PerRow(RowLora(tiny_llama.model, adapters)), decoding=decoding)
     assert together == alone
 
 
 def test_label_scores_with_per_row_adapters_match_merged_models(tiny_llama, tiny_t5):
     for llm in (tiny_llama, tiny_t5):
         adapters = [_random_lora(llm, 1), _random_lora(llm, 2)]
-        together = label_logprobs(llm, PROMPTS[:2], ["yes", "no way"], lora=RowLora(llm.model, adapters))
+        together = label_logprobs(llm, PROMPTS[:2], ["yes", "no way"], per_row=PerRow(RowLora(llm.model, adapters)))
         for row, adapter in enumerate(adapters):
             merged = _copy(llm)
             merge_into(merged.model, adapter)
@@ -152,7 +153,7 @@ def test_seq2seq_models_train_and_serve_per_row_adapters(tiny_t5):
     merged = _copy(tiny_t5)
     merge_into(merged.model, trained.weights)
     alone = generate(merged, PROMPTS[:2], max_new_tokens=6, batch_size=2)
-    assert generate(tiny_t5, PROMPTS[:2], max_new_tokens=6, batch_size=2, lora=RowLora(tiny_t5.model, [trained.weights] * 2)) == alone
+    assert generate(tiny_t5, PROMPTS[:2], max_new_tokens=6, batch_size=2, per_row=PerRow(RowLora(tiny_t5.model, [trained.weights] * 2))) == alone
 
 
 def test_an_exported_folder_loads_in_plain_peft_with_the_same_outputs(tiny_llama, tmp_path):

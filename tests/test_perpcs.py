@@ -112,15 +112,17 @@ def test_perpcs_with_rag_and_the_peft_retrieval_baseline_run(store, test_users_a
     assert retrieval["method"] == "peft-retrieval-k2" and retrieval["config"]["top_k"] == 2
 
 
-def test_perpcs_ablation_mixes_every_sharer_equally_for_every_user(store, test_users_assembled):
+def test_perpcs_ablation_mixes_every_sharer_equally_for_every_user(store, test_users_assembled, llm):
     """--ablation is Per-Pcs with uniform gates: one adapter, each module the mean of all ten
     sharers' pieces, the same for every user, so personal assemblies and it can be compared."""
-    from recipes.flows.serve import plan_serving
+    from recipes.flows.serve import MethodRequest, plan_serving
     from recipes.kit.tasks import get_task
 
-    plan = plan_serving(Store(store), get_task("LaMP-7"), "perpcs", ["2", "4", "2"], ablation=True)
-    assert len(set(plan.per_prompt)) == 1 and plan.details["ablation"].startswith("uniform gates")
-    (adapter,) = plan.adapters().values()
+    plan = plan_serving(Store(store), get_task("LaMP-7"), MethodRequest("perpcs", ablation=True), ["2", "4", "2"])
+    assert plan.details["per_user_adapters"] == 1 and plan.details["ablation"].startswith("uniform gates")
+    rows = plan.edit(llm, [])
+    adapter = rows.adapters[0]
+    assert rows.adapters[1] is adapter and rows.adapters[2] is adapter
     pool = read_pool(Store(store), "LaMP-7", Store(store).resolve_pool(None))
     path = "model.layers.3.self_attn.v_proj"
     module = pool.modules[path]

@@ -11,10 +11,11 @@ import torch
 
 from recipes import PersonaError
 from recipes.kit.lora import LoraWeights, merge_into
-from recipes.methods.perpcs.assembly import _Assembler, assemble_user, retrieval_choices
+from recipes.methods.peft_retrieval import retrieval_choices
+from recipes.methods.perpcs.assembly import _Assembler, assemble_user
 from recipes.methods.perpcs.gates import GateSettings, gated_lora, train_gates
 from recipes.kit.training_loop import Example
-from recipes.methods.perpcs.pool import Pool, PoolModule, decode_choices, encode_choices, mixed_lora, piece_tensors, pool_from_pieces
+from recipes.methods.perpcs.pool import Pool, decode_choices, encode_choices, mixed_lora, piece_tensors, pool_from_pieces
 from recipes.methods.perpcs.sharers import select_sharers
 from store import Behavior, Piece, PoolVersion, Store
 from test_lora import EXAMPLES, _copy, _random_lora
@@ -224,12 +225,13 @@ def test_pool_versions_are_tagged_and_stay_readable_after_the_pool_grows(tmp_pat
 
 
 def test_methods_combine_a_per_user_adapter_with_a_prompt_method():
-    from recipes.flows.serve import split_method
+    from recipes.methods.registry import parse_method
 
-    assert split_method("perpcs") == ("perpcs", "none")
-    assert split_method("perpcs+rag") == ("perpcs", "rag")
-    assert split_method("oppu+pag") == ("oppu", "pag")
-    assert split_method("rag") == (None, "rag")
+    names = lambda method: tuple(m.name if m else None for m in parse_method(method))  # noqa: E731
+    assert names("perpcs") == ("perpcs", "none")
+    assert names("perpcs+rag") == ("perpcs", "rag")
+    assert names("oppu+pag") == ("oppu", "pag")
+    assert names("rag") == (None, "rag")
     for bad in ("task-lora+rag", "rag+perpcs", "perpcs+", "perpcs+perpcs"):
         with pytest.raises(PersonaError, match="--method"):
-            split_method(bad)
+            parse_method(bad)

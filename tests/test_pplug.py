@@ -13,8 +13,10 @@ import torch
 
 from recipes.kit.backbones import Encoder
 from recipes.kit.generation import generate, label_logprobs
-from recipes.methods.pplug.training import PPlugExample, PPlugSettings, build_embedder, soft_tokens, train_embedder
+from recipes.methods.pplug.serving import soft_tokens
+from recipes.methods.pplug.training import PPlugExample, PPlugSettings, build_embedder, train_embedder
 from recipes.methods.pplug.model import EmbedderShape, UserEmbedder, pad_histories
+from recipes.kit.row_edits import PerRow
 from recipes.kit.soft_prompts import SoftTokens, soft_prompt_ids, soft_start
 from store import Behavior
 
@@ -52,7 +54,7 @@ def test_soft_tokens_equal_to_token_embeddings_generate_exactly_like_those_token
     weight = tiny_llama.model.get_input_embeddings().weight
     chosen = [[101, 202], [303, 404], [505, 606]]
     soft = SoftTokens(weight[torch.tensor(chosen)].detach())
-    answers = generate(tiny_llama, PROMPTS, max_new_tokens=6, batch_size=3, soft=soft)
+    answers = generate(tiny_llama, PROMPTS, max_new_tokens=6, batch_size=3, per_row=PerRow(soft=soft))
     for prompt, tokens, answer in zip(PROMPTS, chosen, answers):
         ids, at = soft_prompt_ids(tiny_llama, prompt, 2)
         ids[at : at + 2] = tokens
@@ -65,16 +67,16 @@ def test_a_mixed_user_batch_gives_each_row_what_it_gets_alone(model, request):
     torch.manual_seed(3)
     norm = float(llm.model.get_input_embeddings().weight.norm(dim=-1).mean())
     vectors = torch.nn.functional.normalize(torch.randn(3, 2, llm.model.get_input_embeddings().weight.shape[1]), dim=-1) * norm
-    batch = generate(llm, PROMPTS, max_new_tokens=5, batch_size=3, soft=SoftTokens(vectors))
-    alone = [generate(llm, [p], max_new_tokens=5, batch_size=1, soft=SoftTokens(vectors[i : i + 1]))[0] for i, p in enumerate(PROMPTS)]
+    batch = generate(llm, PROMPTS, max_new_tokens=5, batch_size=3, per_row=PerRow(soft=SoftTokens(vectors)))
+    alone = [generate(llm, [p], max_new_tokens=5, batch_size=1, per_row=PerRow(soft=SoftTokens(vectors[i : i + 1])))[0] for i, p in enumerate(PROMPTS)]
     assert batch == alone
     labels = ["yes", "no", "maybe"]
-    scores = label_logprobs(llm, PROMPTS, labels, batch_size=3, soft=SoftTokens(vectors))
+    scores = label_logprobs(llm, PROMPTS, labels, batch_size=3, per_row=PerRow(soft=SoftTokens(vectors)))
     for i, prompt in enumerate(PROMPTS):
-        single = label_logprobs(llm, [prompt], labels, batch_size=1, soft=SoftTokens(vectors[i : i + 1]))
+        single = label_logprobs(llm, [prompt], labels, batch_size=1, per_row=PerRow(soft=SoftTokens(vectors[i : i + 1])))
         assert torch.allclose(scores[i], single[0], atol=1e-4)
     # the same prompt with another user's soft tokens is scored differently
-    swapped = label_logprobs(llm, [PROMPTS[0]], labels, batch_size=1, soft=SoftTokens(vectors[1:2]))
+    swapped = label_logprobs(llm, [PROMPTS[0]], labels, batch_size=1, per_row=PerRow(soft=SoftTokens(vectors[1:2])))
     assert not torch.allclose(swapped[0], scores[0], atol=1e-4)
 
 

@@ -100,7 +100,7 @@ def test_personal_tokens_carry_each_users_style(store, trained):
 
 def test_the_ablation_serves_each_user_with_another_users_history(store, trained):
     """A seeded derangement: nobody keeps their own history, every history is used once, same seed same map."""
-    from recipes.flows.serve import donors
+    from recipes.methods.pplug.serving import donors
 
     users = [str(u) for u in range(13)]
     mapping = donors(users, seed=0)
@@ -132,13 +132,15 @@ def test_a_user_ingested_after_training_is_served_with_no_training(store, traine
     assert _tables(store)["plugins"] == plugins_before  # nothing was trained or stored for the newcomers
     # their personal tokens come from their own stored histories: same input, different histories,
     # different tokens; the instruction token (the first) is everyone's
-    from recipes.methods.pplug.training import query_soft_tokens
+    from recipes.methods.pplug.serving import query_soft_tokens
+    from recipes.methods.pplug.training import history_vectors
     from recipes.kit.tasks import get_task
     from store import Query
 
-    opened = Store(store)
+    opened, lamp7 = Store(store), get_task("LaMP-7")
     queries = [Query("q", u["user_id"], "LaMP-7", PROMPT + "The museum opens early on Sundays.") for u in users]
-    tokens = query_soft_tokens(opened, opened.get_plugin("pplug-LaMP-7"), llm, get_task("LaMP-7"), queries).vectors
+    vectors = history_vectors(opened, lamp7, [u["user_id"] for u in users], 50)
+    tokens = query_soft_tokens(opened.get_plugin("pplug-LaMP-7"), llm, lamp7, queries, vectors).vectors
     assert torch.equal(tokens[0, 0], tokens[1, 0]) and not torch.allclose(tokens[0, 1:], tokens[1, 1:], atol=1e-3)
     explained = cli_json(store, "explain", "--user", "newcomer", PROMPT + "The museum opens early on Sundays.")
     assert explained["history_items"] == len(sentences) and all(i["item_id"].startswith("n") for i in explained["items"])

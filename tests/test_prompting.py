@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from recipes import PersonaError
-from recipes.kit.prompts import PromptSettings, TokenBudget, build_prompts, choose_items, history_prompt, profile_request
+from types import SimpleNamespace
+
+from recipes.kit.prompts import PromptContext, PromptSettings, TokenBudget, history_prompt
+from recipes.methods.pag import profile_prompt, profile_request
+from recipes.methods.rag import retrieved_items
+from recipes.methods.registry import get_method, parse_method
 from recipes.kit.retrieval import bm25_top, random_items, recency_top
 from recipes.kit.splits import query_split, user_split
 from recipes.kit.tasks import TASKS, get_task
@@ -83,7 +90,8 @@ def test_dense_choice_uses_the_stored_vectors():
     for item, vector in zip(history, np.eye(3, dtype=np.float32)):
         item.vector = vector
     query = Query("q", "u", "LaMP-7", "x")
-    chosen = choose_items(PromptSettings("rag", k=2, retriever="dense"), TWEETS, query, history, np.array([0.1, 0.0, 0.9], np.float32))
+    ctx = _context({}, PromptSettings(k=2, retriever="dense"), None)
+    chosen = retrieved_items(ctx, query, history, np.array([0.1, 0.0, 0.9], np.float32))
     assert [i.text for i in chosen] == ["c", "a"]
 
 
@@ -103,17 +111,22 @@ def test_news_items_show_the_users_own_labels(budget):
     assert NEWS.rank_answers()[:2] == ['"women"', '"religion"']
 
 
-def test_build_prompts_for_each_method(budget):
+def _context(histories: dict, settings: PromptSettings, budget) -> PromptContext:
+    """A prompt context over an in-memory history (the store's one read) and the budget's tokenizer."""
+    store = SimpleNamespace(histories=lambda users, task, with_vectors=False: {u: histories[u] for u in users if u in histories})
+    llm = SimpleNamespace(tokenizer=budget.tokenizer if budget else None)
+    return PromptContext(store, llm, TWEETS, settings, max_input_tokens=256)
+
+
+def test_prompt_methods_build_their_prompts(budget):
     history = {"u": _history(["cycling up the hill", "tax form due", "new bike day"])}
     queries = [Query("q1", "u", "LaMP-7", "Paraphrase the following tweet without any explanation before or after it: my bike")]
-    none = build_prompts(PromptSettings("none"), TWEETS, queries, history, budget)
-    rag = build_prompts(PromptSettings("rag", k=1), TWEETS, queries, history, budget)
-    pag = build_prompts(PromptSettings("pag"), TWEETS, queries, history, budget, profiles={"u": "Loves bikes."})
+    none, _ = get_method("none").prompts(_context(history, PromptSettings(), budget), queries)
+    rag, _ = get_method("rag").prompts(_context(history, PromptSettings(k=1), budget), queries)
     assert none == [queries[0].input]
     assert rag[0].splitlines()[1] == '"new bike day"'
-    assert pag[0].startswith("About this user: Loves bikes.") and pag[0].endswith(queries[0].input)
-    with pytest.raises(PersonaError, match="no profile of user 'u'"):
-        build_prompts(PromptSettings("pag"), TWEETS, queries, history, budget, profiles={})
+    pag = profile_prompt(TWEETS, queries[0].input, "Loves bikes.")
+    assert pag.startswith("About this user: Loves bikes.") and pag.endswith(queries[0].input)
     request = profile_request(TWEETS, history["u"], budget)
     assert request.startswith(TWEETS.pag_instruction) and request.index("new bike day") < request.index("cycling")
 
@@ -121,9 +134,8 @@ def test_build_prompts_for_each_method(budget):
 @pytest.mark.parametrize(
     "settings,message",
     [
-        (PromptSettings("few-shot"), "--method few-shot: expected one of"),
-        (PromptSettings("rag", retriever="tfidf"), "--retriever tfidf: expected one of"),
-        (PromptSettings("rag", k=0), "--k must be at least 1"),
+        (PromptSettings(retriever="tfidf"), "--retriever tfidf: expected one of"),
+        (PromptSettings(k=0), "--k must be at least 1"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
@@ -137,3 +149,12 @@ def test_the_user_split_is_fixed_and_roughly_70_10_20():
     assert abs(counts["train"] / 5000 - 0.7) < 0.03 and abs(counts["test"] / 5000 - 0.2) < 0.03
     assert [user_split(str(i)) for i in range(6)] == ["train", "train", "test", "train", "test", "train"]
     assert query_split("dev", "2") == "dev" and query_split(None, "2") == "test"
+
+
+def test_the_registry_parses_method_names():
+    assert [m.name if m else None for m in parse_method("rag")] == [None, "rag"]
+    assert [m.name for m in parse_method("oppu")] == ["oppu", "none"]
+    assert [m.name for m in parse_method("perpcs+rag")] == ["perpcs", "rag"]
+    for bad in ("few-shot", "task-lora+rag", "rag+oppu", "oppu+perpcs"):
+        with pytest.raises(PersonaError, match=re.escape(f"--method {bad}: expected one of")):
+            parse_method(bad)

@@ -9,7 +9,9 @@ it: a stopped run resumes), and evaluates on the same test users:
 - the task LoRA (trained on the training users' queries, and with --pairs rules their history pairs);
 - OPPU over the task LoRA, and its ablation: the task LoRA alone;
 - Per-Pcs (sharers from the training split, assembled for the test users), and uniform gates;
-- PPlug over the task LoRA, and another user's history.
+- PPlug over the task LoRA, and another user's history;
+- every training-free model method in the registry (`persona methods`: nothing to train, e.g.
+  style-vector), over the task LoRA where it takes one, and its ablation.
 
 It writes results.json, results.md and results.png (means with bootstrap 95% intervals, each
 personal method's paired difference to its ablation, RAG's to k=0, the best method's to the copy
@@ -36,7 +38,18 @@ sys.path.insert(0, str(ROOT))
 
 from persona_cli.inprocess import run_persona  # noqa: E402
 
-PERSONAL = {"oppu": "task LoRA alone", "perpcs": "uniform gates", "pplug": "another user's history"}
+def personal_methods() -> list[str]:
+    """The methods with a non-personal ablation (each is compared with it)."""
+    from recipes.methods.registry import methods
+
+    return [m.name for m in methods() if m.ablation]
+
+
+def training_free() -> list:
+    """Registered model methods that need nothing trained: the benchmark runs them as they are."""
+    from recipes.methods.registry import methods
+
+    return [m for m in methods() if m.kind == "model" and m.trained_by is None]
 
 
 def settings(quick: bool) -> dict:
@@ -129,6 +142,11 @@ def evaluate_all(store: Path, task: str, test_ids: Path, names: dict, rag_k: int
         "pplug": ["--method", "pplug", "--plugin", names["pplug"]],
         "pplug ablation": ["--method", "pplug", "--plugin", names["pplug"], "--ablation"],
     }
+    for method in training_free():
+        base = ["--plugin", names["task_lora"]] if "plugin" in method.options else []
+        plans[method.name] = ["--method", method.name, *base]
+        if method.ablation:
+            plans[f"{method.name} ablation"] = ["--method", method.name, *base, "--ablation"]
     return {label: cli(store, "evaluate", "--task", task, "--users", str(test_ids), *args, *decode)["run_id"] for label, args in plans.items()}
 
 
@@ -176,7 +194,7 @@ def summarize(measure: str, scores: dict[str, dict[str, float]], rag_label: str)
     methods = {label: interval(list(values.values())) for label, values in scores.items()}
     baseline = next(iter(scores))
     best = max((label for label in scores if label != baseline and "ablation" not in label), key=lambda label: methods[label][0])
-    differences = {f"{m} - {m} ablation": paired(m, f"{m} ablation") for m in PERSONAL}
+    differences = {f"{m} - {m} ablation": paired(m, f"{m} ablation") for m in personal_methods() if f"{m} ablation" in scores}
     differences[f"{rag_label} - k=0"] = paired(rag_label, "k=0")
     differences[f"{best} - {baseline}"] = paired(best, baseline)
     return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "differences": differences, "best": best}

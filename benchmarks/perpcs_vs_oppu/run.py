@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
 
-    from recipes.methods.task_lora import split_users, train_oppu
+    from recipes.kit.splits import split_users
+    from recipes.methods.oppu import train_oppu
     from recipes.methods.perpcs.assembly import assemble_users
     from recipes.kit.backbones import load_llm
     from recipes.flows.evaluate import EvalRequest, evaluate

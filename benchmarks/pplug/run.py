@@ -51,8 +51,10 @@ def main() -> None:
     from recipes.flows.evaluate import select_queries
     import recipes.kit.generation as generation
     from recipes.kit.generation import generate
+    from recipes.kit.row_edits import PerRow
     from recipes.kit.plugins import apply_chain, base_chain
-    from recipes.methods.pplug.training import get_pplug, history_vectors, load_embedder, pplug_name, soft_tokens
+    from recipes.methods.pplug.serving import get_pplug, load_embedder, soft_tokens
+    from recipes.methods.pplug.training import history_vectors, pplug_name
     from recipes.kit.tasks import get_task
     from store import Store
 
@@ -75,7 +77,7 @@ def main() -> None:
     def personalized(max_new: int) -> list[str]:
         vectors = history_vectors(store, task, [q.user_id for q in queries], embedder.shape.history_cap)
         soft = soft_tokens(embedder, texts, [vectors[q.user_id] for q in queries])
-        return generate(llm, prompts, max_new, args.batch_size, soft=soft)
+        return generate(llm, prompts, max_new, args.batch_size, per_row=PerRow(soft=soft))
 
     stops = generation.stop_token_ids
     settings = {"same shape": args.tokens, "natural": task.max_new_tokens}
@@ -121,7 +123,7 @@ def main() -> None:
 @torch.inference_mode()
 def _embedding_times(embedder, texts: list[str], lengths: list[int], dim: int) -> list[dict]:
     """ms per query to make soft tokens from histories of exactly n items, at batch 1 and 16."""
-    from recipes.methods.pplug.training import soft_tokens
+    from recipes.methods.pplug.serving import soft_tokens
 
     rng = np.random.default_rng(0)
     rows = []

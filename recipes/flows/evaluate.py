@@ -16,10 +16,9 @@ from recipes import PersonaError
 from recipes.kit.backbones import LLM, Encoder
 from recipes.kit.decoding import Decoding
 from recipes.kit.inputs import read_lamp_outputs
-from recipes.flows.answer import answer_prompts, method_prompts, prompt_method
+from recipes.flows.answer import answer_prompts, method_prompts
 from recipes.kit.progress import Progress
-from recipes.kit.prompts import PromptSettings
-from recipes.flows.serve import plan_serving, split_method
+from recipes.flows.serve import MethodRequest, method_label as request_label, plan_serving
 from recipes.kit.splits import SPLITS, query_split
 from recipes.kit.tasks import GENERATION, Task, get_task
 from store import Prediction, Profile, Query, Run, Store, id_sort_key
@@ -57,6 +56,7 @@ class EvalRequest:
     length_ratio: Optional[float] = None
     ablation: bool = False
     scoring: str = "cleaned"
+    settings: dict[str, str] = field(default_factory=dict)
 
     def decoding(self, task: Task) -> Decoding:
         """The task's decoding with this request's overrides."""
@@ -65,8 +65,11 @@ class EvalRequest:
             repetition_penalty=self.repetition_penalty, length_ratio=self.length_ratio,
         )  # fmt: skip
 
-    def prompt_settings(self) -> PromptSettings:
-        return PromptSettings(method=prompt_method(self.method), k=self.k, retriever=self.retriever, seed=self.seed)
+    def method_request(self) -> MethodRequest:
+        return MethodRequest(
+            method=self.method, k=self.k, retriever=self.retriever, seed=self.seed, plugin=self.plugin, base=self.base,
+            pool=self.pool, top_k=self.top_k, ablation=self.ablation, settings=dict(self.settings),
+        )  # fmt: skip
 
 
 def answer_mode(task: Task, answer: str) -> str:
@@ -119,8 +122,8 @@ def evaluate(
     examples/s cover everything after loading: history reads, profiles, prompts, answers, scoring.
     """
     task = get_task(request.task)
-    settings = request.prompt_settings()
-    settings.validate()
+    method = request.method_request()
+    method.prompt_settings()
     mode = answer_mode(task, request.answer)
     decoding = request.decoding(task)
     decoding.validate()
@@ -130,25 +133,21 @@ def evaluate(
         raise PersonaError(f"--scoring {request.scoring}: expected one of {', '.join(SCORINGS)}")
     queries = select_queries(store, task, request.split, request.limit, request.users)
     task.check_golds([(q.query_id, q.output) for q in queries])
-    plan = plan_serving(
-        store, task, request.method, [q.user_id for q in queries], request.plugin, request.base, request.pool, request.top_k,
-        request.ablation, request.seed,
-    )  # fmt: skip
+    plan = plan_serving(store, task, method, [q.user_id for q in queries])
     llm = load_llm()
     started = time.perf_counter()
-    lora = plan.apply(llm)
+    per_row = plan.prepare(llm, queries)
     config = {k: v for k, v in asdict(request).items() if k != "users"}
     if mode == "generate":
         config.update(asdict(decoding), max_new_tokens=request.max_new_tokens or task.max_new_tokens)
     config.update(task=task.name, answer=mode, llm=llm.id, users=len({q.user_id for q in queries}), **plan.facts())
     profiles: list[Profile] = []  # stored with the run: a failed evaluation leaves nothing behind
     prompts, facts = method_prompts(
-        store, llm, task, settings, queries, load_encoder, request.batch_size, request.max_input_tokens, progress, profiles
+        store, llm, task, method, queries, load_encoder, request.batch_size, request.max_input_tokens, progress, profiles
     )
     config.update(facts)
-    soft = plan.soft_tokens(llm, queries)
     raw = answer_prompts(
-        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, lora, soft,
+        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, per_row,
         decoding, [q.input for q in queries],
     )  # fmt: skip
     outputs, metrics = score_answers(task, raw, [q.output for q in queries], request.scoring)
@@ -176,22 +175,8 @@ def score_answers(task: Task, raw: list[str], golds: list[str], scoring: str) ->
 
 
 def method_label(request: EvalRequest) -> str:
-    """A short name for tables: 'rag-bm25-k4', 'random-k2', 'pag', 'none', 'oppu', 'none+task-lora-LaMP-7',
-    'perpcs[pool-2]+rag-bm25-k1', 'peft-retrieval-k3', 'pplug-ablation'; scored exactly: 'none@exact'."""
-    adapter, prompt = split_method(request.method)
-    if prompt == "rag":
-        label = f"rag-{request.retriever}-k{request.k}"
-    elif prompt == "random":
-        label = f"random-k{request.k}"
-    else:
-        label = prompt
-    if adapter is not None:
-        name = adapter + (f"-k{request.top_k or 3}" if adapter == "peft-retrieval" else "")
-        name += f"[{request.plugin or request.pool}]" if request.plugin or request.pool else ""
-        name += "-ablation" if request.ablation else ""
-        label = name if prompt == "none" else f"{name}+{label}"
-    label = f"{label}+{request.base}" if request.base else label
-    return label + ("@exact" if request.scoring == "exact" else "")
+    """The run's short name for tables (see flows.serve.method_label); scored exactly: 'none@exact'."""
+    return request_label(request.method_request()) + ("@exact" if request.scoring == "exact" else "")
 
 
 # ---------- LaMP prediction files ----------

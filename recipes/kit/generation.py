@@ -10,7 +10,6 @@ tokens, and each row may have its own token limit.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -21,8 +20,8 @@ from recipes.kit.backbones import LLM
 from recipes.kit.decoding import GREEDY, Decoding, GeneratedOnly
 from recipes.kit.progress import Progress, report
 from recipes.kit.lora import zero_pad
-from recipes.kit.row_lora import RowLora
 from recipes.kit.prompt_tokens import prompt_token_ids, stop_token_ids
+from recipes.kit.row_edits import NOTHING, PerRow
 from recipes.kit.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start
 
 
@@ -50,19 +49,18 @@ def generate(
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
     stage: str = "generating",
-    lora: Optional[RowLora] = None,
-    soft: Optional[SoftTokens] = None,
+    per_row: PerRow = NOTHING,
     decoding: Decoding = GREEDY,
     limits: Optional[list[int]] = None,
 ) -> list[str]:
     """Answers to `prompts` decoded as `decoding` says, in the order given (progress is reported under `stage`).
 
-    Prompt i gets at most limits[i] new tokens (default: max_new_tokens each). With `lora`, prompt
-    i is answered through its own adapter (RowLora.adapters[i]); with `soft`, prompt i opens with
-    its own soft tokens (soft.vectors[i]). Either way rows of different users share every batch."""
+    Prompt i gets at most limits[i] new tokens (default: max_new_tokens each). `per_row` gives
+    prompt i its own edit of the forward pass (its user's adapter or steering vector) and its own
+    soft tokens (soft.vectors[i]); rows of different users share every batch."""
     decoding.validate()
     tick = report(progress)
-    encoded, starts = encode_prompts(llm, prompts, max_input_tokens, soft)
+    encoded, starts = encode_prompts(llm, prompts, max_input_tokens, per_row.soft)
     limits = limits if limits is not None else [max_new_tokens] * len(prompts)
     if len(limits) != len(prompts):
         raise ValueError(f"{len(limits)} token limits for {len(prompts)} prompts")
@@ -77,17 +75,16 @@ def generate(
         tick(stage, done, len(prompts))
 
     order = [i for batch in _length_sorted_batches([len(e) for e in encoded], len(encoded) or 1) for i in batch]
-    with _hooked(lora):
+    with per_row.hooked():
         if llm.is_seq2seq or decoding.num_beams > 1:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                if lora is not None:
-                    lora.current = lora.stack(rows)
-                answers = _transformers_generate(llm, [encoded[i] for i in rows], max(limits[i] for i in rows), decoding, _Soft.of(soft, starts, rows))
+                per_row.use(rows)
+                answers = _transformers_generate(llm, [encoded[i] for i in rows], max(limits[i] for i in rows), decoding, _Soft.of(per_row.soft, starts, rows))
                 for row, tokens in zip(rows, answers):
                     finish(row, tokens[: limits[row]])
         else:
-            _greedy_causal(llm, encoded, order, batch_size, limits, finish, lora, soft, starts, decoding)
+            _greedy_causal(llm, encoded, order, batch_size, limits, finish, per_row, starts, decoding)
     return outputs
 
 
@@ -126,37 +123,28 @@ def _inputs(llm: LLM, input_ids: torch.Tensor, prompt_mask: torch.Tensor, soft: 
     return {"input_ids": input_ids} if soft is None else soft.inputs(llm, input_ids, prompt_mask)
 
 
-@contextmanager
-def _hooked(lora: Optional[RowLora]) -> Iterator[None]:
-    if lora is None:
-        yield
-        return
-    with lora.hooked():
-        yield
-
-
 class _Rows:
     """Rows being decoded together: KV cache, left-padded attention mask, next position, last logits,
-    and each row's LoRA when rows carry their own."""
+    and each row's edit state when rows carry their own."""
 
-    def __init__(
-        self, llm: LLM, batch: list[list[int]], rows: list[int], lora: Optional[RowLora] = None, soft: Optional[_Soft] = None
-    ) -> None:
+    def __init__(self, llm: LLM, batch: list[list[int]], rows: list[int], per_row: PerRow = NOTHING, starts: Optional[list[int]] = None) -> None:
         input_ids, self.mask = _left_padded(llm, batch)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.llm, self.rows = llm, list(rows)
-        self.lora, self.lora_rows = lora, lora.stack(self.rows) if lora is not None else None
+        self.edit = per_row.edit
+        self.edit_rows = self.edit.stack(self.rows) if self.edit is not None else None
+        soft = _Soft.of(per_row.soft, starts or [], self.rows)
         self.cache = DynamicCache(config=llm.model.config)
-        self._use_lora()
+        self._use_edit()
         self.logits = llm.model(
             **_inputs(llm, input_ids, self.mask, soft), attention_mask=self.mask, position_ids=positions,
             past_key_values=self.cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]  # fmt: skip
         self.next_position = positions[:, -1] + 1
 
-    def _use_lora(self) -> None:
-        if self.lora is not None:
-            self.lora.current = self.lora_rows
+    def _use_edit(self) -> None:
+        if self.edit is not None:
+            self.edit.current = self.edit_rows
 
     def can_join(self) -> bool:
         """Joining needs plain growing caches (their tensors can be padded and concatenated)."""
@@ -172,8 +160,8 @@ class _Rows:
         self.next_position = torch.cat([self.next_position, other.next_position])
         self.logits = torch.cat([self.logits, other.logits])
         self.rows += other.rows
-        if self.lora is not None:
-            self.lora_rows = RowLora.concat(self.lora_rows, other.lora_rows)
+        if self.edit is not None:
+            self.edit_rows = self.edit.concat(self.edit_rows, other.edit_rows)
 
     def keep(self, slots: list[int]) -> None:
         """Keep only these slots, and drop cache columns that are padding in every remaining row."""
@@ -182,8 +170,8 @@ class _Rows:
             self.cache.batch_select_indices(index)
             self.mask, self.next_position, self.logits = self.mask[index], self.next_position[index], self.logits[index]
             self.rows = [self.rows[s] for s in slots]
-            if self.lora is not None:
-                self.lora_rows = RowLora.select(self.lora_rows, index)
+            if self.edit is not None:
+                self.edit_rows = self.edit.select(self.edit_rows, index)
             first = int(self.mask.any(0).int().argmax())
             if first > 0 and self.can_join():
                 for layer in self.cache.layers:
@@ -193,7 +181,7 @@ class _Rows:
     def step(self, tokens: torch.Tensor) -> None:
         """Feed one token per row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        self._use_lora()
+        self._use_edit()
         self.logits = self.llm.model(
             input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
             past_key_values=self.cache, use_cache=True,
@@ -212,8 +200,7 @@ def _greedy_causal(
     batch_size: int,
     limits: list[int],
     finish: Callable[[int, list[int]], None],
-    lora: Optional[RowLora] = None,
-    soft: Optional[SoftTokens] = None,
+    per_row: PerRow = NOTHING,
     starts: Optional[list[int]] = None,
     decoding: Decoding = GREEDY,
 ) -> None:
@@ -229,7 +216,7 @@ def _greedy_causal(
         free = batch_size - (len(live.rows) if live else 0)
         if pending and (live is None or (free >= refill_at and live.can_join())):
             admitted, pending = pending[:free], pending[free:]
-            fresh = _Rows(llm, [encoded[i] for i in admitted], admitted, lora, _Soft.of(soft, starts or [], admitted))
+            fresh = _Rows(llm, [encoded[i] for i in admitted], admitted, per_row, starts)
             answers.update({row: [] for row in admitted})
             if live is None:
                 live = fresh
@@ -297,8 +284,7 @@ def label_logprobs(
     batch_size: int = 8,
     max_input_tokens: int = 1024,
     progress: Optional[Progress] = None,
-    lora: Optional[RowLora] = None,
-    soft: Optional[SoftTokens] = None,
+    per_row: PerRow = NOTHING,
 ) -> torch.Tensor:
     """log P(answer | prompt) for every prompt and candidate answer, shape (prompts, labels).
 
@@ -308,38 +294,24 @@ def label_logprobs(
     only the prompt and itself); seq2seq LMs run the encoder once per prompt.
     """
     tick = report(progress)
-    encoded, starts = encode_prompts(llm, prompts, max_input_tokens, soft)
+    encoded, starts = encode_prompts(llm, prompts, max_input_tokens, per_row.soft)
     label_ids = [label_token_ids(llm, label) for label in labels]
     scores = torch.zeros(len(prompts), len(labels))
     done = 0
     tick("ranking labels", 0, len(prompts))
-    with _hooked(lora):
+    with per_row.hooked():
         for rows in _length_sorted_batches([len(e) for e in encoded], batch_size):
             batch = [encoded[i] for i in rows]
-            if lora is not None:
-                lora.current = lora.stack(rows)
-            soft_rows = _Soft.of(soft, starts, rows)
+            per_row.use(rows)
+            soft_rows = _Soft.of(per_row.soft, starts, rows)
             if llm.is_seq2seq:
-                score = _score_seq2seq(llm, batch, label_ids, lora, soft_rows)
+                score = _score_seq2seq(llm, batch, label_ids, per_row, soft_rows)
             else:
                 score = _score_causal(llm, batch, label_ids, soft_rows)
             scores[rows] = score.float().cpu()
             done += len(rows)
             tick("ranking labels", done, len(prompts))
     return scores
-
-
-def rank_labels(
-    llm: LLM,
-    prompts: list[str],
-    labels: list[str],
-    batch_size: int = 8,
-    max_input_tokens: int = 1024,
-    progress: Optional[Progress] = None,
-) -> list[str]:
-    """For each prompt, the candidate answer the LLM finds most likely (ties go to the earlier one)."""
-    scores = label_logprobs(llm, prompts, labels, batch_size, max_input_tokens, progress)
-    return [labels[int(i)] for i in scores.argmax(dim=1)]
 
 
 def _label_matrix(llm: LLM, label_ids: list[list[int]], repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,15 +363,16 @@ def _score_causal(llm: LLM, batch: list[list[int]], label_ids: list[list[int]], 
 
 
 def _score_seq2seq(
-    llm: LLM, batch: list[list[int]], label_ids: list[list[int]], lora: Optional[RowLora] = None, soft: Optional[_Soft] = None
+    llm: LLM, batch: list[list[int]], label_ids: list[list[int]], per_row: PerRow = NOTHING, soft: Optional[_Soft] = None
 ) -> torch.Tensor:
     model = llm.model
     n_labels = len(label_ids)
     encoded = llm.tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(llm.device)
     mask = encoded["attention_mask"]
     hidden = model.get_encoder()(**_inputs(llm, encoded["input_ids"], mask, soft), attention_mask=mask).last_hidden_state.repeat_interleave(n_labels, 0)
-    if lora is not None and lora.current is not None:  # the decoder sees every prompt once per label
-        lora.current = {p: (a.repeat_interleave(n_labels, 0), b.repeat_interleave(n_labels, 0)) for p, (a, b) in lora.current.items()}
+    edit = per_row.edit
+    if edit is not None and edit.current is not None:  # the decoder sees every prompt once per label
+        edit.current = edit.repeat(edit.current, n_labels)
     labels, valid = _label_matrix(llm, label_ids, len(batch))
     start = torch.full((labels.shape[0], 1), model.config.decoder_start_token_id, device=llm.device)
     logits = model(

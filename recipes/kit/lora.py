@@ -86,6 +86,12 @@ def combine(adapters: list[LoraWeights]) -> LoraWeights:
     return LoraWeights(modules, {path: 1.0 for path in modules})
 
 
+def mix_pieces(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_s w_s·B_s·A_s as one LoRA of rank k·r: A stacks the k pieces' A (k, r, in) -> (k·r, in),
+    B stacks their B (k, out, r) times their weights -> (out, k·r). Per-Pcs's mixing formula."""
+    return a.flatten(0, 1), (b * weights.to(b.dtype)[:, None, None]).permute(1, 0, 2).flatten(1)
+
+
 # ---------- the model side ----------
 
 

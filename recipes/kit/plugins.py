@@ -8,31 +8,19 @@ exporting folds the chain into one peft adapter.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 from recipes import PersonaError
 from recipes.kit.lora import LoraWeights, check_peft_folder, combine, export_peft, merge_into, read_peft_folder
 from recipes.kit.backbones import LLM, loaded
-from recipes.kit.tasks import Task
+from recipes.kit.training_loop import LoraSettings, TrainedLora
+
 from store import Plugin, Store
 
-TASK_LORA, OPPU = "task-lora", "oppu"
-LORA_KINDS = (TASK_LORA, OPPU, "lora")
-
-
-def task_lora_name(task: Task) -> str:
-    """The default name of a task's adapted base."""
-    return f"{TASK_LORA}-{task.name}"
-
-
-def oppu_group(task: Task) -> str:
-    """The default name prefix of a task's per-user OPPU adapters."""
-    return f"{OPPU}-{task.name}"
-
-
-def oppu_name(group: str, user_id: str) -> str:
-    return f"{group}/{user_id}"
+LORA_KINDS = ("task-lora", "oppu", "lora")
+"""The plug-in kinds whose weights are a LoRA (the kinds the LoRA trainers store)."""
 
 
 def lora_weights(plugin: Plugin) -> LoraWeights:
@@ -102,7 +90,7 @@ def import_plugin(
     """Store a peft LoRA folder as a plug-in of the loaded LLM (checked by loading it with peft)."""
     if kind not in LORA_KINDS:
         raise PersonaError(f"--kind {kind}: expected one of {', '.join(LORA_KINDS)}")
-    if kind == OPPU and not user_id:
+    if kind == "oppu" and not user_id:
         raise PersonaError("--kind oppu needs --user (whose adapter it is)")
     if not replace and store.get_plugins([name]):
         raise PersonaError(f"plug-in '{name}' exists; pass --replace to overwrite it")
@@ -116,3 +104,19 @@ def import_plugin(
     )  # fmt: skip
     store.put_plugins([plugin])
     return plugin
+
+
+def lora_plugin_config(llm: LLM, settings: LoraSettings, trained: TrainedLora, chain: list[Plugin]) -> dict:
+    """What a trained LoRA plug-in records of how it was made."""
+    lora = {**asdict(settings), "target_modules": trained.target_modules}
+    return {"lora": lora, "seq2seq": llm.is_seq2seq, "base_chain": [p.name for p in chain]}
+
+
+def training_metrics(trained: TrainedLora, weights_bytes: int) -> dict:
+    """What a trained LoRA plug-in records of its training."""
+    return {
+        "train_seconds": trained.seconds, "steps": trained.steps, "adapter_bytes": weights_bytes,
+        "final_loss": trained.curve[-1]["loss"] if trained.curve else None, "best_step": trained.best_step,
+        "best_dev_loss": trained.best_dev_loss, "best_dev_score": trained.best_dev_score, "resumed_from": trained.resumed_from,
+        "ignored_checkpoint": trained.ignored_checkpoint, "curve": trained.curve,
+    }  # fmt: skip

@@ -68,3 +68,8 @@ def random_items(n_items: int, k: int, seed: int, key: str) -> list[int]:
     digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
     rng = random_module.Random(int.from_bytes(digest[:8], "big"))
     return rng.sample(range(n_items), min(k, n_items))
+
+
+def user_embedding(vectors: list[np.ndarray]) -> np.ndarray:
+    """E_u: the mean of a user's (normalized) history vectors."""
+    return np.mean(np.stack(vectors), axis=0)

@@ -8,29 +8,29 @@ between adapters, so they are zero-padded to the widest one, which changes nothi
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
+from recipes.kit.hooks import Hook
 from recipes.kit.lora import LoraWeights, check_fits, zero_pad
+from recipes.kit.row_edits import RowEdit, rows_of
 
 Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Per module path: A of shape (rows, R, in) and B·scale of shape (rows, out, R)."""
 
 
-class RowLora:
+class RowLora(RowEdit):
     """Serves `adapters[i]` (or nothing, for None) to prompt i of a batched forward pass."""
 
     def __init__(self, model: torch.nn.Module, adapters: list[Optional[LoraWeights]]) -> None:
-        self.model = model
+        super().__init__(model)
         self.adapters = adapters
         self.paths = sorted({p for a in adapters if a is not None for p in a.modules})
         for adapter in {id(a): a for a in adapters if a is not None}.values():
             check_fits(model, adapter)
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
-        self.current: Optional[Stack] = None
 
     def stack(self, prompts: list[int]) -> Stack:
         """The stacked A and B of these prompts' adapters, in this order."""
@@ -64,12 +64,10 @@ class RowLora:
                 return b.shape[0], a.shape[1]
         raise KeyError(path)
 
-    @staticmethod
-    def select(stack: Stack, index: torch.Tensor) -> Stack:
+    def select(self, stack: Stack, index: torch.Tensor) -> Stack:
         return {path: (a[index], b[index]) for path, (a, b) in stack.items()}
 
-    @staticmethod
-    def concat(first: Stack, second: Stack) -> Stack:
+    def concat(self, first: Stack, second: Stack) -> Stack:
         joined = {}
         for path in first:
             (a1, b1), (a2, b2) = first[path], second[path]
@@ -80,25 +78,18 @@ class RowLora:
             )
         return joined
 
-    @contextmanager
-    def hooked(self) -> Iterator["RowLora"]:
-        """Hooks on the adapted modules for the duration of the block; `current` says what they add."""
-        handles = [self.model.get_submodule(path).register_forward_hook(self._hook(path)) for path in self.paths]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.current = None
+    def repeat(self, stack: Stack, times: int) -> Stack:
+        return {p: (a.repeat_interleave(times, 0), b.repeat_interleave(times, 0)) for p, (a, b) in stack.items()}
 
-    def _hook(self, path: str):
+    def hooks(self) -> dict[str, Hook]:
+        return {path: self._hook(path) for path in self.paths}
+
+    def _hook(self, path: str) -> Hook:
         def add_rows(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             if self.current is None:
                 return output
-            a, b = self.current[path]
             x = inputs[0]
-            if x.shape[0] != a.shape[0]:  # beam search runs each row num_beams times, side by side
-                a, b = a.repeat_interleave(x.shape[0] // a.shape[0], 0), b.repeat_interleave(x.shape[0] // b.shape[0], 0)
+            a, b = (rows_of(x, t) for t in self.current[path])
             return output + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
         return add_rows

@@ -41,6 +41,30 @@ class Example:
     target: str
 
 
+def refuse_unless(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed check: settings are refused before any model loads."""
+    for ok, message in checks:
+        if not ok:
+            raise PersonaError(message)
+
+
+def trainer_checks(settings: Any) -> list[tuple[bool, str]]:
+    """The checks every trainer's settings share (LoRA, PPlug): rate, batch, length of training,
+    evaluation cadence, example length, precision and time limit."""
+    s = settings
+    return [
+        (s.learning_rate > 0, f"--lr must be positive, got {s.learning_rate}"),
+        (s.batch_size >= 1, f"--batch-size must be at least 1, got {s.batch_size}"),
+        (s.steps is None or s.steps >= 1, f"--steps must be at least 1, got {s.steps}"),
+        (s.epochs is None or s.epochs > 0, f"--epochs must be positive, got {s.epochs}"),
+        (s.eval_every is None or s.eval_every >= 1, f"--eval-every must be at least 1, got {s.eval_every}"),
+        (s.max_length >= 32, f"--max-length must be at least 32, got {s.max_length}"),
+        (s.precision in PRECISIONS, f"--precision {s.precision}: expected one of {', '.join(PRECISIONS)}"),
+        (s.max_minutes is None or s.max_minutes > 0, f"--max-minutes must be positive, got {s.max_minutes}"),
+    ]
+
+
+
 @dataclass
 class LoraSettings:
     """How a LoRA is trained. `steps` None means `epochs` passes over the examples; `epochs` None
@@ -63,22 +87,12 @@ class LoraSettings:
     max_minutes: Optional[float] = None
 
     def validate(self) -> None:
-        checks = [
-            (self.max_minutes is None or self.max_minutes > 0, f"--max-minutes must be positive, got {self.max_minutes}"),
+        refuse_unless([
             (self.r >= 1, f"--r must be at least 1, got {self.r}"),
             (self.alpha > 0, f"--alpha must be positive, got {self.alpha}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
-            (self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
-            (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
-            (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
-            (self.max_length >= 32, f"--max-length must be at least 32, got {self.max_length}"),
-            (self.precision in PRECISIONS, f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PersonaError(message)
+            *trainer_checks(self),
+        ])
 
     def total_steps(self, n_examples: int) -> int:
         return planned_steps(self.steps, self.epochs, n_examples, self.batch_size)

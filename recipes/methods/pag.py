@@ -9,14 +9,28 @@ from __future__ import annotations
 
 from typing import Optional
 
+from recipes import PersonaError
 from recipes.kit.backbones import LLM
 from recipes.kit.generation import generate
-from recipes.kit.progress import Progress
-from recipes.kit.prompts import TokenBudget, profile_request
+from recipes.kit.progress import Progress, report
+from recipes.kit.prompts import PromptContext, TokenBudget, history_prompt
+from recipes.kit.retrieval import recency_top
 from recipes.kit.tasks import Task
-from store import Behavior, Profile, Store
+from recipes.methods.registry import Method, register
+from store import Behavior, Profile, Query, Store
 
 PROFILE_MAX_NEW_TOKENS = 96
+
+
+def profile_prompt(task: Task, task_input: str, profile: str) -> str:
+    """The user's profile in front of the task input."""
+    return f"About this user: {profile.strip()}\n\n{task_input}"
+
+
+def profile_request(task: Task, history: list[Behavior], budget: TokenBudget) -> str:
+    """What the LLM is asked to write a profile from: the instruction and the newest items that fit."""
+    newest_first = [history[i] for i in recency_top(history, len(history))]
+    return history_prompt(task, "", newest_first, budget, header=task.pag_instruction).rstrip()
 
 
 def ensure_profiles(
@@ -54,3 +68,24 @@ def ensure_profiles(
         pending.extend(new)
     profiles.update({p.user_id: p.text for p in new})
     return profiles, len(new)
+
+
+def profile_prompts(ctx: PromptContext, queries: list[Query]) -> tuple[list[str], dict]:
+    histories = ctx.histories(queries)
+    profiles, written = ensure_profiles(
+        ctx.store, ctx.llm, ctx.task, histories, ctx.batch_size, ctx.max_input_tokens, ctx.progress, ctx.pending_profiles
+    )
+    tick = report(ctx.progress)
+    prompts = []
+    for n, query in enumerate(queries):
+        if query.user_id not in profiles:
+            raise PersonaError(f"no profile of user '{query.user_id}' for PAG")
+        prompts.append(profile_prompt(ctx.task, query.input, profiles[query.user_id]))
+        tick("building prompts", n + 1, len(queries))
+    return prompts, {"profiles_written": written}
+
+
+PAG = register(Method(
+    name="pag", summary="a profile of the user the LLM writes from the history (cached per model) before the input",
+    prompts=profile_prompts,
+))  # fmt: skip

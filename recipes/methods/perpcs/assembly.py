@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Optional
 
-import numpy as np
 import torch
 
 from recipes import PersonaError
 from recipes.kit.history_pairs import paired_histories
 from recipes.kit.training_data import history_examples
 from recipes.kit.backbones import LLM, loaded
+from recipes.kit.hooks import forward_hooks
+from recipes.kit.lora import mix_pieces
 from recipes.kit.plugins import apply_chain, base_chain
 from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, autocast_for, make_batch
 from recipes.methods.perpcs.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
@@ -42,14 +42,8 @@ class _Assembler:
         self.masks: dict[int, torch.Tensor] = {}
         self.batches = 0
 
-    @contextmanager
-    def hooked(self, model: torch.nn.Module) -> Iterator[None]:
-        handles = [model.get_submodule(path).register_forward_hook(self._hook(path)) for path in self.modules]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def hooked(self, model: torch.nn.Module) -> ContextManager[None]:
+        return forward_hooks(model, {path: self._hook(path) for path in self.modules})
 
     def _hook(self, path: str):
         module = self.modules[path]
@@ -62,8 +56,7 @@ class _Assembler:
             top = scores.topk(min(self.top_k, len(module.sharers)))
             weights = torch.softmax(top.values / math.sqrt(x.shape[-1]), dim=0)
             self.sums[path][top.indices.cpu()] += weights.double().cpu()
-            a = module.a[top.indices].flatten(0, 1)
-            b = (module.b[top.indices] * weights[:, None, None]).permute(1, 0, 2).flatten(1)
+            a, b = mix_pieces(module.a[top.indices], module.b[top.indices], weights)
             return output + (x @ a.T.to(x.dtype)) @ b.T.to(x.dtype)
 
         return assemble_here
@@ -192,34 +185,6 @@ def assemble_users(
         tick("assembling adapters", n, len(user_ids))
     store.put_assemblies(records)
     return result
-
-
-# ---------- the PEFT-retrieval baseline ----------
-
-
-def user_embedding(vectors: list[np.ndarray]) -> np.ndarray:
-    """E_u: the mean of a user's (normalized) history vectors."""
-    return np.mean(np.stack(vectors), axis=0)
-
-
-def retrieval_choices(pool: Pool, target: np.ndarray, sharer_embeddings: dict[str, np.ndarray], top_k: int) -> Choices:
-    """Whole adapters of the k sharers most similar to the target (cosine of user embeddings),
-    weighted by a softmax over those cosines; the same mix at every module."""
-    sharers = [s for s in pool.sharers if s in sharer_embeddings]
-    if not sharers:
-        raise PersonaError(f"no sharer of pool {pool.label} has a history in the store")
-    matrix = np.stack([sharer_embeddings[s] for s in sharers])
-    cosines = matrix @ target / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(target) + 1e-12)
-    top = np.argsort(-cosines, kind="stable")[:top_k]
-    weights = np.exp(cosines[top] - cosines[top].max())
-    weights /= weights.sum()
-    mix = [(sharers[i], float(w)) for i, w in zip(top, weights)]
-    choices: Choices = {}
-    for path, module in pool.modules.items():
-        picked = [(s, w) for s, w in mix if s in module.sharers]
-        if picked:
-            choices[path] = picked
-    return choices
 
 
 # ---------- export ----------

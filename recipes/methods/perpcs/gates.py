@@ -15,10 +15,11 @@ from typing import Iterator, Optional
 import torch
 
 from recipes import PersonaError
+from recipes.kit.hooks import forward_hooks
 from recipes.kit.lora import LoraWeights, check_fits
 from recipes.kit.backbones import LLM
 from recipes.kit.training_loop import (
-    PRECISIONS, Example, StepResult, TokenizedExamples, TrainingLoop, autocast_for, batch_loss, batch_order,
+    PRECISIONS, Example, StepResult, TokenizedExamples, TrainingLoop, autocast_for, batch_loss, batch_order, refuse_unless,
 )  # fmt: skip
 from recipes.kit.progress import Progress
 
@@ -35,16 +36,13 @@ class GateSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        checks = [
+        refuse_unless([
             (self.steps >= 1, f"--gate-steps must be at least 1, got {self.steps}"),
             (self.learning_rate > 0, f"--gate-lr must be positive, got {self.learning_rate}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.max_length >= 32, f"--max-length must be at least 32, got {self.max_length}"),
             (self.precision in PRECISIONS, f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PersonaError(message)
+        ])
 
 
 @dataclass
@@ -59,17 +57,13 @@ class TrainedGates:
 def gated_lora(model: torch.nn.Module, lora: LoraWeights, gates: dict[str, torch.Tensor]) -> Iterator[None]:
     """While the block runs, every module of `lora` outputs W·v + c·B·A·v·sigmoid(g·v)."""
     check_fits(model, lora)
-    weight = next(model.parameters())
-    handles = []
-    for path, (a, b) in lora.modules.items():
-        a_t = a.to(weight.device, torch.float32)
-        b_t = (b.float() * lora.scales[path]).to(weight.device)
-        handles.append(model.get_submodule(path).register_forward_hook(_gated_hook(a_t, b_t, gates[path])))
-    try:
+    device = next(model.parameters()).device
+    hooks = {
+        path: _gated_hook(a.to(device, torch.float32), (b.float() * lora.scales[path]).to(device), gates[path])
+        for path, (a, b) in lora.modules.items()
+    }
+    with forward_hooks(model, hooks):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _gated_hook(a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor):

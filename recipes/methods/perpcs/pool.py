@@ -13,7 +13,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from recipes import PersonaError
-from recipes.kit.lora import LoraWeights, zero_pad
+from recipes.kit.lora import LoraWeights, mix_pieces, zero_pad
 from store import Piece, PoolVersion, Store, id_sort_key
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -153,9 +153,7 @@ def mixed_lora(pool: Pool, choices: Choices) -> LoraWeights:
         module = pool.modules[path]
         rows = [module.sharers.index(sharer) for sharer, _ in picked]
         weights = torch.tensor([w for _, w in picked], dtype=module.b.dtype)
-        a = module.a[rows].flatten(0, 1)
-        b = (module.b[rows] * weights[:, None, None]).permute(1, 0, 2).flatten(1)
-        modules[path] = (a, b)
+        modules[path] = mix_pieces(module.a[rows], module.b[rows], weights)
     return LoraWeights(modules, {path: 1.0 for path in modules})
 
 

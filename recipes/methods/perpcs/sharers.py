@@ -24,7 +24,7 @@ from recipes import PersonaError
 from recipes.kit.history_pairs import check_recipe, paired_histories
 from recipes.kit.training_data import history_examples
 from recipes.kit.lora import LoraWeights
-from recipes.methods.perpcs.assembly import user_embedding
+from recipes.kit.retrieval import user_embedding
 from recipes.kit.backbones import LLM, cache_dir, loaded
 from recipes.methods.perpcs.gates import GateSettings, train_gates
 from recipes.kit.plugins import apply_chain, base_chain, chain_key

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -24,14 +23,14 @@ from recipes import PersonaError
 from recipes.kit.history_pairs import PAIR_RECIPES, given_pair, paired_histories
 from recipes.kit.training_data import checkpoint_path, split_queries
 from recipes.kit.backbones import LLM, Encoder, load_encoder, loaded
-from recipes.kit.plugins import apply_chain, base_chain, check_llm
+from recipes.kit.plugins import apply_chain, base_chain
 from recipes.kit.training_loop import (
-    IGNORE, PRECISIONS, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, causal_batch, causal_loss,
-    encode_example, eval_cadence, planned_steps, settings_key, trainable_state,
+    IGNORE, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, causal_batch, causal_loss,
+    encode_example, eval_cadence, planned_steps, refuse_unless, settings_key, trainable_state, trainer_checks,
 )  # fmt: skip
 from recipes.methods.pplug.model import POOLINGS, EmbedderShape, UserEmbedder, describe, pad_histories, recent
 from recipes.kit.progress import Progress
-from recipes.kit.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start, token_norm
+from recipes.kit.soft_prompts import embed_with_soft, soft_prompt_ids, soft_start, token_norm
 from recipes.kit.tasks import Task
 from store import Behavior, Plugin, Query, Store
 
@@ -68,23 +67,13 @@ class PPlugSettings:
     max_minutes: Optional[float] = None
 
     def validate(self) -> None:
-        checks = [
-            (self.max_minutes is None or self.max_minutes > 0, f"--max-minutes must be positive, got {self.max_minutes}"),
+        refuse_unless([
             (self.pooling in POOLINGS, f"--pooling {self.pooling}: expected one of {', '.join(POOLINGS)}"),
             (self.pairs in PAIR_RECIPES, f"--pairs {self.pairs}: expected one of {', '.join(PAIR_RECIPES)}"),
             (self.history_cap >= 1, f"--history-cap must be at least 1, got {self.history_cap}"),
-            (self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}"),
             (self.encoder_learning_rate >= 0, f"--encoder-lr must not be negative, got {self.encoder_learning_rate}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
-            (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
-            (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
-            (self.max_length >= 32, f"--max-length must be at least 32, got {self.max_length}"),
-            (self.precision in PRECISIONS, f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PersonaError(message)
+            *trainer_checks(self),
+        ])
 
     def total_steps(self, n_examples: int) -> int:
         return planned_steps(self.steps, self.epochs, n_examples, self.batch_size)
@@ -366,88 +355,3 @@ def train_pplug(
     )  # fmt: skip
     store.put_plugins([plugin])
     return plugin
-
-
-# ---------- serving ----------
-
-
-def get_pplug(store: Store, name: str) -> Plugin:
-    plugin = store.get_plugin(name)
-    if plugin.kind != PPLUG:
-        raise PersonaError(f"plug-in '{name}' is a {plugin.kind}, not a PPlug embedder")
-    return plugin
-
-
-def load_embedder(plugin: Plugin, device: str | torch.device = "cpu", encoder: Optional[Encoder] = None) -> UserEmbedder:
-    """The stored embedder, ready to make soft tokens (its input encoder built from the recorded encoder)."""
-    encoder = encoder or load_encoder(plugin.encoder, str(device))
-    embedder = UserEmbedder(encoder.model, EmbedderShape(**plugin.config["shape"]))
-    try:
-        embedder.load_bytes(plugin.weights)
-    except ValueError as exc:
-        raise PersonaError(f"plug-in '{plugin.name}': {exc}") from None
-    return embedder.to(device).eval()
-
-
-@torch.inference_mode()
-def soft_tokens(embedder: UserEmbedder, texts: list[str], histories: list[np.ndarray], batch_size: int = 64) -> SoftTokens:
-    """Soft tokens for each input given its user's history vectors (rows follow `texts`)."""
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        history, mask = pad_histories(histories[start : start + batch_size], embedder.device)
-        rows.append(embedder(texts[start : start + batch_size], history, mask).float())
-    return SoftTokens(torch.cat(rows) if rows else torch.zeros(0, embedder.shape.n_soft, embedder.shape.llm_dim))
-
-
-def query_soft_tokens(
-    store: Store, plugin: Plugin, llm: LLM, task: Task, queries: list[Query], donor: Optional[dict[str, str]] = None
-) -> SoftTokens:
-    """The soft tokens of each query from its user's stored history, with the stored embedder
-    (a user ingested after training needs nothing else). With `donor`, a query is served with its
-    donor's history instead of its own user's (the non-personal ablation)."""
-    check_llm([plugin], llm.id)
-    embedder = load_embedder(plugin, llm.device)
-    owners = [donor[q.user_id] if donor else q.user_id for q in queries]
-    vectors = history_vectors(store, task, owners, embedder.shape.history_cap)
-    if embedder.shape.personal:
-        require_histories(vectors, owners, task)
-    none = np.zeros((0, embedder.shape.encoder_dim), dtype=np.float32)  # --no-personal reads no history
-    return soft_tokens(embedder, [task.query_text(q.input) for q in queries], [vectors.get(u, none) for u in owners])
-
-
-# ---------- explanation ----------
-
-
-@torch.inference_mode()
-def explain(store: Store, task: Task, user_id: str, text: str, name: str, top: int = 5, device: str = "cpu") -> dict:
-    """Which of the user's history items the personal embedding draws on for this input, and how much."""
-    if top < 1:
-        raise PersonaError(f"--top must be at least 1, got {top}")
-    if not text.strip():
-        raise PersonaError("the input text is empty")
-    plugin = get_pplug(store, name)
-    store.require_users([user_id])
-    check_encoder(store, plugin.encoder)
-    shape = EmbedderShape(**plugin.config["shape"])
-    if not shape.personal:
-        raise PersonaError(f"plug-in '{name}' was trained without a personal token (--no-personal): it reads no history")
-    items = store.histories([user_id], task.name, with_vectors=True).get(user_id, [])[-shape.history_cap :]
-    if not items:
-        raise PersonaError(f"user '{user_id}' has no {task.name} history")
-    embedder = load_embedder(plugin, device)
-    history, mask = pad_histories([np.stack([i.vector for i in items]).astype(np.float32)], embedder.device)
-    inputs = embedder.encode_inputs([task.query_text(text)]) if shape.pooling == "attention" else torch.zeros(1, history.shape[-1])
-    weights = embedder.weights(inputs.to(embedder.device), history, mask)[0].cpu()
-    order = torch.argsort(weights, descending=True)[:top].tolist()
-    n = len(items)
-    entropy = float(-(weights * weights.clamp_min(1e-12).log()).sum())
-    return {
-        "user_id": user_id, "task": task.name, "plugin": name, "pooling": shape.pooling, "history_items": n,
-        "uniform_weight": round(1 / n, 6), "max_weight": round(float(weights.max()), 6),
-        "effective_items": round(math.exp(entropy), 2),
-        "items": [
-            {"rank": r + 1, "item_id": items[i].item_id, "weight": round(float(weights[i]), 6), "text": items[i].text,
-             "timestamp": items[i].timestamp.isoformat() if items[i].timestamp else None}
-            for r, i in enumerate(order)
-        ],
-    }  # fmt: skip

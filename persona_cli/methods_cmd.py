@@ -1,0 +1,23 @@
+"""`persona methods`: every method the registry knows, what it takes and needs, and its ablation."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from persona_cli.common import console, print_json
+from persona_cli.options import JsonOption
+from recipes.methods.registry import methods as registered
+
+
+def methods(json_out: bool = JsonOption) -> None:
+    """List the methods: prompt methods (what the LLM reads) and model methods (how it is changed per user)."""
+    found = [m.describe() for m in registered()]
+    if json_out:
+        print_json(found)
+        return
+    table = Table("method", "kind", "what it does", "needs", "made by", "options", "ablation", title="methods")
+    for m in found:
+        options = [f"--{o.replace('_', '-')}" for o in m["options"]] + [f"--set {k}={v['default']}" for k, v in m["settings"].items()]
+        name = m["name"] + ("[+PROMPT]" if m["combines_with_prompt_methods"] else "")
+        table.add_row(name, m["kind"], m["summary"], m["needs"], m["trained_by"] or "-", " ".join(options) or "-", m["ablation"] or "-")
+    console.print(table)

@@ -1,0 +1,40 @@
+"""Every option more than one command takes, defined once: what it is called, its default, its help."""
+
+from __future__ import annotations
+
+import typer
+
+from recipes.methods.registry import ablation_help, method_help
+
+PairsOption = typer.Option(
+    "none", "--pairs",
+    help="How history items train: none (items without an input by language modelling) or rules (every item made a "
+    "task-format pair: its own input, its fields, or for tweets a seeded plain rewrite; see `persona pairs show`).",
+)  # fmt: skip
+JsonOption = typer.Option(False, "--json", help="Print a JSON object for scripts instead of tables.")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
+MethodOption = typer.Option("none", "--method", help=method_help())
+PluginOption = typer.Option(None, "--plugin", help="The method's plug-in: task-lora, pplug: its name; oppu: the adapter group (defaults: METHOD-TASK).")
+BaseOption = typer.Option(None, "--base", help="Run a prompt method on this stored plug-in, e.g. task-lora-LaMP-7.")
+PoolOption = typer.Option(None, "--pool", help="perpcs, peft-retrieval: pool tag or version (default: the newest).")
+TopKOption = typer.Option(None, "--top-k", help="peft-retrieval: sharers mixed (default 3); perpcs: must match the stored assemblies.")
+AblationOption = typer.Option(False, "--ablation", help=ablation_help())
+SetOption = typer.Option(None, "--set", help="A method's own setting, NAME=VALUE (repeatable; `persona methods` lists them).")
+KOption = typer.Option(1, "--k", help="History items in the prompt (random, rag).")
+RetrieverOption = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense.")
+AnswerOption = typer.Option("auto", "--answer", help="auto (rank for label tasks), rank or generate.")
+BeamsOption = typer.Option(None, "--beams", help="Beam search with N beams (default: the task's; 1 is greedy).")
+NoRepeatOption = typer.Option(None, "--no-repeat-ngram", help="Never repeat an n-gram of the answer itself (0: off; the prompt is not counted).")
+RepetitionOption = typer.Option(None, "--repetition-penalty", help="Penalize tokens the answer already used (1.0: off; the prompt is not counted).")
+LengthRatioOption = typer.Option(None, "--length-ratio", help="At most RATIO x the input's tokens + 8 new tokens (default: the task's max only).")
+TaskOption = typer.Option(..., "--task", help="Task whose data trains the adapter, e.g. LaMP-7.")
+LlmOption = typer.Option(None, "--llm", help="HF causal or seq2seq LM, name or path (default: embedded SmolLM2-135M-Instruct).")
+ROption = typer.Option(8, "--r", help="LoRA rank.")
+AlphaOption = typer.Option(8.0, "--alpha", help="LoRA alpha (scale alpha/r).")
+DropoutOption = typer.Option(0.05, "--dropout", help="LoRA dropout.")
+TargetsOption = typer.Option(None, "--target-modules", help="Comma-separated module names (default: the attention projections).")
+MaxLengthOption = typer.Option(256, "--max-length", help="Tokens per training example (prompt and target).")
+SeedOption = typer.Option(0, "--seed", help="Seeds initialization, dropout and batch order.")
+AutoBaseOption = typer.Option("auto", "--base", help="Base plug-in (default: task-lora-TASK when stored; 'none' for the bare LLM).")
+PrecisionOption = typer.Option("auto", "--precision", help="auto (bfloat16 mixed precision where supported), float32 or bfloat16.")
+MaxMinutesOption = typer.Option(None, "--max-minutes", help="Stop after this many minutes of training (evaluating once more), keeping the best step.")

@@ -1,0 +1,61 @@
+"""History in the prompt: RAG (the k items most relevant to the query, by BM25, recency or dense
+vectors) and its control, k items at random (seeded per query)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from recipes.kit.progress import report
+from recipes.kit.prompts import PromptContext, history_prompt
+from recipes.kit.retrieval import bm25_top, dense_top, random_items, recency_top
+from recipes.methods.registry import Method, PromptBuilder, register
+from store import Behavior, Query
+
+
+def retrieved_items(ctx: PromptContext, query: Query, history: list[Behavior], query_vector: Optional[np.ndarray] = None) -> list[Behavior]:
+    """The k items of `history` the retriever ranks highest for this query, best first."""
+    settings = ctx.settings
+    if settings.retriever == "bm25":
+        positions = bm25_top([item.text for item in history], ctx.task.query_text(query.input), settings.k)
+    elif settings.retriever == "recency":
+        positions = recency_top(history, settings.k)
+    else:
+        positions = dense_top(history, query_vector, settings.k)
+    return [history[i] for i in positions]
+
+
+def random_choice(ctx: PromptContext, query: Query, history: list[Behavior], _: Optional[np.ndarray] = None) -> list[Behavior]:
+    positions = random_items(len(history), ctx.settings.k, ctx.settings.seed, f"{query.task}/{query.query_id}")
+    return [history[i] for i in positions]
+
+
+def _history_prompts(choose: Callable) -> PromptBuilder:
+    def build(ctx: PromptContext, queries: list[Query]) -> tuple[list[str], dict]:
+        dense = choose is retrieved_items and ctx.settings.retriever == "dense"
+        histories = ctx.histories(queries, with_vectors=dense)
+        facts, vectors = {}, None
+        if dense:
+            encoder = ctx.encoder()
+            vectors = encoder.encode([ctx.task.query_text(q.input) for q in queries])
+            facts["encoder"] = encoder.id
+        tick = report(ctx.progress)
+        prompts = []
+        for n, query in enumerate(queries):
+            items = choose(ctx, query, histories.get(query.user_id, []), None if vectors is None else vectors[n])
+            prompts.append(history_prompt(ctx.task, query.input, items, ctx.budget))
+            tick("building prompts", n + 1, len(queries))
+        return prompts, facts
+
+    return build
+
+
+RANDOM = register(Method(
+    name="random", summary="k history items at random (seeded per query; --k, --seed)",
+    prompts=_history_prompts(random_choice), label=lambda options, prompt: f"random-k{prompt.k}",
+))  # fmt: skip
+RAG = register(Method(
+    name="rag", summary="the k history items most relevant to the query (--retriever bm25, recency or dense; --k)",
+    prompts=_history_prompts(retrieved_items), label=lambda options, prompt: f"rag-{prompt.retriever}-k{prompt.k}",
+))  # fmt: skip
