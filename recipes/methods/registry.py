@@ -24,7 +24,7 @@ from recipes.kit.tasks import Task
 from store import Query, Store
 
 METHOD_MODULES = (
-    "k0", "rag", "pag", "task_lora", "oppu", "peft_retrieval", "perpcs.serving", "pplug.serving",
+    "k0", "rag", "pag", "task_lora", "oppu", "peft_retrieval", "perpcs.serving", "pplug.serving", "style_vector",
 )  # fmt: skip
 """Every method's room (under recipes.methods), in the order the CLI lists them."""
 
