@@ -45,7 +45,7 @@ def evaluate(
     repetition_penalty: Optional[float] = RepetitionOption,
     length_ratio: Optional[float] = LengthRatioOption,
     ablation: bool = AblationOption,
-    seed: int = typer.Option(0, "--seed", help="Seed of random history choices and of pplug's --ablation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random history choices and of an --ablation that draws users."),
     scoring: str = typer.Option("cleaned", "--scoring", help="cleaned: first paragraph, no announcement or wrapping quotes, labels matched (exact scores reported beside as METRIC-exact); exact: the answer as generated, as LaMP scores it."),
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder for --retriever dense (default: the store's)."),
