@@ -28,7 +28,7 @@ def open_store(ctx: typer.Context) -> Store:
     """The store named by --store / PERSONA_STORE (opened once per command)."""
     state = ctx.ensure_object(dict)
     if "store" not in state:
-        state["store"] = Store(state.get("store_path"))
+        state["store"] = Store(state.get("store_path"), key_values(state.get("storage_options"), "--storage-option", secret=True))
     return state["store"]
 
 
@@ -135,12 +135,18 @@ def resolve_base(store: Store, task: Task, base: Optional[str]) -> Optional[str]
     return None if base == "none" else base
 
 
-def method_settings_given(values: Optional[list[str]]) -> dict[str, str]:
-    """--set NAME=VALUE options as a dict (checked against the method by the library)."""
+def key_values(values: Optional[list[str]], flag: str, secret: bool = False) -> dict[str, str]:
+    """Repeated NAME=VALUE options as a dict. With `secret` an error never echoes what was given."""
     settings: dict[str, str] = {}
     for value in values or []:
         name, eq, text = value.partition("=")
         if not eq or not name.strip():
-            raise PersonaError(f"--set {value}: expected NAME=VALUE")
+            shown = "(not shown: it may hold a credential)" if secret else value
+            raise PersonaError(f"{flag} {shown}: expected NAME=VALUE")
         settings[name.strip()] = text.strip()
     return settings
+
+
+def method_settings_given(values: Optional[list[str]]) -> dict[str, str]:
+    """--set NAME=VALUE options as a dict (checked against the method by the library)."""
+    return key_values(values, "--set")

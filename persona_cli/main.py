@@ -29,6 +29,12 @@ def main(
     store: Optional[str] = typer.Option(
         None, "--store", envvar="PERSONA_STORE", help="Store directory or URI (default: a per-user data directory)."
     ),
+    storage_option: Optional[list[str]] = typer.Option(
+        None, "--storage-option",
+        help="An object-store setting for an s3:// (gs://, az://) store, KEY=VALUE (repeatable), e.g. endpoint=http://127.0.0.1:9000, "
+        "region=us-east-1, allow_http=true; credentials too, though AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment "
+        "keep them out of your shell history. Never printed.",
+    ),
     threads: Optional[int] = typer.Option(
         None, "--threads", envvar="PERSONA_THREADS", min=1,
         help="CPU threads for torch (default: one per core). On a shared machine give each job only the cores it has to itself.",
@@ -39,7 +45,9 @@ def main(
         import torch
 
         torch.set_num_threads(threads)
-    ctx.ensure_object(dict)["store_path"] = store
+    state = ctx.ensure_object(dict)
+    state["store_path"] = store
+    state["storage_options"] = storage_option or []
 
 
 app.command("ingest")(ingest_cmd.ingest)

@@ -84,13 +84,23 @@ def _user_filter(user_id: str, task: str | None) -> str:
 
 
 class Store(ResultTables, PluginTables, PieceTables):
-    """One LanceDB directory (or object-store URI) holding everything persona keeps."""
+    """One LanceDB directory or object-store URI (s3://, gs://, az://) holding everything persona keeps.
 
-    def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
+    Object-store credentials and endpoint come from the usual environment variables
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT, AWS_REGION, ...) or `storage_options`
+    (LanceDB's keys: aws_access_key_id, endpoint, region, allow_http, ...); they are never printed."""
+
+    def __init__(self, uri: str | os.PathLike[str] | None = None, storage_options: dict[str, str] | None = None) -> None:
         self.uri = str(uri) if uri is not None else default_store_path()
-        self._db = lancedb.connect(self.uri)
+        self.storage_options = dict(storage_options or {})
         self._commit_cache: tuple[int, dict[str, int]] | None = None
-        self._check_format()
+        try:
+            self._db = lancedb.connect(self.uri, storage_options=self.storage_options or None)
+            self._check_format()
+        except (ValueError, OSError, RuntimeError) as exc:
+            if not _is_object_store_failure(exc):
+                raise
+            raise StoreError(object_store_problem(self.uri, exc, self.storage_options)) from None
 
     # ---------- tables, versions, commits ----------
 
@@ -190,6 +200,8 @@ class Store(ResultTables, PluginTables, PieceTables):
                     self._record_commit()
             except BaseException as exc:
                 self._roll_back(before)
+                if _is_object_store_failure(exc):
+                    raise StoreError(object_store_problem(self.uri, exc, self.storage_options) + "; nothing was changed") from None
                 if _is_io_failure(exc):  # a full disk, a read-only or vanished directory: the user's to fix
                     raise StoreError(f"store {self.uri}: could not write ({_first_line(exc)}); nothing was changed") from None
                 raise
@@ -512,6 +524,25 @@ class Store(ResultTables, PluginTables, PieceTables):
 def _is_io_failure(exc: BaseException) -> bool:
     """An operating-system failure to write, as Python or LanceDB (a RuntimeError naming LanceError(IO)) reports it."""
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "LanceError(IO)" in str(exc))
+
+
+def _is_object_store_failure(exc: BaseException) -> bool:
+    """A failed request to an object store, as LanceDB reports it."""
+    text = str(exc)
+    return any(mark in text for mark in ("RetryError", "store: \"S3\"", "store: \"GCS\"", "store: \"MicrosoftAzure\"", "ObjectStore"))
+
+
+def object_store_problem(uri: str, exc: BaseException, options: dict[str, str]) -> str:
+    """One line saying what went wrong with an object store, without any credential."""
+    text = str(exc)
+    endpoint = options.get("endpoint") or options.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    where = f" at {endpoint}" if endpoint else ""
+    bucket = uri.split("://", 1)[1].split("/", 1)[0] if "://" in uri else uri
+    if "404" in text or "NoSuchBucket" in text:
+        return f"store {uri}: bucket '{bucket}' does not exist{where} (create it, or check the URI)"
+    if any(code in text for code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
+        return f"store {uri}: access denied{where} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or --storage-option)"
+    return f"store {uri}: cannot reach the object store{where} (check AWS_ENDPOINT or --storage-option endpoint=..., and the network)"
 
 
 def _first_line(exc: BaseException) -> str:
