@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -15,6 +16,7 @@ from typing import Any, Iterable, Iterator
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import platformdirs
 
 from store import schemas
@@ -34,6 +36,11 @@ COMMITS = "_commits"
 the store at those versions, so a command killed between two table writes is invisible to them."""
 WRITER_LOCK = ".persona-writer.lock"
 _held: dict[str, int] = {}  # store directory -> depth of this process's nested transactions
+_writes: dict[str, int] = {}  # store directory -> transactions this process has finished on it
+READ_REFRESH_S = 0.5
+"""Outside its own writes a Store looks up which table versions are committed at most this often
+(and at once after any write of this process): another process's commit shows within this time,
+and a per-user read does not pay two table opens and a commit lookup (about 2 ms) every time."""
 _held_guard = threading.Lock()
 
 
@@ -61,6 +68,17 @@ def _writer_lock(uri: str) -> Iterator[bool]:
             _held[key] -= 1
         if handle is not None:
             handle.close()  # closing the file releases its flock
+
+
+def _lock_key(uri: str) -> str:
+    return os.path.abspath(uri) if "://" not in uri else uri
+
+
+def _count_write(uri: str) -> None:
+    """This process changed the store: every Store of it reads afresh."""
+    key = _lock_key(uri)
+    with _held_guard:
+        _writes[key] = _writes.get(key, 0) + 1
 
 
 def _holds_writer_lock(uri: str) -> bool:
@@ -94,6 +112,7 @@ class Store(ResultTables, PluginTables, PieceTables):
         self.uri = str(uri) if uri is not None else default_store_path()
         self.storage_options = dict(storage_options or {})
         self._commit_cache: tuple[int, dict[str, int]] | None = None
+        self._snapshot: tuple[float, int, set[str], dict[str, int] | None, dict[str, Any]] | None = None
         try:
             self._db = lancedb.connect(self.uri, storage_options=self.storage_options or None)
             self._check_format()
@@ -140,18 +159,26 @@ class Store(ResultTables, PluginTables, PieceTables):
     def _open(self, name: str):
         """The table as the last complete command left it (None if it did not exist then);
         inside a transaction, its latest version."""
-        names = self._all_tables()
-        if name not in names:
-            return None
-        table = self._db.open_table(name)
-        committed = None if self._writing() else self._committed(names)
-        if committed is None:
-            return table
-        if name not in committed:
-            return None
-        if table.version != committed[name]:
-            table.checkout(committed[name])
-        return table
+        if self._writing():
+            return self._db.open_table(name) if name in self._all_tables() else None
+        _, _, names, committed, handles = self._read_snapshot()
+        if name not in handles:
+            table = None
+            if name in names and (committed is None or name in committed):
+                table = self._db.open_table(name)
+                if committed is not None and table.version != committed[name]:
+                    table.checkout(committed[name])
+            handles[name] = table
+        return handles[name]
+
+    def _read_snapshot(self) -> tuple[float, int, set[str], dict[str, int] | None, dict[str, Any]]:
+        """Which tables and versions readers see, with the handles opened at them (see READ_REFRESH_S)."""
+        key = _lock_key(self.uri)
+        now, writes = time.monotonic(), _writes.get(key, 0)
+        if self._snapshot is None or now - self._snapshot[0] > READ_REFRESH_S or self._snapshot[1] != writes:
+            names = self._all_tables()
+            self._snapshot = (now, writes, set(names), self._committed(names), {})
+        return self._snapshot
 
     def _open_or_create(self, name: str, schema: pa.Schema):
         table = self._open(name)
@@ -198,8 +225,10 @@ class Store(ResultTables, PluginTables, PieceTables):
                 yield
                 if outermost:
                     self._record_commit()
+                    _count_write(self.uri)
             except BaseException as exc:
                 self._roll_back(before)
+                _count_write(self.uri)
                 if _is_object_store_failure(exc):
                     raise StoreError(object_store_problem(self.uri, exc, self.storage_options) + "; nothing was changed") from None
                 if _is_io_failure(exc):  # a full disk, a read-only or vanished directory: the user's to fix
@@ -283,7 +312,28 @@ class Store(ResultTables, PluginTables, PieceTables):
             n_queries = self._upsert_queries(queries)
             touched = set(user_metadata)
             self._refresh_users(touched, user_metadata)
+            self.ensure_indexes()
         return {"users": len(touched), "items": n_items, "queries": n_queries}
+
+    def ensure_indexes(self) -> list[str]:
+        """The scalar indexes every per-user read filters by: user_id on the history, the queries and
+        the users, rebuilt after a write that left rows outside them (a B-tree over ten million
+        ids takes seconds; a per-user read of unindexed rows scans them all). Per-user vector
+        search stays exact: it ranks only the user's own rows, found through the user_id index,
+        so no ANN index is made."""
+        from lancedb.index import BTree
+
+        made = []
+        for name in (BEHAVIORS, QUERIES, USERS):
+            table = self._open(name)
+            if table is None or table.count_rows() == 0:
+                continue
+            current = [index for index in table.list_indices() if index.columns == ["user_id"]]
+            if not current or any(index.num_unindexed_rows for index in current):
+                with self.transaction():
+                    table.create_index("user_id", config=BTree(), replace=True)
+            made.append(f"{name}.user_id btree")
+        return made
 
     def _upsert_behaviors(self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int) -> int:
         schema = schemas.behaviors(dim)
@@ -380,10 +430,11 @@ class Store(ResultTables, PluginTables, PieceTables):
         table = self._open(USERS)
         if table is None:
             return []
-        rows = [_user_from_row(r) for r in table.to_arrow().to_pylist()]
-        rows.sort(key=lambda u: _id_sort_key(u.user_id))
+        ids = _scan(table, None, ["user_id"]).column("user_id")
         end = None if limit is None else offset + limit
-        return rows[offset:end]
+        page = [str(u) for u in _natural_order(ids)[offset:end]]
+        found = {u.user_id: u for u in self.get_users(page)}
+        return [found[u] for u in page]
 
     def get_users(self, user_ids: list[str]) -> list[UserRow]:
         table = self._open(USERS)
@@ -526,6 +577,13 @@ def _is_io_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "LanceError(IO)" in str(exc))
 
 
+def _natural_order(ids: pa.ChunkedArray) -> list[str]:
+    """Ids in natural order (id_sort_key); all-digit ids, the common case at scale, sorted in Arrow."""
+    if len(ids) and pc.all(pc.match_substring_regex(ids, r"^[0-9]{1,18}$")).as_py():
+        return ids.take(pc.sort_indices(pc.cast(ids, pa.int64()))).to_pylist()
+    return sorted(ids.to_pylist(), key=_id_sort_key)
+
+
 def _is_object_store_failure(exc: BaseException) -> bool:
     """A failed request to an object store, as LanceDB reports it."""
     text = str(exc)
@@ -560,7 +618,7 @@ def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: st
         pa.array([b.user_id for b in chunk], pa.string()),
         pa.array([b.task for b in chunk], pa.string()),
         pa.array([b.text for b in chunk], pa.string()),
-        pa.array([json.dumps(b.fields, ensure_ascii=False) for b in chunk], pa.string()),
+        pa.array([json.dumps(b.fields, ensure_ascii=False) if b.fields else "{}" for b in chunk], pa.string()),
         pa.array([b.timestamp for b in chunk], schemas.TS),
         pa.FixedSizeListArray.from_arrays(flat, dim),
         pa.array([encoder_id] * len(chunk), pa.string()),

@@ -241,3 +241,25 @@ def test_a_writer_killed_between_table_writes_is_invisible_and_undone_by_the_nex
     assert [u.user_id for u in after.list_users()] == ["alice", "bob", "carol"]
     assert after.count("behaviors") == 7 and after.count("queries") == 2
     assert "pieces" not in lancedb.connect(str(tmp_path / "s")).list_tables().tables
+
+
+def test_per_user_reads_go_through_user_id_indexes_kept_up_to_date(tmp_path):
+    store = Store(tmp_path / "s")
+    store.ingest([_items("10", 3)], [], {"10": {}}, "enc", 8)
+    store.ingest([_items("2", 2), _items("x-1", 1)], [], {"2": {}, "x-1": {}}, "enc", 8)
+    indexes = lancedb.connect(str(tmp_path / "s")).open_table("behaviors").list_indices()
+    assert [(i.columns, i.num_unindexed_rows) for i in indexes] == [(["user_id"], 0)]  # the second write is indexed too
+    assert store.ensure_indexes() == ["behaviors.user_id btree", "users.user_id btree"]
+    assert [u.user_id for u in store.list_users()] == ["2", "10", "x-1"]  # natural order, not "10" < "2"
+    assert [u.user_id for u in store.list_users(limit=1, offset=1)] == ["10"]
+    numeric = Store(tmp_path / "n")
+    numeric.ingest([_items(str(u), 1) for u in (100, 9, 30)], [], {"100": {}, "9": {}, "30": {}}, "enc", 8)
+    assert [u.user_id for u in numeric.list_users()] == ["9", "30", "100"]
+
+
+def test_a_reader_sees_a_commit_of_its_own_process_at_once(tmp_path):
+    reader, writer = Store(tmp_path / "s"), Store(tmp_path / "s")
+    _fill(writer)
+    assert reader.count("users") == 2  # its snapshot of committed versions is refreshed by the write
+    writer.ingest([_items("carol", 1)], [], {"carol": {}}, "enc", 8)
+    assert reader.count("users") == 3 and reader.get_user("carol").n_items == 1

@@ -1,12 +1,18 @@
-"""Benchmark: batched greedy generation, examples/s at batch 1, 4 and 16 on the same LaMP-7 queries.
+"""Benchmark: batched greedy generation, examples/s at batch 1, 4 and 16 on the same LaMP-7 queries,
+for every way a method changes the LLM per user, in mixed-user batches.
 
 One process, one model load, the same prompts (LaMP-7 inputs, k=0, the task's 64 new tokens)
-for every batch size, so only batching differs. Also counts how many answers are identical
-to batch 1's (greedy; left padding may move a near-tie by float rounding).
-Goal (issue 3): batch 16 at least 4x the examples/s of batch 1.
+for every batch size, so only batching differs. `--kinds` picks what each prompt carries, prompt
+i belonging to user i mod 16: `bare` (prompt methods, task-lora: nothing per row), `lora-r8` (OPPU:
+each user's own rank-8 LoRA on q/k/v/o through per-row hooks), `lora-r24` (Per-Pcs and
+peft-retrieval: three rank-8 pieces mixed, rank 24), `soft` (PPlug: one soft token per prompt),
+`steer` (style-vector: a vector added at the middle layer). The per-user parts are random and small
+(the answers stay the base model's, so every kind generates about the same tokens). Also counts
+how many answers are identical to batch 1's. Goal: batch 16 at least 4x the examples/s of batch 1
+for every kind.
 
     .venv/bin/python benchmarks/generation/run.py [--questions ../shared/data/lamp7/questions.json]
-        [--n 64] [--batch-sizes 1 4 16] [--out benchmarks/generation/results.json]
+        [--n 64] [--batch-sizes 1 4 16] [--kinds bare lora-r8 lora-r24 soft steer] [--out benchmarks/generation/results.json]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="queries (the first N of the file)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
     if not args.questions.exists():
@@ -44,10 +51,40 @@ def main() -> None:
     prompts = [q["input"] for q in json.loads(args.questions.read_text())[: args.n]]
     llm = load_llm(None, device=args.device)
     generate(llm, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up
+    kinds = {}
+    for kind in args.kinds:
+        rows = measure(llm, prompts, task.max_new_tokens, args.batch_sizes, KINDS[kind](llm, len(prompts)), kind)
+        kinds[kind] = {"rows": rows, "speedup": rows[-1]["speedup"], "goal_met": rows[-1]["speedup"] >= 4.0}
+    result = {
+        "benchmark": "generation",
+        "data": f"{args.questions} (first {len(prompts)} LaMP-7 queries, k=0 prompts, 16 users per batch)",
+        "model": llm.id,
+        "device": str(llm.device),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "max_new_tokens": task.max_new_tokens,
+        "kinds": kinds,
+        "goal": f"batch {args.batch_sizes[-1]} >= 4x batch {args.batch_sizes[0]} for every kind",
+        "goal_met": all(k["goal_met"] for k in kinds.values()),
+    }
+    print(f"\nLaMP-7, {len(prompts)} queries, {llm.id} on {llm.device} ({torch.get_num_threads()} threads), greedy, max {task.max_new_tokens} new tokens")
+    print(f"{'kind':>9} {'batch':>5} {'seconds':>8} {'examples/s':>11} {'tokens/s':>9} {'speedup':>8} {'same answers':>13}")
+    for kind, found in kinds.items():
+        for r in found["rows"]:
+            print(f"{kind:>9} {r['batch_size']:>5} {r['seconds']:>8} {r['examples_per_s']:>11} {r['new_tokens_per_s']:>9} {r['speedup']:>7}x {r['same_answers_as_first']:>6}/{r['examples']}")
+    print(f"goal {result['goal']}: {'met' if result['goal_met'] else 'NOT met'}")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+def measure(llm, prompts: list[str], max_new_tokens: int, batch_sizes: list[int], per_row, kind: str) -> list[dict]:
+    """examples/s of one kind at each batch size, and how many answers equal the first size's."""
+    from recipes.kit.generation import generate
+
     rows, reference = [], None
-    for batch_size in args.batch_sizes:
+    for batch_size in batch_sizes:
         started = time.perf_counter()
-        answers = generate(llm, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size)
+        answers = generate(llm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, per_row=per_row)
         seconds = time.perf_counter() - started
         reference = reference or answers
         tokens = sum(len(llm.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
@@ -61,30 +98,60 @@ def main() -> None:
                 "same_answers_as_first": sum(a == b for a, b in zip(answers, reference)),
             }
         )
-        print(f"batch {batch_size}: {rows[-1]['examples_per_s']} examples/s", file=sys.stderr, flush=True)
+        print(f"{kind} batch {batch_size}: {rows[-1]['examples_per_s']} examples/s", file=sys.stderr, flush=True)
     base = rows[0]["examples_per_s"]
     for row in rows:
         row["speedup"] = round(row["examples_per_s"] / base, 2)
-    biggest = rows[-1]
-    result = {
-        "benchmark": "generation",
-        "data": f"{args.questions} (first {len(prompts)} LaMP-7 queries, k=0 prompts)",
-        "model": llm.id,
-        "device": str(llm.device),
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "max_new_tokens": task.max_new_tokens,
-        "rows": rows,
-        "goal": f"batch {biggest['batch_size']} >= 4x batch {rows[0]['batch_size']}",
-        "goal_met": biggest["speedup"] >= 4.0,
-    }
-    print(f"\nLaMP-7, {len(prompts)} queries, {llm.id} on {llm.device} ({torch.get_num_threads()} threads), greedy, max {task.max_new_tokens} new tokens")
-    print(f"{'batch':>5} {'seconds':>8} {'examples/s':>11} {'tokens/s':>9} {'speedup':>8} {'same answers':>13}")
-    for r in rows:
-        print(f"{r['batch_size']:>5} {r['seconds']:>8} {r['examples_per_s']:>11} {r['new_tokens_per_s']:>9} {r['speedup']:>7}x {r['same_answers_as_first']:>6}/{r['examples']}")
-    print(f"goal {result['goal']}: {'met' if result['goal_met'] else 'NOT met'} ({biggest['speedup']}x)")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {args.out}")
+    return rows
+
+
+USERS = 16
+
+
+def _bare(llm, n: int):
+    from recipes.kit.row_edits import PerRow
+
+    return PerRow()
+
+
+def _loras(rank: int):
+    def make(llm, n: int):
+        from recipes.kit.lora import LoraWeights
+        from recipes.kit.row_edits import PerRow
+        from recipes.kit.row_lora import RowLora
+
+        adapters = []
+        for user in range(USERS):
+            generator = torch.Generator().manual_seed(user)
+            modules = {}
+            for path, module in llm.model.named_modules():
+                if path.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) and isinstance(module, torch.nn.Linear):
+                    out_f, in_f = module.weight.shape
+                    modules[path] = (torch.randn(rank, in_f, generator=generator) * 1e-3, torch.randn(out_f, rank, generator=generator) * 1e-3)
+            adapters.append(LoraWeights(modules, {path: 1.0 for path in modules}))
+        return PerRow(edit=RowLora(llm.model, [adapters[i % USERS] for i in range(n)]))
+
+    return make
+
+
+def _soft(llm, n: int):
+    from recipes.kit.row_edits import PerRow
+    from recipes.kit.soft_prompts import SoftTokens, token_norm
+
+    vectors = torch.randn(USERS, 1, llm.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True) * token_norm(llm)
+    return PerRow(soft=SoftTokens(vectors[[i % USERS for i in range(n)]]))
+
+
+def _steer(llm, n: int):
+    from recipes.kit.row_edits import PerRow
+    from recipes.methods.style_vector import RowSteering, steered_layer
+
+    vectors = torch.randn(USERS, llm.model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 1e-3
+    return PerRow(edit=RowSteering(llm.model, steered_layer(llm, -1), vectors[[i % USERS for i in range(n)]]))
+
+
+KINDS = {"bare": _bare, "lora-r8": _loras(8), "lora-r24": _loras(24), "soft": _soft, "steer": _steer}
 
 
 if __name__ == "__main__":
