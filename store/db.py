@@ -308,7 +308,7 @@ class Store(ResultTables, PluginTables, PieceTables):
         self.check_encoder(encoder_id, dim)
         with self.transaction():
             self._set_meta({"format_version": str(FORMAT_VERSION), "encoder": encoder_id, "encoder_dim": str(dim)})
-            n_items = self._upsert_behaviors(behavior_batches, encoder_id, dim)
+            n_items = self._upsert_behaviors(behavior_batches, encoder_id, dim, set(user_metadata))
             n_queries = self._upsert_queries(queries)
             touched = set(user_metadata)
             self._refresh_users(touched, user_metadata)
@@ -335,9 +335,13 @@ class Store(ResultTables, PluginTables, PieceTables):
             made.append(f"{name}.user_id btree")
         return made
 
-    def _upsert_behaviors(self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int) -> int:
+    def _upsert_behaviors(self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int, users: set[str] | None = None) -> int:
+        """Upsert the items of `users`. When none of them has a stored item yet (a first ingest, new
+        users: found through the user_id index) the items are appended, which needs no join against
+        the existing keys: time and memory stay those of the new rows however large the table."""
         schema = schemas.behaviors(dim)
         table = self._open_or_create(BEHAVIORS, schema)
+        append = users is not None and not _has_rows(table, users)  # users unknown: always the upsert
         count = 0
         failure: list[BaseException] = []
 
@@ -346,6 +350,8 @@ class Store(ResultTables, PluginTables, PieceTables):
             try:
                 for chunk in batches:
                     if chunk:
+                        if append and any(b.user_id not in users for b in chunk):
+                            raise ValueError("Store.ingest: an item's user is not among the users given in user_metadata")
                         count += len(chunk)
                         yield _behaviors_to_arrow(chunk, schema, encoder_id, dim)
             except BaseException as exc:  # re-raised below with its own type, not LanceDB's wrapper
@@ -354,12 +360,15 @@ class Store(ResultTables, PluginTables, PieceTables):
 
         reader = pa.RecordBatchReader.from_batches(schema, arrow_batches())
         try:
-            (
-                table.merge_insert(schemas.BEHAVIOR_KEY)
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute(reader)
-            )
+            if append:
+                table.add(reader)
+            else:
+                (
+                    table.merge_insert(schemas.BEHAVIOR_KEY)
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute(reader)
+                )
         except Exception:
             if failure:
                 raise failure[0] from None
@@ -575,6 +584,18 @@ class Store(ResultTables, PluginTables, PieceTables):
 def _is_io_failure(exc: BaseException) -> bool:
     """An operating-system failure to write, as Python or LanceDB (a RuntimeError naming LanceError(IO)) reports it."""
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "LanceError(IO)" in str(exc))
+
+
+def _has_rows(table: Any, users: set[str]) -> bool:
+    """Whether any of these users has a row in the table (one indexed lookup per 10,000 users)."""
+    if table.count_rows() == 0:
+        return False
+    ordered = sorted(users)
+    for start in range(0, len(ordered), 10_000):
+        where = _in_list("user_id", ordered[start : start + 10_000])
+        if table.search().where(where).select(["user_id"]).limit(1).to_arrow().num_rows:
+            return True
+    return False
 
 
 def _natural_order(ids: pa.ChunkedArray) -> list[str]:
