@@ -617,9 +617,9 @@ def object_store_problem(uri: str, exc: BaseException, options: dict[str, str]) 
     endpoint = options.get("endpoint") or options.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     where = f" at {endpoint}" if endpoint else ""
     bucket = uri.split("://", 1)[1].split("/", 1)[0] if "://" in uri else uri
-    if "404" in text or "NoSuchBucket" in text:
+    if "status: 404" in text or "NoSuchBucket" in text:
         return f"store {uri}: bucket '{bucket}' does not exist{where} (create it, or check the URI)"
-    if any(code in text for code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
+    if any(code in text for code in ("status: 403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
         return f"store {uri}: access denied{where} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or --storage-option)"
     return f"store {uri}: cannot reach the object store{where} (check AWS_ENDPOINT or --storage-option endpoint=..., and the network)"
 

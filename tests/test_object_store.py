@@ -130,3 +130,18 @@ def test_a_command_killed_midway_leaves_the_store_at_its_last_version(s3, tmp_pa
     assert users["total"] == 4  # readers see the last complete command
     again = cli_json(store, "ingest", str(_users(tmp_path, 4, 12)), "--task", "LaMP-7")
     assert again["users"] == 12 and cli_json(store, "users", "list")["total"] == 16
+
+
+def test_errors_are_told_apart_by_the_status_not_by_digits_elsewhere_in_the_message():
+    from store.db import object_store_problem
+
+    refused = ValueError('IO { store: "S3", RetryError(RetryErrorImpl { retries: 3, elapsed: 404.7ms, '
+                         'inner: Http(ConnectError("tcp connect error", 127.0.0.1:9, "Connection refused")) }) }')
+    missing = ValueError('IO { store: "S3", RetryError(RetryErrorImpl { elapsed: 4.5ms, inner: Status { status: 404, '
+                         'body: Some("<Code>NoSuchBucket</Code>") } }) }')
+    denied = ValueError('IO { store: "S3", RetryError(RetryErrorImpl { inner: Status { status: 403, body: Some("<Code>AccessDenied</Code>") } }) }')
+    options = {"endpoint": "http://127.0.0.1:9", "aws_secret_access_key": SECRET}
+    assert "cannot reach the object store at http://127.0.0.1:9" in object_store_problem("s3://b/s", refused, options)
+    assert "bucket 'b' does not exist" in object_store_problem("s3://b/s", missing, options)
+    assert "access denied" in object_store_problem("s3://b/s", denied, options)
+    assert all(SECRET not in object_store_problem("s3://b/s", e, options) for e in (refused, missing, denied))
