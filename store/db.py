@@ -308,10 +308,10 @@ class Store(ResultTables, PluginTables, PieceTables):
         self.check_encoder(encoder_id, dim)
         with self.transaction():
             self._set_meta({"format_version": str(FORMAT_VERSION), "encoder": encoder_id, "encoder_dim": str(dim)})
-            n_items = self._upsert_behaviors(behavior_batches, encoder_id, dim, set(user_metadata))
+            n_items, appended = self._upsert_behaviors(behavior_batches, encoder_id, dim, set(user_metadata))
             n_queries = self._upsert_queries(queries)
             touched = set(user_metadata)
-            self._refresh_users(touched, user_metadata)
+            self._refresh_users(touched, user_metadata, appended)
             self.ensure_indexes()
         return {"users": len(touched), "items": n_items, "queries": n_queries}
 
@@ -335,15 +335,20 @@ class Store(ResultTables, PluginTables, PieceTables):
             made.append(f"{name}.user_id btree")
         return made
 
-    def _upsert_behaviors(self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int, users: set[str] | None = None) -> int:
-        """Upsert the items of `users`. When none of them has a stored item yet (a first ingest, new
-        users: found through the user_id index) the items are appended, which needs no join against
-        the existing keys: time and memory stay those of the new rows however large the table."""
+    def _upsert_behaviors(
+        self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int, users: set[str] | None = None
+    ) -> tuple[int, pa.Table | None]:
+        """Upsert the items of `users`; returns how many, and when they were appended, their
+        (user_id, timestamp) columns. When none of these users has a stored item yet (a first
+        ingest, new users: found through the user_id index) the items are appended, which needs no
+        join against the existing keys: time and memory stay those of the new rows however large
+        the table, and the users' statistics come from the rows written, not from a scan."""
         schema = schemas.behaviors(dim)
         table = self._open_or_create(BEHAVIORS, schema)
         append = users is not None and not _has_rows(table, users)  # users unknown: always the upsert
         count = 0
         failure: list[BaseException] = []
+        written: list[pa.RecordBatch] = []
 
         def arrow_batches() -> Iterator[pa.RecordBatch]:
             nonlocal count
@@ -353,7 +358,10 @@ class Store(ResultTables, PluginTables, PieceTables):
                         if append and any(b.user_id not in users for b in chunk):
                             raise ValueError("Store.ingest: an item's user is not among the users given in user_metadata")
                         count += len(chunk)
-                        yield _behaviors_to_arrow(chunk, schema, encoder_id, dim)
+                        batch = _behaviors_to_arrow(chunk, schema, encoder_id, dim)
+                        if append:
+                            written.append(batch.select(["user_id", "timestamp"]))
+                        yield batch
             except BaseException as exc:  # re-raised below with its own type, not LanceDB's wrapper
                 failure.append(exc)
                 raise
@@ -373,7 +381,9 @@ class Store(ResultTables, PluginTables, PieceTables):
             if failure:
                 raise failure[0] from None
             raise
-        return count
+        if not append:
+            return count, None
+        return count, pa.Table.from_batches(written, schema=pa.schema([schema.field("user_id"), schema.field("timestamp")]))
 
     def _upsert_queries(self, queries: list[Query]) -> int:
         if not queries:
@@ -383,11 +393,13 @@ class Store(ResultTables, PluginTables, PieceTables):
         table.merge_insert(schemas.QUERY_KEY).when_matched_update_all().when_not_matched_insert_all().execute(rows)
         return len(queries)
 
-    def _refresh_users(self, user_ids: set[str], metadata: dict[str, dict[str, Any]]) -> None:
-        """Recount items, queries and time span of these users from what is stored now."""
+    def _refresh_users(self, user_ids: set[str], metadata: dict[str, dict[str, Any]], items: pa.Table | None = None) -> None:
+        """Recount items, queries and time span of these users from what is stored now (`items`:
+        all their stored items' user_id and timestamp, when the caller has them; else read)."""
         if not user_ids:
             return
-        items = self._column_scan(BEHAVIORS, ["user_id", "timestamp"], user_ids)
+        if items is None:
+            items = self._column_scan(BEHAVIORS, ["user_id", "timestamp"], user_ids)
         stats: dict[str, dict[str, Any]] = {}
         if items is not None and items.num_rows:
             grouped = items.group_by("user_id").aggregate(
@@ -441,7 +453,7 @@ class Store(ResultTables, PluginTables, PieceTables):
             return []
         ids = _scan(table, None, ["user_id"]).column("user_id")
         end = None if limit is None else offset + limit
-        page = [str(u) for u in _natural_order(ids)[offset:end]]
+        page = _natural_page(ids, offset, end)
         found = {u.user_id: u for u in self.get_users(page)}
         return [found[u] for u in page]
 
@@ -598,11 +610,13 @@ def _has_rows(table: Any, users: set[str]) -> bool:
     return False
 
 
-def _natural_order(ids: pa.ChunkedArray) -> list[str]:
-    """Ids in natural order (id_sort_key); all-digit ids, the common case at scale, sorted in Arrow."""
+def _natural_page(ids: pa.ChunkedArray, start: int, end: int | None) -> list[str]:
+    """ids[start:end] in natural order (id_sort_key); all-digit ids, the common case at scale,
+    are sorted in Arrow and only the page becomes Python strings."""
     if len(ids) and pc.all(pc.match_substring_regex(ids, r"^[0-9]{1,18}$")).as_py():
-        return ids.take(pc.sort_indices(pc.cast(ids, pa.int64()))).to_pylist()
-    return sorted(ids.to_pylist(), key=_id_sort_key)
+        order = pc.sort_indices(pc.cast(ids, pa.int64()))
+        return ids.take(order[start:end]).to_pylist()
+    return sorted(ids.to_pylist(), key=_id_sort_key)[start:end]
 
 
 def _is_object_store_failure(exc: BaseException) -> bool:
