@@ -533,6 +533,7 @@ class Store(ResultTables, PluginTables, PieceTables):
             table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
             .metric("cosine")
             .where(where, prefilter=True)
+            .select(_HIT_COLUMNS)  # a hit carries no vector: half the bytes to read and convert
             .limit(k)
             .to_arrow()
         )
@@ -659,6 +660,9 @@ def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: st
         pa.array([encoder_id] * len(chunk), pa.string()),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+_HIT_COLUMNS = ["item_id", "user_id", "task", "text", "fields", "timestamp", "encoder"]
 
 
 def _behavior_from_row(row: dict[str, Any]) -> Behavior:
