@@ -52,7 +52,7 @@ def _writer_lock(uri: str) -> Iterator[bool]:
     rows nor rolls back the other's commit. Object-store URIs have no file lock; there writers must
     not overlap."""
     local = "://" not in uri
-    key = os.path.abspath(uri) if local else uri
+    key = _lock_key(uri)
     with _held_guard:
         outermost = not _held.get(key)
         _held[key] = _held.get(key, 0) + 1
@@ -82,7 +82,7 @@ def _count_write(uri: str) -> None:
 
 
 def _holds_writer_lock(uri: str) -> bool:
-    key = os.path.abspath(uri) if "://" not in uri else uri
+    key = _lock_key(uri)
     with _held_guard:
         return bool(_held.get(key))
 
@@ -308,9 +308,9 @@ class Store(ResultTables, PluginTables, PieceTables):
         self.check_encoder(encoder_id, dim)
         with self.transaction():
             self._set_meta({"format_version": str(FORMAT_VERSION), "encoder": encoder_id, "encoder_dim": str(dim)})
-            n_items, appended = self._upsert_behaviors(behavior_batches, encoder_id, dim, set(user_metadata))
-            n_queries = self._upsert_queries(queries)
             touched = set(user_metadata)
+            n_items, appended = self._upsert_behaviors(behavior_batches, encoder_id, dim, touched)
+            n_queries = self._upsert_queries(queries)
             self._refresh_users(touched, user_metadata, appended)
             self.ensure_indexes()
         return {"users": len(touched), "items": n_items, "queries": n_queries}

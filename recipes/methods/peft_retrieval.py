@@ -8,11 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from recipes import PersonaError
-from recipes.kit.plugins import base_chain
 from recipes.kit.retrieval import user_embedding
-from recipes.kit.serving_plan import ServingPlan, per_prompt_loras
+from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.tasks import Task
-from recipes.methods.perpcs.pool import Choices, Pool, load_pool, mixed_lora
+from recipes.methods.perpcs.pool import Choices, Pool, load_pool, mixed_lora, pool_plan
 from recipes.methods.registry import Method, MethodOptions, register
 from store import Store
 
@@ -49,10 +48,7 @@ def serve_peft_retrieval(store: Store, task: Task, user_ids: list[str], options:
         raise PersonaError(f"user '{missing[0]}' has no {task.name} history to compare with the sharers")
     sharers = {s: embeddings[s] for s in pool.sharers if s in embeddings}
     load = lambda: {u: mixed_lora(pool, retrieval_choices(pool, embeddings[u], sharers, top_k)) for u in set(user_ids)}  # noqa: E731
-    return ServingPlan(
-        chain=base_chain(store, pool.base), edit=per_prompt_loras(list(user_ids), load, pool.llm),
-        details={"pool": pool.label, "pool_version": pool.version, "top_k": top_k, "per_user_adapters": len(set(user_ids))},
-    )  # fmt: skip
+    return pool_plan(store, pool, list(user_ids), load, {"top_k": top_k})
 
 
 register(Method(

@@ -31,9 +31,11 @@ def random_choice(ctx: PromptContext, query: Query, history: list[Behavior], _: 
     return [history[i] for i in positions]
 
 
-def _history_prompts(choose: Callable) -> PromptBuilder:
+def _history_prompts(choose: Callable, by_retriever: bool) -> PromptBuilder:
+    """Prompts of `choose`'s items; `by_retriever`: it follows --retriever (dense reads the query vectors)."""
+
     def build(ctx: PromptContext, queries: list[Query]) -> tuple[list[str], dict]:
-        dense = choose is retrieved_items and ctx.settings.retriever == "dense"
+        dense = by_retriever and ctx.settings.retriever == "dense"
         histories = ctx.histories(queries, with_vectors=dense)
         facts, vectors = {}, None
         if dense:
@@ -53,9 +55,9 @@ def _history_prompts(choose: Callable) -> PromptBuilder:
 
 RANDOM = register(Method(
     name="random", summary="k history items at random (seeded per query; --k, --seed)",
-    prompts=_history_prompts(random_choice), label=lambda options, prompt: f"random-k{prompt.k}",
+    prompts=_history_prompts(random_choice, by_retriever=False), label=lambda options, prompt: f"random-k{prompt.k}",
 ))  # fmt: skip
 RAG = register(Method(
     name="rag", summary="the k history items most relevant to the query (--retriever bm25, recency or dense; --k)",
-    prompts=_history_prompts(retrieved_items), label=lambda options, prompt: f"rag-{prompt.retriever}-k{prompt.k}",
+    prompts=_history_prompts(retrieved_items, by_retriever=True), label=lambda options, prompt: f"rag-{prompt.retriever}-k{prompt.k}",
 ))  # fmt: skip

@@ -31,7 +31,7 @@ from recipes.kit.row_edits import RowEdit, rows_of
 from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.tasks import Task
 from recipes.kit.training_data import history_examples
-from recipes.kit.training_loop import IGNORE, Example, encode_example
+from recipes.kit.training_loop import IGNORE, Example, causal_batch, encode_example
 from recipes.methods.registry import Method, MethodOptions, Setting, register
 from store import Plugin, Query, Store
 
@@ -81,19 +81,15 @@ def answer_states(llm: LLM, path: str, examples: list[Example]) -> torch.Tensor:
     hook: Hook = lambda module, inputs, output: captured.append(_hidden(output))  # noqa: E731
     rows: list[torch.Tensor] = []
     eos = llm.tokenizer.eos_token_id
-    for start in range(0, len(examples), BATCH):
-        encoded = [encode_example(llm, e, MAX_LENGTH) for e in examples[start : start + BATCH]]
-        width = max(len(ids) for ids, _ in encoded)
-        pad = llm.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(i)) + i for i, _ in encoded], device=llm.device)
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in encoded], device=llm.device)
-        labels = torch.tensor([[IGNORE] * (width - len(lab)) + lab for _, lab in encoded], device=llm.device)
-        captured.clear()
-        with forward_hooks(llm.model, {path: hook}):
-            llm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
-        answer = ((labels != IGNORE) & (labels != eos)).float()
-        hidden = captured[0].float()
-        rows.append((hidden * answer[..., None]).sum(1) / answer.sum(1, keepdim=True).clamp(min=1))
+    with forward_hooks(llm.model, {path: hook}):
+        for start in range(0, len(examples), BATCH):
+            batch = causal_batch(llm, [encode_example(llm, e, MAX_LENGTH) for e in examples[start : start + BATCH]], share_prefix=False)
+            labels = batch.pop("labels")
+            captured.clear()
+            llm.model(**batch, use_cache=False)
+            answer = ((labels != IGNORE) & (labels != eos)).float()
+            hidden = captured[0].float()
+            rows.append((hidden * answer[..., None]).sum(1) / answer.sum(1, keepdim=True).clamp(min=1))
     return torch.cat(rows).cpu()
 
 

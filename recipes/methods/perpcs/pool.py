@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -14,6 +14,8 @@ from safetensors.torch import save as save_safetensors
 
 from recipes import PersonaError
 from recipes.kit.lora import LoraWeights, mix_pieces, zero_pad
+from recipes.kit.plugins import base_chain
+from recipes.kit.serving_plan import ServingPlan, per_prompt_loras
 from store import Piece, PoolVersion, Store, id_sort_key
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -155,6 +157,15 @@ def mixed_lora(pool: Pool, choices: Choices) -> LoraWeights:
         weights = torch.tensor([w for _, w in picked], dtype=module.b.dtype)
         modules[path] = mix_pieces(module.a[rows], module.b[rows], weights)
     return LoraWeights(modules, {path: 1.0 for path in modules})
+
+
+def pool_plan(store: Store, pool: Pool, keys: list[str], load: Callable[[], dict[str, LoraWeights]], details: dict) -> ServingPlan:
+    """Serving mixes of the pool's pieces: prompt i through adapter `load()[keys[i]]`, over the
+    pool's base (Per-Pcs's assemblies and uniform gates, PEFT retrieval's nearest sharers)."""
+    return ServingPlan(
+        chain=base_chain(store, pool.base), edit=per_prompt_loras(keys, load, pool.llm),
+        details={"pool": pool.label, "pool_version": pool.version, "per_user_adapters": len(set(keys)), **details},
+    )  # fmt: skip
 
 
 def sharer_mass(choices: Choices) -> dict[str, float]:

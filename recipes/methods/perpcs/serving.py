@@ -3,14 +3,10 @@ mixed into one adapter per user; the ablation mixes every sharer's pieces with e
 
 from __future__ import annotations
 
-from typing import Callable
-
 from recipes import PersonaError
-from recipes.kit.lora import LoraWeights
-from recipes.kit.plugins import base_chain
-from recipes.kit.serving_plan import ServingPlan, per_prompt_loras
+from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.tasks import Task
-from recipes.methods.perpcs.pool import Pool, decode_choices, mixed_lora, pool_label, read_pool
+from recipes.methods.perpcs.pool import decode_choices, mixed_lora, pool_label, pool_plan, read_pool
 from recipes.methods.registry import Method, MethodOptions, register
 from store import Store
 
@@ -23,7 +19,7 @@ def serve_perpcs(store: Store, task: Task, user_ids: list[str], options: MethodO
     pool = read_pool(store, task.name, version)
     if options.ablation:
         uniform = {path: [(s, 1 / len(m.sharers)) for s in m.sharers] for path, m in pool.modules.items()}
-        return _plan(store, pool, [UNIFORM] * len(user_ids), lambda: {UNIFORM: mixed_lora(pool, uniform)}, {"ablation": ABLATION})
+        return pool_plan(store, pool, [UNIFORM] * len(user_ids), lambda: {UNIFORM: mixed_lora(pool, uniform)}, {"ablation": ABLATION})
     wanted = sorted(set(user_ids))
     records = store.get_assemblies(task.name, wanted, version.version)
     missing = [u for u in wanted if u not in records]
@@ -37,14 +33,7 @@ def serve_perpcs(store: Store, task: Task, user_ids: list[str], options: MethodO
     if options.top_k is not None and ks != {options.top_k}:
         raise PersonaError(f"the stored assemblies use top-k {sorted(ks)}; assemble again with --top-k {options.top_k}")
     load = lambda: {u: mixed_lora(pool, decode_choices(pool, r.choice)) for u, r in records.items()}  # noqa: E731
-    return _plan(store, pool, list(user_ids), load, {"top_k": sorted(ks)})
-
-
-def _plan(store: Store, pool: Pool, keys: list[str], load: Callable[[], dict[str, LoraWeights]], details: dict) -> ServingPlan:
-    return ServingPlan(
-        chain=base_chain(store, pool.base), edit=per_prompt_loras(keys, load, pool.llm),
-        details={"pool": pool.label, "pool_version": pool.version, "per_user_adapters": len(set(keys)), **details},
-    )  # fmt: skip
+    return pool_plan(store, pool, list(user_ids), load, {"top_k": sorted(ks)})
 
 
 register(Method(

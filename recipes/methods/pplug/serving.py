@@ -123,8 +123,9 @@ def serve_pplug(store: Store, task: Task, user_ids: list[str], options: MethodOp
     if options.ablation and not shape.personal:
         raise PersonaError(f"plug-in '{name}' has no personal token; it is an ablation already")
     donor = donors(user_ids, options.seed) if options.ablation else None
-    vectors = history_vectors(store, task, user_ids, shape.history_cap) if shape.personal else {}  # read once, here
+    vectors: dict[str, np.ndarray] = {}  # read once, here; --no-personal reads no history
     if shape.personal:
+        vectors = history_vectors(store, task, user_ids, shape.history_cap)
         require_histories(vectors, user_ids, task)
     details = {"pplug": name, "pooling": shape.pooling, **({"ablation": ABLATION} if donor else {})}
     return ServingPlan(
