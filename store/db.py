@@ -180,6 +180,15 @@ class Store(ResultTables, PluginTables, PieceTables):
             self._snapshot = (now, writes, set(names), self._committed(names), {})
         return self._snapshot
 
+    def _open_at(self, name: str, version: int):
+        """A handle of its own on an older version of a table (the shared handle stays at the
+        version every other read sees), or None if the table does not exist."""
+        if self._open(name) is None:
+            return None
+        table = self._db.open_table(name)
+        table.checkout(version)
+        return table
+
     def _open_or_create(self, name: str, schema: pa.Schema):
         table = self._open(name)
         if table is None:

@@ -116,10 +116,9 @@ class PieceTables:
 
     def pool_pieces(self, version: int, task: Optional[str] = None, with_tensors: bool = True) -> list[Piece]:
         """The pieces as they were at one pool version (sizes filled in), by sharer and module."""
-        table = self._open(PIECES)
+        table = self._open_at(PIECES, version)
         if table is None:
             return []
-        table.checkout(version)
         columns = _PIECE_LISTED + ["tensors"]
         rows = scan(table, f"task = {_q(task)}" if task else None, columns)
         sizes = pc.binary_length(rows.column("tensors")).to_pylist()

@@ -200,6 +200,7 @@ def test_pool_versions_are_tagged_and_stay_readable_after_the_pool_grows(tmp_pat
     assert [v.tags for v in store.pool_versions()] == [["pool-1"], ["paper", "pool-2"]]
     assert store.resolve_pool().version == second.version and store.resolve_pool("paper").version == second.version
     old = {p.sharer_id for p in store.pool_pieces(first.version)}
+    assert store.resolve_pool("paper").version == second.version  # reading an old version moves no other read back
     new = {(p.sharer_id, p.registration) for p in store.pool_pieces(second.version)}
     assert old == {"7", "12"} and new >= {("7", 1), ("12", 2), ("30", 2)}
     assert len(store.pool_pieces(second.version)) == 3 * len(pool.module_order)  # 12 replaced, not duplicated
