@@ -33,13 +33,12 @@ def open_store(ctx: typer.Context) -> Store:
 
 
 def store_encoder(store: Store, name: Optional[str], device: str) -> Callable[[], Any]:
-    """A loader of the encoder named, else of the one the store's vectors were made with."""
+    """A loader of the encoder named, else of the one the store's vectors were made with (it holds
+    the name, not the store, so a Ray engine can ship it to its workers)."""
     from recipes.kit.backbones import load_encoder
 
-    def load() -> Any:
-        return load_encoder(name or (store.encoder() or (None,))[0], device)
-
-    return load
+    chosen = name or (store.encoder() or (None,))[0]
+    return lambda: load_encoder(chosen, device)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -150,3 +149,12 @@ def key_values(values: Optional[list[str]], flag: str, secret: bool = False) -> 
 def method_settings_given(values: Optional[list[str]]) -> dict[str, str]:
     """--set NAME=VALUE options as a dict (checked against the method by the library)."""
     return key_values(values, "--set")
+
+
+def engine_of(name: str, address: Optional[str], workers: int) -> Any:
+    """The Engine the --engine, --ray-address and --workers options name, checked."""
+    from recipes.kit.engine import Engine
+
+    engine = Engine(name, address if name == "ray" else None, workers)
+    engine.validate()
+    return engine

@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import console, handle_errors, method_settings_given, open_store, print_json, progress_bar, store_encoder
+from persona_cli.common import console, engine_of, handle_errors, method_settings_given, open_store, print_json, progress_bar, store_encoder
 from persona_cli.options import (
-    AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthRatioOption, MethodOption,
-    NoRepeatOption, PluginOption, PoolOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
+    AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, EngineOption, JsonOption, KOption, LengthRatioOption, MethodOption,
+    NoRepeatOption, PluginOption, PoolOption, RayAddressOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
+    WorkersOption,
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
 from recipes import PersonaError
@@ -50,6 +51,9 @@ def evaluate(
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder for --retriever dense (default: the store's)."),
     device: str = DeviceOption,
+    engine: str = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: int = WorkersOption,
     export: Optional[Path] = typer.Option(None, "--export", help="Also write the predictions as a LaMP predictions JSON file."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score this LaMP predictions file instead of running a method."),
     outputs: Optional[Path] = typer.Option(None, "--outputs", help="LaMP outputs.json with the golds (with --predictions)."),
@@ -59,6 +63,7 @@ def evaluate(
     if predictions is not None or outputs is not None:
         _score_file(task, predictions, outputs, json_out)
         return
+    running_on = engine_of(engine, ray_address, workers)
     store = open_store(ctx)
     request = EvalRequest(
         task=task, method=method, k=k, retriever=retriever, answer=answer, split=split, limit=limit,
@@ -71,7 +76,9 @@ def evaluate(
         raise PersonaError(f"--export {export}: is a directory; give a file name")
 
     with progress_bar(enabled=not json_out) as tick:
-        run, preds = run_evaluation(store, request, lambda: load_llm(llm, device), store_encoder(store, encoder, device), progress=tick)
+        run, preds = run_evaluation(
+            store, request, lambda: load_llm(llm, device), store_encoder(store, encoder, device), progress=tick, engine=running_on
+        )
     if export is not None:
         write_lamp_predictions(export, get_task(run.task), preds)
     if json_out:

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import console, handle_errors, open_store, print_json, progress_bar
-from persona_cli.options import DeviceOption, JsonOption
+from persona_cli.common import console, engine_of, handle_errors, open_store, print_json, progress_bar
+from persona_cli.options import DeviceOption, EngineOption, JsonOption, RayAddressOption, WorkersOption
 from recipes import PersonaError
 from recipes.kit.backbones import load_encoder
 from recipes.flows.ingest import ingest as run_ingest, lamp_source, users_jsonl_source
@@ -27,6 +27,9 @@ def ingest(
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Sentence-transformers name or path (default: embedded all-MiniLM-L6-v2)."),
     device: str = DeviceOption,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Encoder batch size."),
+    engine: str = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: int = WorkersOption,
     json_out: bool = JsonOption,
 ) -> None:
     """Validate the whole input, embed every history item, and upsert users, items and queries."""
@@ -38,12 +41,15 @@ def ingest(
         raise PersonaError("--outputs goes with --format lamp; users.jsonl carries outputs in its queries")
     if split is not None and split not in ("train", "dev", "test"):
         raise PersonaError(f"--split must be train, dev or test, got '{split}'")
+    running_on = engine_of(engine, ray_address, workers)
     store = open_store(ctx)
     source = (
         lamp_source(path, task_spec, outputs, split) if kind == "lamp" else users_jsonl_source(path, task_spec, split)
     )
     with progress_bar(enabled=not json_out) as tick:
-        summary = run_ingest(store, source, lambda: load_encoder(encoder, device), batch_size=batch_size, progress=tick)
+        summary = run_ingest(
+            store, source, lambda: load_encoder(encoder, device), batch_size=batch_size, progress=tick, engine=running_on
+        )
     summary = {"store": store.uri, "task": task_spec.name, **summary}
     if json_out:
         print_json(summary)

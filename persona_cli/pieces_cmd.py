@@ -9,11 +9,11 @@ import typer
 from rich.table import Table
 
 from persona_cli.common import (
-    check_one_user_choice, console, handle_errors, human_bytes, lora_settings, open_store, print_json, progress_bar, resolve_base,
+    check_one_user_choice, engine_of, console, handle_errors, human_bytes, lora_settings, open_store, print_json, progress_bar, resolve_base,
 )  # fmt: skip
 from persona_cli.options import (
-    AlphaOption, AutoBaseOption, DeviceOption, DropoutOption, JsonOption, LlmOption, MaxLengthOption, PairsOption, PrecisionOption,
-    ROption, SeedOption, TargetsOption,
+    AlphaOption, AutoBaseOption, DeviceOption, DropoutOption, EngineOption, JsonOption, LlmOption, MaxLengthOption, PairsOption, PrecisionOption,
+    RayAddressOption, ROption, SeedOption, TargetsOption, WorkersOption,
 )  # fmt: skip
 from recipes import PersonaError
 from recipes.kit.splits import split_users
@@ -51,6 +51,9 @@ def register_sharers_command(
     gate_lr: float = typer.Option(2e-2, "--gate-lr", help="Gate learning rate."),
     share_ratio: float = typer.Option(1.0, "--share-ratio", help="Share of each sharer's modules put in the pool."),
     tag: Optional[list[str]] = typer.Option(None, "--tag", help="Extra tag of the new pool version (repeatable)."),
+    engine: str = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: int = WorkersOption,
     max_length: int = MaxLengthOption,
     pairs: str = PairsOption,
     seed: int = SeedOption,
@@ -62,6 +65,7 @@ def register_sharers_command(
     """Choose sharers, train each one's LoRA and gates, and write all pieces as a new pool version.
 
     Finished sharers are kept until the pool version is written: rerun the same command to resume."""
+    running_on = engine_of(engine, ray_address, workers)
     store = open_store(ctx)
     task_spec = get_task(task)
     if sharer:
@@ -80,7 +84,8 @@ def register_sharers_command(
     base_name = resolve_base(store, task_spec, base)
     with progress_bar(enabled=not json_out) as tick:
         result = register_sharers(
-            store, lambda: load_llm(llm, device), task_spec, chosen, settings, gates, base_name, share_ratio, tag, selection, tick, pairs
+            store, lambda: load_llm(llm, device), task_spec, chosen, settings, gates, base_name, share_ratio, tag, selection, tick, pairs,
+            running_on,
         )  # fmt: skip
     summary = {
         "task": result.task, "pool_version": result.pool_version, "tags": result.tags, "base": base_name,
@@ -112,6 +117,9 @@ def assemble_command(
     max_length: int = MaxLengthOption,
     max_items: Optional[int] = typer.Option(None, "--max-items", help="Assemble from the user's N most recent items only (default: all)."),
     explain: bool = typer.Option(False, "--explain", help="Show, per layer, the chosen sharers and weights."),
+    engine: str = EngineOption,
+    ray_address: Optional[str] = RayAddressOption,
+    workers: int = WorkersOption,
     precision: str = PrecisionOption,
     llm: Optional[str] = LlmOption,
     device: str = DeviceOption,
@@ -120,6 +128,7 @@ def assemble_command(
     """Assemble target users' adapters from the pool, layer by layer over their history, without training.
 
     Stores per module only (sharer, weight) against the pool version used."""
+    running_on = engine_of(engine, ray_address, workers)
     store = open_store(ctx)
     check_one_user_choice(user, split, users)
     if user:
@@ -132,7 +141,8 @@ def assemble_command(
         user_ids = read_user_ids(users) if users else split_users(store, task_spec, split)
     with progress_bar(enabled=not json_out) as tick:
         result = assemble_users(
-            store, lambda: load_llm(llm, device), task_spec, user_ids, top_k, pool, batch_size, max_length, tick, precision, max_items
+            store, lambda: load_llm(llm, device), task_spec, user_ids, top_k, pool, batch_size, max_length, tick, precision, max_items,
+            running_on,
         )  # fmt: skip
     if json_out:
         print_json({

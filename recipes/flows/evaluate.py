@@ -15,9 +15,11 @@ from typing import Callable, Optional
 from recipes import PersonaError
 from recipes.kit.backbones import LLM, Encoder
 from recipes.kit.decoding import Decoding
+from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.inputs import read_lamp_outputs
 from recipes.flows.answer import answer_prompts, method_prompts
 from recipes.kit.progress import Progress
+from recipes.kit.serving_plan import ServingPlan
 from recipes.flows.serve import MethodRequest, method_label as request_label, plan_serving
 from recipes.kit.splits import SPLITS, query_split
 from recipes.kit.tasks import GENERATION, Task, get_task
@@ -115,11 +117,15 @@ def evaluate(
     load_llm: Callable[[], LLM],
     load_encoder: Optional[Callable[[], Encoder]] = None,
     progress: Optional[Progress] = None,
+    engine: Engine = LOCAL,
 ) -> tuple[Run, list[Prediction]]:
     """Run one prompt method on the selected queries, score it, and store the run and its predictions.
 
     The request is checked against the store before any model is loaded. Wall time and
     examples/s cover everything after loading: history reads, profiles, prompts, answers, scoring.
+    A Ray `engine` answers shards of whole users on its workers (each loads the models once and
+    opens the store by URI; wall time then includes their loading); scoring and the one write of
+    the run happen here.
     """
     task = get_task(request.task)
     method = request.method_request()
@@ -134,31 +140,106 @@ def evaluate(
     queries = select_queries(store, task, request.split, request.limit, request.users)
     task.check_golds([(q.query_id, q.output) for q in queries])
     plan = plan_serving(store, task, method, [q.user_id for q in queries])
-    llm = load_llm()
-    started = time.perf_counter()
-    per_row = plan.prepare(llm, queries)
+    answerer = _Answerer(request, task, mode, decoding)
+    if engine.is_local:
+        llm = load_llm()
+        started = time.perf_counter()
+        shards = [answerer(store, llm, queries, load_encoder, progress, plan)]
+    else:
+        started = time.perf_counter()
+        where = (store.uri, store.storage_options)
+        work = user_shards(queries, engine.workers * SHARDS_PER_WORKER, request.batch_size)
+        make = lambda: answerer.on_worker(where, load_llm, load_encoder)  # noqa: E731
+        shards = list(fan_out(engine, make, work, len(work), progress, "answering shards of users"))
+    raw = [answer for shard in shards for answer in shard.raw]
+    profiles = [profile for shard in shards for profile in shard.profiles]  # stored with the run only
     config = {k: v for k, v in asdict(request).items() if k != "users"}
     if mode == "generate":
         config.update(asdict(decoding), max_new_tokens=request.max_new_tokens or task.max_new_tokens)
-    config.update(task=task.name, answer=mode, llm=llm.id, users=len({q.user_id for q in queries}), **plan.facts())
-    profiles: list[Profile] = []  # stored with the run: a failed evaluation leaves nothing behind
-    prompts, facts = method_prompts(
-        store, llm, task, method, queries, load_encoder, request.batch_size, request.max_input_tokens, progress, profiles
-    )
-    config.update(facts)
-    raw = answer_prompts(
-        llm, task, mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress, per_row,
-        decoding, [q.input for q in queries],
-    )  # fmt: skip
+    config.update(task=task.name, answer=mode, llm=shards[0].llm, users=len({q.user_id for q in queries}), **plan.facts())
+    config.update(merge_facts([shard.facts for shard in shards]), **engine.describe())
     outputs, metrics = score_answers(task, raw, [q.output for q in queries], request.scoring)
     wall = time.perf_counter() - started
     run = Run(
-        run_id="", task=task.name, method=method_label(request), split=request.split, llm=llm.id,
+        run_id="", task=task.name, method=method_label(request), split=request.split, llm=shards[0].llm,
         n_examples=len(queries), wall_s=round(wall, 3), examples_per_s=round(len(queries) / wall, 3),
         config=config, metrics=metrics,
     )  # fmt: skip
     predictions = [Prediction(q.query_id, q.user_id, o, r, q.output) for q, o, r in zip(queries, outputs, raw)]
     return store.save_run(run, predictions, profiles), predictions
+
+
+SHARDS_PER_WORKER = 4
+"""A Ray evaluation cuts its queries into about this many shards per worker (whole users each)."""
+
+
+@dataclass
+class Answered:
+    """One shard's raw answers (in query order), its prompt facts, its new PAG profiles, its LLM."""
+
+    raw: list[str]
+    facts: dict
+    profiles: list[Profile]
+    llm: str
+
+
+@dataclass
+class _Answerer:
+    """Answers a list of queries by a request's method: the serving plan for their users, the
+    method's prompts, then the answers. The same code runs in this process or on a Ray worker."""
+
+    request: EvalRequest
+    task: Task
+    mode: str
+    decoding: Decoding
+
+    def __call__(
+        self, store: Store, llm: LLM, queries: list[Query], load_encoder: Optional[Callable[[], Encoder]] = None,
+        progress: Optional[Progress] = None, plan: Optional[ServingPlan] = None,
+    ) -> Answered:  # fmt: skip
+        request, method = self.request, self.request.method_request()
+        plan = plan or plan_serving(store, self.task, method, [q.user_id for q in queries])
+        per_row = plan.prepare(llm, queries)
+        profiles: list[Profile] = []
+        prompts, facts = method_prompts(
+            store, llm, self.task, method, queries, load_encoder, request.batch_size, request.max_input_tokens, progress, profiles
+        )
+        raw = answer_prompts(
+            llm, self.task, self.mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress,
+            per_row, self.decoding, [q.input for q in queries],
+        )  # fmt: skip
+        return Answered(raw, facts, profiles, llm.id)
+
+    def on_worker(
+        self, where: tuple[str, dict], load_llm: Callable[[], LLM], load_encoder: Optional[Callable[[], Encoder]]
+    ) -> Callable[[list[Query]], Answered]:
+        """A Ray worker's answerer: the store opened by URI and the LLM loaded once for all its shards."""
+        store, llm = Store(*where), load_llm()
+        return lambda queries: self(store, llm, queries, load_encoder)
+
+
+def user_shards(queries: list[Query], shards: int, least: int = 1) -> list[list[Query]]:
+    """`queries` (grouped by user) cut into about `shards` runs of at least `least` queries, only
+    between users, so one user's queries (and per-user state) stay on one worker."""
+    size = max(least, -(-len(queries) // max(shards, 1)))
+    cut: list[list[Query]] = [[]]
+    for n, query in enumerate(queries):
+        if len(cut[-1]) >= size and query.user_id != queries[n - 1].user_id:
+            cut.append([])
+        cut[-1].append(query)
+    return cut
+
+
+def merge_facts(shard_facts: list[dict]) -> dict:
+    """The prompt facts of all shards: counts add up, anything else is the first shard's."""
+    merged: dict = {}
+    for facts in shard_facts:
+        for key, value in facts.items():
+            if key in merged and isinstance(value, int) and not isinstance(value, bool):
+                merged[key] += value
+            else:
+                merged.setdefault(key, value)
+    return merged
 
 
 def score_answers(task: Task, raw: list[str], golds: list[str], scoring: str) -> tuple[list[str], dict[str, float]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from recipes.kit.backbones import Encoder
+from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.inputs import UserInput, read_lamp_outputs, read_lamp_questions, read_users_jsonl
 from recipes.kit.progress import Progress, report
 from recipes.kit.tasks import Task
@@ -40,10 +41,12 @@ def ingest(
     encoder: Encoder | Callable[[], Encoder],
     batch_size: int = 64,
     progress: Optional[Progress] = None,
+    engine: Engine = LOCAL,
 ) -> dict[str, Any]:
     """Validate all of `source`, then embed and upsert it; on any error the store is unchanged.
 
-    `encoder` may be a loader, called only once the input has proved valid.
+    `encoder` may be a loader, called only once the input has proved valid; with a Ray `engine`
+    each worker calls it (so it must pickle) and embeds chunks of texts, this process writes.
     """
     tick = report(progress)
     started = time.perf_counter()
@@ -57,16 +60,18 @@ def ingest(
         queries.extend(user.queries)
         n_items += len(user.items)
         tick("validating", n_items, 0)
-    if not isinstance(encoder, Encoder):
-        encoder = encoder()
+    load = None if isinstance(encoder, Encoder) else encoder
+    encoder = encoder if isinstance(encoder, Encoder) else encoder()
     store.check_encoder(encoder.id, encoder.dim)
     repeated = {uid for uid, count in occurrences.items() if count > 1}
+    here = encoder
+    make_embedder = (lambda: _embedder(here, batch_size)) if engine.is_local or load is None else (lambda: _embedder(load(), batch_size))
 
     def embedded_batches() -> Iterator[list[Behavior]]:
         done = 0
         tick("embedding", 0, n_items)
-        for chunk in _chunks(_unique_items(source(), repeated, encoder.id), EMBED_CHUNK):
-            vectors = encoder.encode([b.text for b in chunk], batch_size=batch_size)
+        chunks, texts = _tee_texts(_chunks(_unique_items(source(), repeated, encoder.id), EMBED_CHUNK))
+        for vectors, chunk in zip(fan_out(engine, make_embedder, texts, window=RAY_WINDOW), chunks):
             for behavior, vector in zip(chunk, vectors):
                 behavior.vector = vector
             done += len(chunk)
@@ -75,7 +80,34 @@ def ingest(
 
     counts = store.ingest(embedded_batches(), queries, metadata, encoder.id, encoder.dim)
     seconds = time.perf_counter() - started
-    return {**counts, "encoder": encoder.id, "seconds": round(seconds, 3), "items_per_s": round(counts["items"] / seconds, 1) if seconds else 0.0}
+    return {**counts, "encoder": encoder.id, **engine.describe(), "seconds": round(seconds, 3), "items_per_s": round(counts["items"] / seconds, 1) if seconds else 0.0}
+
+
+RAY_WINDOW = 16
+"""Chunks of texts a Ray engine has in flight at once (its encoders load once per window)."""
+
+
+def _embedder(encoder: Encoder, batch_size: int) -> Callable[[list[str]], Any]:
+    return lambda texts: encoder.encode(texts, batch_size=batch_size)
+
+
+def _tee_texts(chunks: Iterator[list[Behavior]]) -> tuple[Iterator[list[Behavior]], Iterator[list[str]]]:
+    """The chunks, and their texts as a second stream the engine reads ahead of the first: the
+    chunks it has taken wait in a queue until their vectors come back."""
+    from collections import deque
+
+    waiting: deque[list[Behavior]] = deque()
+
+    def texts() -> Iterator[list[str]]:
+        for chunk in chunks:
+            waiting.append(chunk)
+            yield [b.text for b in chunk]
+
+    def taken() -> Iterator[list[Behavior]]:
+        while True:
+            yield waiting.popleft()
+
+    return taken(), texts()
 
 
 def _unique_items(users: Iterable[UserInput], repeated: set[str], encoder_id: str) -> Iterator[Behavior]:

@@ -49,8 +49,11 @@ def check_llm(plugins: list[Plugin], llm_id: str) -> None:
 
 
 def apply_chain(llm: LLM, chain: list[Plugin]) -> None:
-    """Merge a base chain into the loaded LLM's weights (changes this loaded copy only)."""
+    """Merge a base chain into the loaded LLM's weights (changes this loaded copy only); a copy
+    that has exactly this chain merged already is left as it is."""
     check_llm(chain, llm.id)
+    if chain and llm.merged == tuple(chain_key([plugin]) for plugin in chain):
+        return
     for plugin in chain:
         merge_into(llm.model, lora_weights(plugin))
         llm.merged += (chain_key([plugin]),)

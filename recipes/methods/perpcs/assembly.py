@@ -21,12 +21,13 @@ from recipes import PersonaError
 from recipes.kit.history_pairs import paired_histories
 from recipes.kit.training_data import history_examples
 from recipes.kit.backbones import LLM, loaded
+from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.hooks import forward_hooks
 from recipes.kit.lora import mix_pieces
 from recipes.kit.plugins import apply_chain, base_chain
 from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, autocast_for, make_batch
 from recipes.methods.perpcs.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
-from recipes.kit.progress import Progress, report
+from recipes.kit.progress import Progress
 from recipes.kit.tasks import Task
 from store import AssemblyRecord, Store
 
@@ -145,10 +146,13 @@ def assemble_users(
     progress: Optional[Progress] = None,
     precision: str = "auto",
     max_items: Optional[int] = None,
+    engine: Engine = LOCAL,
 ) -> AssemblyReport:
     """Assemble every user's adapter against one pool version and store (sharer, weight) per
     module for each, in one write. Seconds per user count the history's forward passes only.
-    `max_items` assembles from each user's most recent items only (faster, fewer scored tokens)."""
+    `max_items` assembles from each user's most recent items only (faster, fewer scored tokens).
+    A Ray `engine` assembles on its workers, each of which loads `llm` (a loader) and reads the
+    pool and its base chain from the store once; this process writes every record."""
     if top_k < 1:
         raise PersonaError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
@@ -159,32 +163,58 @@ def assemble_users(
         raise PersonaError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     store.require_users(user_ids)
     pool = load_pool(store, task.name, pool_ref)
+    histories = paired_histories(store, task, store.histories(user_ids, task.name), pool.pairs, pool.pair_seed)
+    settings = (top_k, batch_size, max_length, precision)
+    if engine.is_local:
+        here = _pool_llm(llm, store, pool)
+        make_assembler = lambda: lambda examples: _timed_assembly(here, pool, examples, *settings)  # noqa: E731
+    else:
+        where, version = (store.uri, store.storage_options), str(pool.version)
+        make_assembler = lambda: _ray_assembler(where, task.name, version, llm, settings)  # noqa: E731
+    result = AssemblyReport(pool.label, pool.version, top_k)
+    work: dict[str, list[Example]] = {}
+    for user in user_ids:
+        items = histories.get(user, [])
+        examples = history_examples(task, items[-max_items:] if max_items else items)
+        if examples:
+            work[user] = examples
+        else:
+            result.skipped[user] = f"no {task.name} history"
+    records = []
+    config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items}
+    assembled = fan_out(engine, make_assembler, work.values(), len(work), progress, "assembling adapters")
+    for user, (choices, seconds) in zip(work, assembled):
+        choice = encode_choices(pool, choices, top_k)
+        records.append(
+            AssemblyRecord(task.name, user, pool.version, top_k, pool.llm, choice, pool.base, {**config, "items": len(work[user])}, seconds)
+        )
+        result.assembled[user], result.seconds[user], result.stored_bytes[user] = choices, seconds, len(choice)
+    store.put_assemblies(records)
+    return result
+
+
+def _pool_llm(llm: LLM | Callable[[], LLM], store: Store, pool: Pool) -> LLM:
+    """The LLM the pool was made for, with the pool's base chain merged in."""
     chain = base_chain(store, pool.base)
     llm = loaded(llm)
     if pool.llm != llm.id:
         raise PersonaError(f"pool {pool.label} was made for LLM '{pool.llm}', not '{llm.id}' (pass --llm {pool.llm})")
     apply_chain(llm, chain)
-    histories = paired_histories(store, task, store.histories(user_ids, task.name), pool.pairs, pool.pair_seed)
-    result = AssemblyReport(pool.label, pool.version, top_k)
-    records = []
-    tick = report(progress)
-    tick("assembling adapters", 0, len(user_ids))
-    for n, user in enumerate(user_ids, 1):
-        items = histories.get(user, [])
-        examples = history_examples(task, items[-max_items:] if max_items else items)
-        if not examples:
-            result.skipped[user] = f"no {task.name} history"
-        else:
-            started = time.perf_counter()
-            choices = assemble_user(llm, pool, examples, top_k, batch_size, max_length, precision)
-            seconds = round(time.perf_counter() - started, 4)
-            choice = encode_choices(pool, choices, top_k)
-            config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items, "items": len(examples)}
-            records.append(AssemblyRecord(task.name, user, pool.version, top_k, llm.id, choice, pool.base, config, seconds))
-            result.assembled[user], result.seconds[user], result.stored_bytes[user] = choices, seconds, len(choice)
-        tick("assembling adapters", n, len(user_ids))
-    store.put_assemblies(records)
-    return result
+    return llm
+
+
+def _timed_assembly(llm: LLM, pool: Pool, examples: list[Example], top_k: int, batch_size: int, max_length: int, precision: str) -> tuple[Choices, float]:
+    started = time.perf_counter()
+    choices = assemble_user(llm, pool, examples, top_k, batch_size, max_length, precision)
+    return choices, round(time.perf_counter() - started, 4)
+
+
+def _ray_assembler(where: tuple[str, dict], task: str, version: str, load_llm: Callable[[], LLM], settings: tuple) -> Callable:
+    """A Ray worker's assembler: the store opened by URI, the pool read and the LLM loaded once."""
+    store = Store(*where)
+    pool = load_pool(store, task, version)
+    llm = _pool_llm(load_llm, store, pool)
+    return lambda examples: _timed_assembly(llm, pool, examples, *settings)
 
 
 # ---------- export ----------

@@ -26,11 +26,12 @@ from recipes.kit.training_data import history_examples
 from recipes.kit.lora import LoraWeights
 from recipes.kit.retrieval import user_embedding
 from recipes.kit.backbones import LLM, cache_dir, loaded
+from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.methods.perpcs.gates import GateSettings, train_gates
 from recipes.kit.plugins import apply_chain, base_chain, chain_key
 from recipes.kit.training_loop import LoraSettings, train_lora
 from recipes.methods.perpcs.pool import layer_of, piece_tensors
-from recipes.kit.progress import Progress, report
+from recipes.kit.progress import Progress
 from recipes.kit.splits import SPLITS, query_split, user_split
 from recipes.kit.tasks import Task
 from store import Behavior, Piece, Store, id_sort_key
@@ -135,11 +136,14 @@ def register_sharers(
     selection: Optional[dict] = None,
     progress: Optional[Progress] = None,
     pairs: str = "none",
+    engine: Engine = LOCAL,
 ) -> Registration:
     """Train each sharer's LoRA on their history (the OPPU trainer, on top of `base`) and then its
     gates with the LoRA frozen; write the pieces (a `share_ratio` share of each sharer's modules)
     as a new pool version tagged pool-N plus `tags`. A stopped run resumes from finished sharers.
-    `pairs` (history_pairs) is how history items become examples; the pool records it for assembly."""
+    `pairs` (history_pairs) is how history items become examples; the pool records it for assembly.
+    A Ray `engine` trains the sharers on its workers (each loads `llm`, a loader, and the base
+    chain once); this process stages what they return and writes the pool."""
     lora.validate()
     gates.validate()
     check_recipe(pairs)
@@ -162,31 +166,27 @@ def register_sharers(
     if empty:
         raise PersonaError(f"sharer '{empty[0]}' has no {task.name} history")
     chain = base_chain(store, base)
+    load_llm = llm
     llm = loaded(llm)
     _check_pool_compatible(store, task, llm.id, base)
     staging = _staging_dir(store, task, llm, sharers, lora, gates, [chain_key(chain), histories])
-    apply_chain(llm, chain)
     result = Registration(task=task.name, sharers=list(sharers))
-    tick = report(progress)
     config = {"lora": asdict(lora), "gates": asdict(gates), "share_ratio": share_ratio, "selection": selection or {}, "seq2seq": llm.is_seq2seq, "pairs": pairs}
+    staged = {sharer: staging / f"{n:04d}.safetensors" for n, sharer in enumerate(sharers, 1)}
+    to_train = [s for s in sharers if not staged[s].exists()]
+    if engine.is_local:
+        apply_chain(llm, chain)
+        make_trainer = lambda: lambda examples: _train_sharer(llm, examples, lora, gates, progress)  # noqa: E731
+    else:
+        make_trainer = lambda: _sharer_trainer(load_llm, chain, lora, gates)  # noqa: E731
+    examples = (history_examples(task, histories[s]) for s in to_train)
+    for sharer, trained in zip(to_train, fan_out(engine, make_trainer, examples, len(to_train), progress, "registering sharers")):
+        _stage(staged[sharer], *trained)
     pieces: list[Piece] = []
-    tick("registering sharers", 0, len(sharers))
-    for n, sharer in enumerate(sharers, 1):
-        path = staging / f"{n:04d}.safetensors"
-        if path.exists():
-            weights, gate_vectors, metrics = _read_staged(path)
+    for sharer in sharers:
+        weights, gate_vectors, metrics = _read_staged(staged[sharer])
+        if sharer not in to_train:
             result.resumed.append(sharer)
-        else:
-            examples = history_examples(task, histories[sharer])
-            trained = train_lora(llm, examples, lora, progress=progress, stage="this sharer's LoRA")
-            trained_gates = train_gates(llm, trained.weights, examples, gates, progress, stage="this sharer's gates")
-            weights, gate_vectors = trained.weights, trained_gates.gates
-            metrics = {
-                "examples": len(examples), "lora_seconds": trained.seconds, "gate_seconds": trained_gates.seconds,
-                "lora_final_loss": trained.curve[-1]["loss"], "gate_first_loss": trained_gates.curve[0]["loss"],
-                "gate_final_loss": trained_gates.curve[-1]["loss"],
-            }  # fmt: skip
-            _stage(path, weights, gate_vectors, metrics)
         result.lora_seconds.append(metrics["lora_seconds"])
         result.gate_seconds.append(metrics["gate_seconds"])
         shared = _shared_modules(sorted(weights.modules), share_ratio, f"{lora.seed}:{sharer}")
@@ -199,12 +199,32 @@ def register_sharers(
                     layer=layer_of(module), base=base, config=config, metrics=metrics,
                 )  # fmt: skip
             )
-        tick("registering sharers", n, len(sharers))
     version = store.add_pool_version(pieces, tag_list)
     shutil.rmtree(staging, ignore_errors=True)
     result.pool_version, result.tags = version.version, tag_list
     result.pieces, result.bytes = len(pieces), sum(len(p.tensors) for p in pieces)
     return result
+
+
+def _train_sharer(
+    llm: LLM, examples: list, lora: LoraSettings, gates: GateSettings, progress: Optional[Progress] = None
+) -> tuple[LoraWeights, dict[str, torch.Tensor], dict]:
+    """One sharer: its LoRA on its examples, then its gates with the LoRA frozen, and what it took."""
+    trained = train_lora(llm, examples, lora, progress=progress, stage="this sharer's LoRA")
+    trained_gates = train_gates(llm, trained.weights, examples, gates, progress, stage="this sharer's gates")
+    metrics = {
+        "examples": len(examples), "lora_seconds": trained.seconds, "gate_seconds": trained_gates.seconds,
+        "lora_final_loss": trained.curve[-1]["loss"], "gate_first_loss": trained_gates.curve[0]["loss"],
+        "gate_final_loss": trained_gates.curve[-1]["loss"],
+    }  # fmt: skip
+    return trained.weights, trained_gates.gates, metrics
+
+
+def _sharer_trainer(load_llm: Callable[[], LLM], chain: list, lora: LoraSettings, gates: GateSettings) -> Callable:
+    """A Ray worker's trainer: its own LLM with the base chain merged, loaded once."""
+    llm = loaded(load_llm)
+    apply_chain(llm, chain)
+    return lambda examples: _train_sharer(llm, examples, lora, gates)
 
 
 def next_pool_tag(store: Store) -> str:

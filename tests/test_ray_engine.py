@@ -1,0 +1,98 @@
+"""`--engine ray` gives what `--engine local` gives: the same vectors from ingest, the same pool
+pieces from register-sharers, the same assemblies and the same evaluation answers, on a local
+Ray of 2 CPUs (one thread per worker, so the local run gets one thread too: float sums then
+round alike). A worker's user error is the same one line as on the local engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import EXAMPLES, cli_fails, cli_json
+from recipes.kit.splits import user_split
+from recipes.methods.perpcs.pool import load_pool
+from store import Store
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+RAY = ("--engine", "ray", "--workers", "2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The local runs use one torch thread, as each 1-CPU Ray worker does; Ray stops afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _users(tmp: Path, count: int) -> tuple[Path, list[str]]:
+    lines = EXAMPLES.read_text(encoding="utf-8").splitlines()[:count]
+    path = tmp / "users.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    import json
+
+    return path, [json.loads(line)["user_id"] for line in lines]
+
+
+def _pipeline(store: Path, users: Path, ids: list[str], llm: tuple[str, ...], engine: tuple[str, ...]) -> dict:
+    """ingest, register-sharers, assemble and evaluate on one engine; what each returned."""
+    sharers = [a for u in [u for u in ids if user_split(u) != "test"][:2] for a in ("--sharer", u)]
+    return {
+        "ingest": cli_json(store, "ingest", str(users), "--task", "LaMP-7", *engine),
+        "register": cli_json(
+            store, "register-sharers", "--task", "LaMP-7", *sharers, "--steps", "2", "--gate-steps", "2", "--max-length", "64",
+            "--base", "none", *llm, *engine,
+        ),  # fmt: skip
+        "assemble": cli_json(store, "assemble", "--task", "LaMP-7", "--split", "test", "--top-k", "2", "--max-length", "64", *llm, *engine),
+        "evaluate": cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "perpcs", "--max-new-tokens", "6", *llm, *engine),
+    }
+
+
+def test_the_ray_engine_gives_the_local_engines_results(tmp_path, tiny_llm_dir, one_thread):
+    users, ids = _users(tmp_path, 24)
+    llm = ("--llm", str(tiny_llm_dir))
+    here = _pipeline(tmp_path / "local", users, ids, llm, ())
+    fanned = _pipeline(tmp_path / "ray", users, ids, llm, RAY)
+    assert here["ingest"]["engine"] == "local" and fanned["ingest"]["engine"] == "ray"
+    assert fanned["evaluate"]["config"]["engine"] == "ray" and fanned["evaluate"]["config"]["workers"] == 2
+    local, remote = Store(tmp_path / "local"), Store(tmp_path / "ray")
+
+    # ingest: every item, in the same order, with bit-identical vectors
+    a, b = local.histories(ids, "LaMP-7", with_vectors=True), remote.histories(ids, "LaMP-7", with_vectors=True)
+    assert [(u, [i.item_id for i in a[u]]) for u in ids] == [(u, [i.item_id for i in b[u]]) for u in ids]
+    assert all((x.vector == y.vector).all() for u in ids for x, y in zip(a[u], b[u]))
+
+    # register-sharers: the same pieces and gates
+    pool_a, pool_b = load_pool(local, "LaMP-7"), load_pool(remote, "LaMP-7")
+    assert pool_a.sharers == pool_b.sharers and len(pool_a.sharers) == 2
+    for path, module in pool_a.modules.items():
+        other = pool_b.modules[path]
+        assert torch.equal(module.a, other.a) and torch.equal(module.b, other.b) and torch.equal(module.gates, other.gates)
+
+    # assemble: the same users, the same stored choices
+    assembled = sorted(here["assemble"]["users"])
+    assert assembled == sorted(fanned["assemble"]["users"]) and len(assembled) >= 2
+    records_a = local.get_assemblies("LaMP-7", assembled, pool_a.version)
+    records_b = remote.get_assemblies("LaMP-7", assembled, pool_b.version)
+    assert all(records_a[u].choice == records_b[u].choice for u in assembled)
+
+    # evaluate: the same answers to the same queries, so the same metrics
+    assert here["evaluate"]["n_examples"] == fanned["evaluate"]["n_examples"] >= 4
+    answers = lambda store, run: [(p.query_id, p.raw) for p in store.run_predictions(run["run_id"])]  # noqa: E731
+    assert answers(local, here["evaluate"]) == answers(remote, fanned["evaluate"])
+    assert here["evaluate"]["metrics"] == fanned["evaluate"]["metrics"]
+
+
+def test_a_workers_user_error_is_one_line(tmp_path, tiny_llm_dir, one_thread):
+    users, ids = _users(tmp_path, 8)
+    store = tmp_path / "store"
+    cli_json(store, "ingest", str(users), "--task", "LaMP-7")
+    message = cli_fails(store, "evaluate", "--task", "LaMP-7", "--split", "all", "--llm", str(tmp_path / "no-such-model"), *RAY)
+    assert "cannot load LLM" in message and "no-such-model" in message
