@@ -231,6 +231,8 @@ class Store(ResultTables, PluginTables, PieceTables):
                 self._recover()
             before = self._latest_versions()
             try:
+                if outermost and META not in before:  # a new store: its first write says what it is
+                    self._set_meta({"format_version": str(FORMAT_VERSION)})
                 yield
                 if outermost:
                     self._record_commit()

@@ -107,6 +107,14 @@ def test_unknown_format_version_is_a_clear_error(tmp_path):
         Store(tmp_path / "s")
 
 
+def test_a_store_whose_first_write_is_not_an_ingest_opens_again(tmp_path):
+    from store import Piece
+
+    store = Store(tmp_path / "s")
+    store.add_pool_version([Piece("LaMP-7", "a", "m", 1, 1.0, "llm", b"x", 1)], ["pool-1"])
+    assert Store(tmp_path / "s").pool_tags() == {"pool-1": store.pool_tags()["pool-1"]}
+
+
 def test_foreign_lancedb_directory_is_refused(tmp_path):
     lancedb.connect(tmp_path / "other").create_table("things", data=pa.table({"x": [1]}))
     with pytest.raises(StoreError, match="not a persona store"):
