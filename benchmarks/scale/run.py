@@ -1,7 +1,8 @@
 """Benchmark: the store layer at scale, persona against raw LanceDB doing the same work on the same data.
 
 A synthetic store of --users users with --items history items each (vectors generated, normalized,
-not encoded, so the store is what is measured) is written twice, each side in its own process
+not encoded, so the store is what is measured; made one batch at a time, untimed, so neither side's
+peak memory holds more than one batch of them) is written twice, each side in its own process
 (so peak memory is that side's), --chunk users per write: through persona's Store (transaction,
 upsert of the items, user statistics recounted, indexes kept up to date) and straight into LanceDB
 tables of the same schema with the same upserts (merge_insert on the same keys; the user rows are
@@ -9,11 +10,17 @@ written as given). Generating the data is not timed. Then, per side: the indexes
 user ids; persona decides which it makes), per-user top-k vector search latency p50/p99 over
 --searches random users, and user listing (a page of 50 users in id order at the start and in the
 middle; raw LanceDB keeps no order, so its side sorts the ids with Arrow and fetches the page, and
-its page in storage order is reported beside). Each
+its page in storage order is reported beside). Then a piece pool of --sharers sharers (random
+rank-8 pieces with gates for every attention projection of a 4-layer random Llama of SmolLM2's
+width, 576) is written as one pool version, and one target user (20 history examples) is
+assembled from it: the pool version read and stacked, the target's history run through the
+model with every module's top-3 pieces chosen by gate, the record written; the raw side reads the
+same table version with LanceDB, stacks it and assembles with the same code, then writes the same
+record with merge_insert. Each
 figure is reported for both sides with the persona/raw ratio (throughput: persona/raw; times:
 raw/persona, so 1.0 is parity and higher is better for persona either way).
 
-    .venv/bin/python benchmarks/scale/run.py [--users 100000] [--items 10] [--out DIR]
+    .venv/bin/python benchmarks/scale/run.py [--users 100000] [--items 10] [--sharers 1000] [--out FILE]
 """
 
 from __future__ import annotations
@@ -38,14 +45,31 @@ TASK = "synthetic"
 ENCODER = "synthetic-384"
 
 
-def chunk_arrays(first_user: int, users: int, items: int, seed: int) -> tuple[list[str], list[str], np.ndarray]:
-    """User ids, item ids and unit vectors of users first_user .. first_user+users-1 (the same for both sides)."""
-    rng = np.random.default_rng([seed, first_user])
-    vectors = rng.standard_normal((users * items, DIM), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    user_ids = [str(first_user + n // items) for n in range(users * items)]
-    item_ids = [f"{first_user + n // items}-{n % items}" for n in range(users * items)]
-    return user_ids, item_ids, vectors
+BATCH = 8192
+
+
+class Generated:
+    """The synthetic items of `users` users from first_user on, in batches of BATCH items made on
+    demand (seeded per batch, the same for both sides), so only one batch is ever in memory and
+    peak memory is the store's, not the benchmark's; `seconds` is the time spent making them,
+    which each side subtracts from its write time."""
+
+    def __init__(self, first_user: int, users: int, items: int, seed: int) -> None:
+        self.first_user, self.total, self.items, self.seed = first_user, users * items, items, seed
+        self.seconds = 0.0
+
+    def __iter__(self):
+        for start in range(0, self.total, BATCH):
+            began = time.perf_counter()
+            rng = np.random.default_rng([self.seed, self.first_user, start])
+            count = min(BATCH, self.total - start)
+            vectors = rng.standard_normal((count, DIM), dtype=np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            rows = range(start, start + count)
+            user_ids = [str(self.first_user + n // self.items) for n in rows]
+            item_ids = [f"{self.first_user + n // self.items}-{n % self.items}" for n in rows]
+            self.seconds += time.perf_counter() - began
+            yield user_ids, item_ids, vectors
 
 
 def peak_mib() -> float:
@@ -62,18 +86,15 @@ def persona_write(path: Path, args: argparse.Namespace) -> dict:
     seconds = 0.0
     for first in range(0, args.users, args.chunk):
         count = min(args.chunk, args.users - first)
-        user_ids, item_ids, vectors = chunk_arrays(first, count, args.items, args.seed)
+        generated = Generated(first, count, args.items, args.seed)
         started = time.perf_counter()  # generating the data is not timed; making persona's records is
 
         def batches():
-            for start in range(0, len(user_ids), 8192):
-                yield [
-                    Behavior(item_id=i, user_id=u, task=TASK, text="", vector=v)
-                    for i, u, v in zip(item_ids[start : start + 8192], user_ids[start : start + 8192], vectors[start : start + 8192])
-                ]
+            for user_ids, item_ids, vectors in generated:
+                yield [Behavior(item_id=i, user_id=u, task=TASK, text="", vector=v) for i, u, v in zip(item_ids, user_ids, vectors)]
 
         store.ingest(batches(), [], {str(u): {} for u in range(first, first + count)}, ENCODER, DIM)
-        seconds += time.perf_counter() - started
+        seconds += time.perf_counter() - started - generated.seconds
     return {"write_s": seconds}
 
 
@@ -117,17 +138,16 @@ def raw_write(path: Path, args: argparse.Namespace) -> dict:
     seconds = 0.0
     for first in range(0, args.users, args.chunk):
         count = min(args.chunk, args.users - first)
-        user_ids, item_ids, vectors = chunk_arrays(first, count, args.items, args.seed)
+        generated = Generated(first, count, args.items, args.seed)
         started = time.perf_counter()
 
         def batches():
-            for start in range(0, len(user_ids), 8192):
-                end = start + 8192
-                n = len(user_ids[start:end])
+            for user_ids, item_ids, vectors in generated:
+                n = len(user_ids)
                 yield pa.RecordBatch.from_arrays([
-                    pa.array(item_ids[start:end], pa.string()), pa.array(user_ids[start:end], pa.string()),
+                    pa.array(item_ids, pa.string()), pa.array(user_ids, pa.string()),
                     pa.array([TASK] * n, pa.string()), pa.array([""] * n, pa.string()), pa.array(["{}"] * n, pa.string()),
-                    pa.array([None] * n, schemas.TS), pa.FixedSizeListArray.from_arrays(pa.array(vectors[start:end].reshape(-1)), DIM),
+                    pa.array([None] * n, schemas.TS), pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
                     pa.array([ENCODER] * n, pa.string()),
                 ], schema=schema)  # fmt: skip
 
@@ -144,7 +164,7 @@ def raw_write(path: Path, args: argparse.Namespace) -> dict:
         if users_table is None:
             users_table = db.create_table("users", schema=schemas.USERS)
         users_table.merge_insert(schemas.USER_KEY).when_matched_update_all().when_not_matched_insert_all().execute(rows)
-        seconds += time.perf_counter() - started
+        seconds += time.perf_counter() - started - generated.seconds
     return {"write_s": seconds}
 
 
@@ -187,6 +207,136 @@ def raw_read(path: Path, args: argparse.Namespace) -> dict:
     return result
 
 
+# ---------- a pool of sharers and one assembly (both sides) ----------
+
+POOL_TASK = "LaMP-7"
+POOL_LLM = "scale-llama-576"
+
+
+def pool_llm():
+    """A seeded random 4-layer Llama of SmolLM2-135M's width (576, 9 heads, 3 KV heads) with the
+    embedded tokenizer: the pieces' shapes and the assembly's arithmetic of the real model's layers."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from recipes.kit.backbones import embedded_llm_cache, prepare_llm
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_llm_cache())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
+        num_key_value_heads=3, pad_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return prepare_llm(POOL_LLM, LlamaForCausalLM(config).eval(), tokenizer, torch.device("cpu"))
+
+
+def pool_pieces(llm, sharers: int, seed: int) -> list:
+    """Every sharer's rank-8 (A, B, gate) for every attention projection, seeded."""
+    import torch
+
+    from recipes.methods.perpcs.pool import layer_of, piece_tensors
+    from store import Piece
+
+    generator = torch.Generator().manual_seed(seed)
+    modules = {n: m for n, m in llm.model.named_modules() if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    pieces = []
+    for sharer in range(sharers):
+        for name, module in modules.items():
+            a = torch.randn(8, module.in_features, generator=generator) * 0.01
+            b = torch.randn(module.out_features, 8, generator=generator) * 0.01
+            gate = torch.randn(module.in_features, generator=generator)
+            pieces.append(Piece(POOL_TASK, f"s{sharer}", name, 8, 8.0, POOL_LLM, piece_tensors(a, b, gate), 1, layer_of(name)))
+    return pieces
+
+
+def target_examples() -> list:
+    from recipes.kit.training_loop import Example
+
+    words = "the team worked on their defense all season before the parade went through the center of town".split()
+    return [Example(None, " ".join(words[(n * 3) % len(words):] + words[: (n * 3) % len(words)])) for n in range(20)]
+
+
+def persona_pool(path: Path, args: argparse.Namespace) -> dict:
+    from store import Store
+
+    llm = pool_llm()
+    pieces = pool_pieces(llm, args.sharers, args.seed)
+    started = time.perf_counter()
+    Store(str(path)).add_pool_version(pieces, ["pool-1"])
+    return {"write_s": time.perf_counter() - started, "pieces": len(pieces), "piece_bytes": sum(len(p.tensors) for p in pieces)}
+
+
+def persona_assemble(path: Path, args: argparse.Namespace) -> dict:
+    from recipes.methods.perpcs.assembly import assemble_user
+    from recipes.methods.perpcs.pool import encode_choices, load_pool
+    from store import AssemblyRecord, Store
+
+    llm, examples = pool_llm(), target_examples()
+    started = time.perf_counter()
+    store = Store(str(path))
+    pool = load_pool(store, POOL_TASK, "pool-1")
+    read = time.perf_counter()
+    choices = assemble_user(llm, pool, examples, top_k=3, precision="float32")
+    scored = time.perf_counter()
+    store.put_assemblies([AssemblyRecord(POOL_TASK, "target", pool.version, 3, llm.id, encode_choices(pool, choices, 3))])
+    done = time.perf_counter()
+    return {"read_s": read - started, "assemble_s": scored - read, "record_s": done - scored, "total_s": done - started,
+            "choices": {m: c for m, c in sorted(choices.items())[:2]}}  # fmt: skip
+
+
+def raw_pool(path: Path, args: argparse.Namespace) -> dict:
+    import json as json_
+    from datetime import datetime, timezone
+
+    import lancedb
+    import pyarrow as pa
+
+    from store import schemas
+
+    llm = pool_llm()
+    pieces = pool_pieces(llm, args.sharers, args.seed)
+    started = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    rows = [{**{k: v for k, v in p.__dict__.items() if k != "size"}, "config": json_.dumps(p.config), "metrics": json_.dumps(p.metrics), "created_at": now} for p in pieces]
+    table = lancedb.connect(str(path)).create_table("pieces", schema=schemas.PIECES)
+    table.merge_insert(schemas.PIECE_KEY).when_matched_update_all().when_not_matched_insert_all().execute(pa.Table.from_pylist(rows, schema=schemas.PIECES))
+    table.tags.create("pool-1", table.version)
+    return {"write_s": time.perf_counter() - started, "pieces": len(pieces), "piece_bytes": sum(len(p.tensors) for p in pieces)}
+
+
+def raw_assemble(path: Path, args: argparse.Namespace) -> dict:
+    import json as json_
+
+    import lancedb
+    import pyarrow as pa
+
+    from recipes.methods.perpcs.assembly import assemble_user
+    from recipes.methods.perpcs.pool import encode_choices, pool_from_pieces
+    from store import Piece, PoolVersion, schemas
+
+    llm, examples = pool_llm(), target_examples()
+    started = time.perf_counter()
+    db = lancedb.connect(str(path))
+    table = db.open_table("pieces")
+    version = int(table.tags.list()["pool-1"]["version"])
+    table.checkout(version)
+    rows = table.search().where(f"task = '{POOL_TASK}'").limit(None).to_arrow().to_pylist()
+    pieces = [Piece(**{**row, "config": json_.loads(row["config"]), "metrics": json_.loads(row["metrics"])}) for row in rows]
+    pool = pool_from_pieces(POOL_TASK, PoolVersion(version, ["pool-1"]), pieces)
+    read = time.perf_counter()
+    choices = assemble_user(llm, pool, examples, top_k=3, precision="float32")
+    scored = time.perf_counter()
+    record = {"task": POOL_TASK, "user_id": "target", "pool_version": version, "top_k": 3, "llm": llm.id,
+              "choice": encode_choices(pool, choices, 3), "base": None, "config": "{}", "seconds": None, "created_at": None}  # fmt: skip
+    assemblies = db.create_table("assemblies", schema=schemas.ASSEMBLIES)
+    assemblies.merge_insert(schemas.ASSEMBLY_KEY).when_matched_update_all().when_not_matched_insert_all().execute(
+        pa.Table.from_pylist([record], schema=schemas.ASSEMBLIES)
+    )
+    done = time.perf_counter()
+    return {"read_s": read - started, "assemble_s": scored - read, "record_s": done - scored, "total_s": done - started,
+            "choices": {m: c for m, c in sorted(choices.items())[:2]}}  # fmt: skip
+
+
 def _latency(seconds: list[float]) -> dict:
     ms = np.array(seconds) * 1000
     return {"search_p50_ms": float(np.percentile(ms, 50)), "search_p99_ms": float(np.percentile(ms, 99))}
@@ -195,12 +345,14 @@ def _latency(seconds: list[float]) -> dict:
 # ---------- the driver ----------
 
 SIDES = {"persona": (persona_write, persona_read), "raw": (raw_write, raw_read)}
+POOL_SIDES = {"persona": (persona_pool, persona_assemble), "raw": (raw_pool, raw_assemble)}
 
 
 def run_side(side: str, phase: str, path: Path, args: argparse.Namespace) -> dict:
     """One side's phase in its own process: its own peak memory, nothing cached from the other side."""
     command = [sys.executable, __file__, "--side", side, "--phase", phase, "--path", str(path), "--users", str(args.users),
-               "--items", str(args.items), "--chunk", str(args.chunk), "--searches", str(args.searches), "--seed", str(args.seed)]  # fmt: skip
+               "--items", str(args.items), "--chunk", str(args.chunk), "--searches", str(args.searches), "--seed", str(args.seed),
+               "--sharers", str(args.sharers)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{side} {phase} failed:\n{done.stderr[-3000:]}")
@@ -217,16 +369,17 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=10, help="history items per user")
     parser.add_argument("--chunk", type=int, default=50_000, help="users per write (one persona transaction each)")
     parser.add_argument("--searches", type=int, default=1000)
+    parser.add_argument("--sharers", type=int, default=1000, help="sharers in the piece pool one target is assembled from (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/persona-scale"), help="where the two stores are written (removed after)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/scale/results-USERS.json")
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
-    parser.add_argument("--phase", choices=["write", "read"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["write", "read", "pool", "assemble"], help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:  # a child: one phase of one side
-        write, read = SIDES[args.side]
-        result = (write if args.phase == "write" else read)(args.path, args)
+        phases = dict(zip(("write", "read"), SIDES[args.side])) | dict(zip(("pool", "assemble"), POOL_SIDES[args.side]))
+        result = phases[args.phase](args.path, args)
         print(json.dumps({**result, "peak_mib": peak_mib()}))
         return
 
@@ -247,8 +400,19 @@ def main() -> None:
             "list_middle_page_s": round(read["list_middle_page_s"], 4), "read_peak_mib": round(read["peak_mib"]),
             **{k: round(v, 4) for k, v in read.items() if k.endswith("storage_order_s")},
         }  # fmt: skip
-        print(side, json.dumps(sides[side]), flush=True)
         shutil.rmtree(path, ignore_errors=True)
+        if args.sharers:
+            pool_path = args.work / f"{side}-pool"
+            wrote = run_side(side, "pool", pool_path, args)
+            assembled = run_side(side, "assemble", pool_path, args)
+            sides[side]["pool"] = {
+                "sharers": args.sharers, "pieces": wrote["pieces"], "piece_mib": round(wrote["piece_bytes"] / 2**20, 1),
+                "write_s": round(wrote["write_s"], 2), "store_mib": round(disk_bytes(pool_path) / 2**20, 1),
+                **{k: round(v, 3) for k, v in assembled.items() if k.endswith("_s")}, "assemble_peak_mib": round(assembled["peak_mib"]),
+                "choices": assembled["choices"],
+            }  # fmt: skip
+            shutil.rmtree(pool_path, ignore_errors=True)
+        print(side, json.dumps(sides[side]), flush=True)
     p, r = sides["persona"], sides["raw"]
     ratios = {  # persona relative to raw: 1.0 is parity, above is better for persona
         "write throughput": p["items_per_s"] / r["items_per_s"],
@@ -256,8 +420,16 @@ def main() -> None:
         "list first page": r["list_first_page_s"] / p["list_first_page_s"], "list middle page": r["list_middle_page_s"] / p["list_middle_page_s"],
         "store size": r["store_mib"] / p["store_mib"],
     }  # fmt: skip
+    if args.sharers:
+        pp, rp = p["pool"], r["pool"]
+        assert pp["choices"] == rp["choices"], "the two sides assembled different adapters"
+        ratios.update({
+            "pool write": rp["write_s"] / pp["write_s"], "pool read": rp["read_s"] / pp["read_s"],
+            "assembly of one target (read, assemble, record)": rp["total_s"] / pp["total_s"],
+        })  # fmt: skip
     results = {
         "users": args.users, "items": args.users * args.items, "dim": DIM, "chunk_users": args.chunk, "searches": args.searches,
+        "sharers": args.sharers,
         "sides": sides, "persona_over_raw": {k: round(v, 3) for k, v in ratios.items()},
         "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()}, "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
