@@ -320,9 +320,11 @@ class Store(ResultTables, PluginTables, PieceTables):
         with self.transaction():
             self._set_meta({"format_version": str(FORMAT_VERSION), "encoder": encoder_id, "encoder_dim": str(dim)})
             touched = set(user_metadata)
-            n_items, appended = self._upsert_behaviors(behavior_batches, encoder_id, dim, touched)
+            existing = {u.user_id: u for u in self.get_users(sorted(touched))}
+            fresh = not any(u.n_items for u in existing.values())  # a user's items always come with their row
+            n_items, appended = self._upsert_behaviors(behavior_batches, encoder_id, dim, touched if fresh else None)
             n_queries = self._upsert_queries(queries)
-            self._refresh_users(touched, user_metadata, appended)
+            self._refresh_users(touched, user_metadata, appended, existing)
             self.ensure_indexes()
         return {"users": len(touched), "items": n_items, "queries": n_queries}
 
@@ -347,16 +349,17 @@ class Store(ResultTables, PluginTables, PieceTables):
         return made
 
     def _upsert_behaviors(
-        self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int, users: set[str] | None = None
+        self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int, fresh_users: set[str] | None = None
     ) -> tuple[int, pa.Table | None]:
-        """Upsert the items of `users`; returns how many, and when they were appended, their
-        (user_id, timestamp) columns. When none of these users has a stored item yet (a first
-        ingest, new users: found through the user_id index) the items are appended, which needs no
-        join against the existing keys: time and memory stay those of the new rows however large
-        the table, and the users' statistics come from the rows written, not from a scan."""
+        """Upsert items; returns how many, and when they were appended, their (user_id, timestamp)
+        columns. `fresh_users`, users none of whom has a stored item yet (a first ingest, new
+        users), have their items appended, which needs no join against the existing keys: time and
+        memory stay those of the new rows however large the table, and the users' statistics come
+        from the rows written, not from a scan."""
         schema = schemas.behaviors(dim)
         table = self._open_or_create(BEHAVIORS, schema)
-        append = users is not None and not _has_rows(table, users)  # users unknown: always the upsert
+        users = fresh_users
+        append = users is not None
         count = 0
         failure: list[BaseException] = []
         written: list[pa.RecordBatch] = []
@@ -404,9 +407,13 @@ class Store(ResultTables, PluginTables, PieceTables):
         table.merge_insert(schemas.QUERY_KEY).when_matched_update_all().when_not_matched_insert_all().execute(rows)
         return len(queries)
 
-    def _refresh_users(self, user_ids: set[str], metadata: dict[str, dict[str, Any]], items: pa.Table | None = None) -> None:
+    def _refresh_users(
+        self, user_ids: set[str], metadata: dict[str, dict[str, Any]], items: pa.Table | None = None,
+        existing: dict[str, UserRow] | None = None,
+    ) -> None:  # fmt: skip
         """Recount items, queries and time span of these users from what is stored now (`items`:
-        all their stored items' user_id and timestamp, when the caller has them; else read)."""
+        all their stored items' user_id and timestamp, when the caller has them; else read;
+        `existing`: their user rows as they were, when the caller has read them)."""
         if not user_ids:
             return
         if items is None:
@@ -423,7 +430,8 @@ class Store(ResultTables, PluginTables, PieceTables):
         if queries is not None and queries.num_rows:
             for row in queries.group_by("user_id").aggregate([("user_id", "count")]).to_pylist():
                 n_queries[row["user_id"]] = row["user_id_count"]
-        existing = {u.user_id: u for u in self.get_users(sorted(user_ids))}
+        if existing is None:
+            existing = {u.user_id: u for u in self.get_users(sorted(user_ids))}
         rows = []
         for uid in sorted(user_ids):
             old = existing.get(uid)
@@ -629,22 +637,10 @@ def _session() -> Any:
 _SESSION: Any = None
 
 
-def _has_rows(table: Any, users: set[str]) -> bool:
-    """Whether any of these users has a row in the table (one indexed lookup per 10,000 users)."""
-    if table.count_rows() == 0:
-        return False
-    ordered = sorted(users)
-    for start in range(0, len(ordered), 10_000):
-        where = _in_list("user_id", ordered[start : start + 10_000])
-        if table.search().where(where).select(["user_id"]).limit(1).to_arrow().num_rows:
-            return True
-    return False
-
-
 def _natural_page(ids: pa.ChunkedArray, start: int, end: int | None) -> list[str]:
     """ids[start:end] in natural order (id_sort_key); all-digit ids, the common case at scale,
     are sorted in Arrow and only the page becomes Python strings."""
-    if len(ids) and pc.all(pc.match_substring_regex(ids, r"^[0-9]{1,18}$")).as_py():
+    if len(ids) and pc.all(pc.ascii_is_decimal(ids)).as_py() and pc.max(pc.utf8_length(ids)).as_py() <= 18:
         order = pc.sort_indices(pc.cast(ids, pa.int64()))
         return ids.take(order[start:end]).to_pylist()
     return sorted(ids.to_pylist(), key=_id_sort_key)[start:end]
