@@ -33,8 +33,11 @@ demo-lamp: install
 
 # two pytest workers (pytest-xdist), one file each at a time, one CPU thread each: on 2 cores that
 # runs the suite in 519 s instead of 680 s (float32); `pytest -q` alone still runs it in one process
+# Then the tests that start a local Ray, alone: beside the object-store test that kill -9s a writer
+# against moto, Ray's control process (GCS) stopped answering and the run ended (cause not found).
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not ray" && \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m ray
 
 bench-ingest: install
 	$(BIN)/python benchmarks/ingest/run.py

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from recipes import PersonaError
+from recipes.kit.engine import Engine
 from recipes.kit.splits import split_users
 from recipes.kit.training_loop import LoraSettings
 from recipes.methods.task_lora import task_lora_name
@@ -151,10 +152,8 @@ def method_settings_given(values: Optional[list[str]]) -> dict[str, str]:
     return key_values(values, "--set")
 
 
-def engine_of(name: str, address: Optional[str], workers: int) -> Any:
+def engine_of(name: str, address: Optional[str], workers: int) -> Engine:
     """The Engine the --engine, --ray-address and --workers options name, checked."""
-    from recipes.kit.engine import Engine
-
     engine = Engine(name, address if name == "ray" else None, workers)
     engine.validate()
     return engine

@@ -619,22 +619,17 @@ def _is_io_failure(exc: BaseException) -> bool:
 
 
 CACHE_MIB = {"index": 256, "metadata": 128}
-"""LanceDB's caches of index pages and table metadata per process (its defaults, 6 GiB and 1 GiB,
+"""LanceDB's caches of index pages and table metadata per Store (its defaults, 6 GiB and 1 GiB,
 let memory grow with the table as more of its index is read); PERSONA_INDEX_CACHE_MB and
 PERSONA_METADATA_CACHE_MB change them."""
 
 
 def _session() -> Any:
-    """One LanceDB session (its caches) for every Store of this process, of bounded size."""
-    global _SESSION
-    if _SESSION is None:
-        index = int(os.environ.get("PERSONA_INDEX_CACHE_MB") or CACHE_MIB["index"])
-        metadata = int(os.environ.get("PERSONA_METADATA_CACHE_MB") or CACHE_MIB["metadata"])
-        _SESSION = lancedb.Session(index_cache_size_bytes=index * 2**20, metadata_cache_size_bytes=metadata * 2**20)
-    return _SESSION
-
-
-_SESSION: Any = None
+    """A LanceDB session (its caches) of bounded size. One per Store: a session also keeps its
+    object-store clients, which must follow each Store's own endpoint and credentials."""
+    index = int(os.environ.get("PERSONA_INDEX_CACHE_MB") or CACHE_MIB["index"])
+    metadata = int(os.environ.get("PERSONA_METADATA_CACHE_MB") or CACHE_MIB["metadata"])
+    return lancedb.Session(index_cache_size_bytes=index * 2**20, metadata_cache_size_bytes=metadata * 2**20)
 
 
 def _natural_page(ids: pa.ChunkedArray, start: int, end: int | None) -> list[str]:

@@ -68,7 +68,8 @@ def fan_out(
     stage: str = "working",
     window: int = 256,
 ) -> Iterator[Any]:
-    """`make_worker()(unit)` for every unit, yielded in unit order.
+    """`make_worker()(unit)` for every unit, yielded in unit order (progress counts a result once the
+    caller asks for the next one: put fan_out first in a zip, so the last one is counted too).
 
     Ray takes the units `window` at a time (bounded memory on the driver for a stream of units;
     its actors start once per window) and needs `make_worker` and the units to pickle (cloudpickle:
@@ -79,9 +80,9 @@ def fan_out(
     tick(stage, 0, total or 0)
     results = _in_process(make_worker, units) if engine.is_local else _on_ray(engine, make_worker, units, window)
     for result in results:
-        done += 1
-        tick(stage, done, total or done)
         yield result
+        done += 1  # counted once the caller has taken it in: a stop from the progress callback loses nothing done
+        tick(stage, done, total or done)
 
 
 def _in_process(make_worker: Callable[[], Worker], units: Iterable[Any]) -> Iterator[Any]:

@@ -183,7 +183,7 @@ def assemble_users(
     records = []
     config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items}
     assembled = fan_out(engine, make_assembler, work.values(), len(work), progress, "assembling adapters")
-    for user, (choices, seconds) in zip(work, assembled):
+    for (choices, seconds), user in zip(assembled, work):
         choice = encode_choices(pool, choices, top_k)
         records.append(
             AssemblyRecord(task.name, user, pool.version, top_k, pool.llm, choice, pool.base, {**config, "items": len(work[user])}, seconds)

@@ -180,7 +180,7 @@ def register_sharers(
     else:
         make_trainer = lambda: _sharer_trainer(load_llm, chain, lora, gates)  # noqa: E731
     examples = (history_examples(task, histories[s]) for s in to_train)
-    for sharer, trained in zip(to_train, fan_out(engine, make_trainer, examples, len(to_train), progress, "registering sharers")):
+    for trained, sharer in zip(fan_out(engine, make_trainer, examples, len(to_train), progress, "registering sharers"), to_train):
         _stage(staged[sharer], *trained)
     pieces: list[Piece] = []
     for sharer in sharers:
