@@ -39,5 +39,5 @@ AutoBaseOption = typer.Option("auto", "--base", help="Base plug-in (default: tas
 PrecisionOption = typer.Option("auto", "--precision", help="auto (bfloat16 mixed precision where supported), float32 or bfloat16.")
 MaxMinutesOption = typer.Option(None, "--max-minutes", help="Stop after this many minutes of training (evaluating once more), keeping the best step.")
 EngineOption = typer.Option("local", "--engine", help="local (this process) or ray (fan the per-user work out with Ray Data; pip install 'persona[ray]').")
-RayAddressOption = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="--engine ray: the cluster to join, e.g. ray://head:10001 (default: a local Ray on this machine).")
+RayAddressOption = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="--engine ray: the cluster to join, e.g. HEAD:6379 from a node of it (default: a local Ray on this machine).")
 WorkersOption = typer.Option(2, "--workers", min=1, help="--engine ray: workers (Ray actors), each with its own models.")
