@@ -358,8 +358,7 @@ class Store(ResultTables, PluginTables, PieceTables):
         from the rows written, not from a scan."""
         schema = schemas.behaviors(dim)
         table = self._open_or_create(BEHAVIORS, schema)
-        users = fresh_users
-        append = users is not None
+        append = fresh_users is not None
         count = 0
         failure: list[BaseException] = []
         written: list[pa.RecordBatch] = []
@@ -369,7 +368,7 @@ class Store(ResultTables, PluginTables, PieceTables):
             try:
                 for chunk in batches:
                     if chunk:
-                        if append and any(b.user_id not in users for b in chunk):
+                        if append and any(b.user_id not in fresh_users for b in chunk):
                             raise ValueError("Store.ingest: an item's user is not among the users given in user_metadata")
                         count += len(chunk)
                         batch = _behaviors_to_arrow(chunk, schema, encoder_id, dim)

@@ -64,8 +64,10 @@ def ingest(
     encoder = encoder if isinstance(encoder, Encoder) else encoder()
     store.check_encoder(encoder.id, encoder.dim)
     repeated = {uid for uid, count in occurrences.items() if count > 1}
-    here = encoder
-    make_embedder = (lambda: _embedder(here, batch_size)) if engine.is_local or load is None else (lambda: _embedder(load(), batch_size))
+    if engine.is_local or load is None:
+        make_embedder = lambda: _embedder(encoder, batch_size)  # noqa: E731
+    else:  # each Ray worker loads its own encoder
+        make_embedder = lambda: _embedder(load(), batch_size)  # noqa: E731
 
     def embedded_batches() -> Iterator[list[Behavior]]:
         done = 0
