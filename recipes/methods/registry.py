@@ -116,7 +116,13 @@ def methods() -> list[Method]:
     """Every registered method, prompt methods first, each kind in the order of METHOD_MODULES."""
     for module in METHOD_MODULES:
         importlib.import_module(f"recipes.methods.{module}")
-    return sorted(_METHODS.values(), key=lambda m: m.kind != "prompt")
+    return sorted(_METHODS.values(), key=lambda m: (m.kind != "prompt", _room(m)))
+
+
+def _room(method: Method) -> int:
+    """Where the method's module stands in METHOD_MODULES (whichever module was imported first)."""
+    module = (method.prompts or method.plan).__module__.removeprefix("recipes.methods.")
+    return METHOD_MODULES.index(module) if module in METHOD_MODULES else len(METHOD_MODULES)
 
 
 def default_prompt() -> Method:
