@@ -38,6 +38,7 @@ def adapt(
     select: str = typer.Option("loss", "--select", help="loss (dev loss) or metric (the task's first metric on the dev queries, e.g. ROUGE-1; slower)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Train on at most N training-split queries."),
     pairs: str = PairsOption,
+    rag_k: int = typer.Option(0, "--rag-k", help="Show each training prompt the user's K history items BM25 ranks highest, as `--method rag --k K` serves them (0: none); serve with `evaluate --method rag --k K --base NAME`."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a stored plug-in of that name."),
     seed: int = SeedOption,
     precision: str = PrecisionOption,
@@ -58,7 +59,7 @@ def adapt(
     with progress_bar(enabled=not json_out) as tick:
         plugin = adapt_task(
             store, lambda: load_llm(llm, device), task_spec, settings, name or task_lora_name(task_spec), base, replace,
-            max_examples, tick, select, pairs,
+            max_examples, tick, select, pairs, rag_k,
         )  # fmt: skip
     summary = {k: v for k, v in plugin.metrics.items() if k != "curve"}
     if json_out:

@@ -104,6 +104,13 @@ def test_random_history_is_repeatable_by_seed(store):
     assert first["metrics"] == second["metrics"]
 
 
+def test_the_rag_ablation_retrieves_from_another_users_history(store):
+    args = ["evaluate", "--task", "LaMP-7", "--limit", "8", "--method", "rag", "--k", "1", "--max-new-tokens", "8"]
+    own, swapped = _cli(store, *args), _cli(store, *args, "--ablation")
+    assert own["method"] == "rag-bm25-k1" and swapped["method"] == "rag-bm25-k1-ablation"
+    assert "another user's history" in swapped["config"]["ablation"] and own["config"]["ablation"] is False
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -112,6 +119,7 @@ def test_random_history_is_repeatable_by_seed(store):
         (["evaluate", "--task", "LaMP-7", "--split", "holdout"], "--split holdout: expected one of"),
         (["evaluate", "--task", "LaMP-2N"], "has no LaMP-2N queries with gold outputs"),
         (["evaluate", "--task", "LaMP-7", "--retriever", "tfidf", "--method", "rag"], "--retriever tfidf"),
+        (["evaluate", "--task", "LaMP-7", "--method", "none", "--ablation"], "--ablation goes with a personal method (random, rag, "),
         (["evaluate", "--task", "LaMP-7", "--predictions", "p.json"], "needs both --predictions and --outputs"),
         (["runs", "show", "999"], "no run '999'"),
         (["runs", "compare", "1"], "compare needs at least two run ids"),

@@ -123,3 +123,26 @@ def test_the_task_lora_and_oppu_train_on_history_pairs_when_asked(tweet_store, t
     first = cli_json(store, "train-oppu", "--task", "LaMP-7", "--user", test, "--base", "none", *llm)
     again = cli_json(store, "train-oppu", "--task", "LaMP-7", "--user", test, "--base", "none", "--pairs", "rules", *llm)
     assert first["trained"] == 1 and again["trained"] == 1 and test in again["stale"]  # other examples: trained again
+
+
+def test_rag_training_shows_a_pair_the_users_other_items_never_its_own(tweet_store, tiny_llm_dir, tokenizer_dir):
+    """--rag-k: each history pair's prompt retrieves from the rest of the history, so the answer is never shown."""
+    from transformers import AutoTokenizer
+
+    from recipes.kit.prompts import TokenBudget
+    from recipes.kit.training_data import Retrieval, train_user_pairs
+
+    store, train, _ = tweet_store
+    task = get_task("LaMP-7")
+    retrieval = Retrieval(task, TokenBudget(AutoTokenizer.from_pretrained(tokenizer_dir), 512), 2)
+    examples = train_user_pairs(Store(store), task, [train], "rules", 0, retrieval)
+    assert len(examples) == 4
+    for example in examples:
+        shown = example.prompt.split("\n\n")[0].splitlines()
+        assert shown[0] == task.rag_header and len(shown) == 3
+        texts = [line.strip('"') for line in shown[1:]]
+        assert all(t in TWEETS[:4] + ["the secret answer"] for t in texts) and example.target not in texts
+    rag = cli_json(store, "adapt", "--task", "LaMP-7", "--name", "rag2", "--pairs", "rules", "--rag-k", "2",
+                   "--llm", str(tiny_llm_dir), "--precision", "float32", "--steps", "1", "--batch-size", "2")  # fmt: skip
+    assert rag["train_examples"] == 5 and Store(store).get_plugin("rag2").config["rag_k"] == 2
+    assert "--rag-k must be 0 (no retrieval) or more" in cli_fails(store, "adapt", "--task", "LaMP-7", "--rag-k", "-1")

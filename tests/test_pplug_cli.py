@@ -100,12 +100,12 @@ def test_personal_tokens_carry_each_users_style(store, trained):
 
 def test_the_ablation_serves_each_user_with_another_users_history(store, trained):
     """A seeded derangement: nobody keeps their own history, every history is used once, same seed same map."""
-    from recipes.methods.pplug.serving import donors
+    from recipes.kit.retrieval import donors
 
     users = [str(u) for u in range(13)]
-    mapping = donors(users, seed=0)
+    mapping = donors(users, seed=0, method="pplug")
     assert sorted(mapping) == sorted(mapping.values()) == sorted(users)
-    assert all(mapping[u] != u for u in users) and donors(users, seed=0) == mapping != donors(users, seed=1)
+    assert all(mapping[u] != u for u in users) and donors(users, seed=0, method="pplug") == mapping != donors(users, seed=1, method="pplug")
     (store.parent / "users.txt").write_text("2\n4\n")
     swapped = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "pplug", "--ablation", "--users", str(store.parent / "users.txt"))
     opened = Store(store)

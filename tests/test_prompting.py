@@ -158,3 +158,41 @@ def test_the_registry_parses_method_names():
     for bad in ("few-shot", "task-lora+rag", "rag+oppu", "oppu+perpcs"):
         with pytest.raises(PersonaError, match=re.escape(f"--method {bad}: expected one of")):
             parse_method(bad)
+
+
+def test_rag_training_prompts_are_the_prompts_rag_serves(budget):
+    """A model adapted with --rag-k K must read at serving time exactly the prompt it was trained on."""
+    from recipes.kit.training_data import Retrieval
+
+    history = {"u": _history(["cycling up the hill", "tax form due", "new bike day", "bike shop visit"])}
+    query = Query("q1", "u", "LaMP-7", "Paraphrase the following tweet without any explanation before or after it: my bike")
+    served, _ = get_method("rag").prompts(_context(history, PromptSettings(k=2), budget), [query])
+    store = SimpleNamespace(histories=lambda users, task: {u: history[u] for u in users})
+    retrieval = Retrieval(TWEETS, TokenBudget(budget.tokenizer, 256), 2)
+    assert retrieval.query_examples(store, [query]) == []  # a query without a gold output trains nothing
+    [example] = retrieval.query_examples(store, [Query("q1", "u", "LaMP-7", query.input, output="my new bike!!")])
+    assert example.prompt == served[0] and example.target == "my new bike!!"
+    assert example.prompt.count("bike") == 3  # the two bike items, then the query
+
+
+def test_rag_ablation_shows_another_users_items_chosen_the_same_way(budget):
+    history = {
+        "a": _history(["my bike is red", "tax day"]),
+        "b": _history(["bike ride to the lake", "pasta night"]),
+        "c": _history(["new bike for my son", "rainy day"]),
+    }
+    for user, items in history.items():
+        for item in items:
+            item.user_id = user
+    tweet = "Paraphrase the following tweet without any explanation before or after it: a bike"
+    queries = [Query(f"q{u}", u, "LaMP-7", tweet) for u in history]
+    own, _ = get_method("rag").prompts(_context(history, PromptSettings(k=1), budget), queries)
+    swapped, facts = get_method("rag").prompts(_context(history, PromptSettings(k=1, ablation=True), budget), queries)
+    shown = lambda prompt: prompt.splitlines()[1].strip('"')  # noqa: E731
+    owners = {item.text: user for user, items in history.items() for item in items}
+    assert [owners[shown(p)] for p in own] == ["a", "b", "c"]
+    assert all(owners[shown(p)] != q.user_id for p, q in zip(swapped, queries))
+    assert sorted(owners[shown(p)] for p in swapped) == ["a", "b", "c"] and "bike" in " ".join(map(shown, swapped))
+    assert "another user's history" in facts["ablation"]
+    with pytest.raises(PersonaError, match="--ablation of rag .* at least 2 users"):
+        get_method("rag").prompts(_context(history, PromptSettings(k=1, ablation=True), budget), queries[:1])

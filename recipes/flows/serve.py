@@ -42,7 +42,9 @@ class MethodRequest:
         return parse_method(self.method)
 
     def prompt_settings(self) -> PromptSettings:
-        settings = PromptSettings(k=self.k, retriever=self.retriever, seed=self.seed)
+        """The prompt method's settings; --ablation is the prompt method's only when no model method is named."""
+        model, _ = self.methods()
+        settings = PromptSettings(k=self.k, retriever=self.retriever, seed=self.seed, ablation=self.ablation and model is None)
         settings.validate()
         return settings
 
@@ -68,7 +70,7 @@ def plan_serving(store: Store, task: Task, request: MethodRequest, user_ids: lis
             users = [m.name for m in methods() if option in m.options]
             hint = " (use --base NAME)" if option == "plugin" else ""
             raise PersonaError(f"{flag} goes with --method {_either(users)}, not {request.method}{hint}")
-    if request.ablation and (model is None or model.ablation is None):
+    if request.ablation and (prompt if model is None else model).ablation is None:
         personal = ", ".join(m.name for m in methods() if m.ablation)
         raise PersonaError(f"--ablation goes with a personal method ({personal}), not {request.method}")
     if model is not None and request.base:
@@ -96,4 +98,6 @@ def method_label(request: MethodRequest) -> str:
         name += "".join(f"-{k}{v}" for k, v in sorted(request.settings.items()))
         name += "-ablation" if request.ablation else ""
         label = name if prompt is default_prompt() else f"{name}+{label}"
+    elif request.ablation:
+        label += "-ablation"
     return f"{label}+{request.base}" if request.base else label

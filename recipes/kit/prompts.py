@@ -41,11 +41,13 @@ class TokenBudget:
 
 @dataclass(frozen=True)
 class PromptSettings:
-    """How a prompt method picks history items: `k` items by `retriever`, or at random by `seed`."""
+    """How a prompt method picks history items: `k` items by `retriever`, or at random by `seed`;
+    with `ablation`, from another user's history (a seeded derangement of the users served)."""
 
     k: int = 1
     retriever: str = "bm25"
     seed: int = 0
+    ablation: bool = False
 
     def validate(self) -> None:
         if self.retriever not in RETRIEVERS:

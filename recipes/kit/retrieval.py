@@ -70,6 +70,16 @@ def random_items(n_items: int, k: int, seed: int, key: str) -> list[int]:
     return rng.sample(range(n_items), min(k, n_items))
 
 
+def donors(user_ids: list[str], seed: int, method: str) -> dict[str, str]:
+    """Each user's donor for a non-personal ablation: another user of the set, every user donating
+    once (a seeded derangement), so the ablation sees real histories, just never the user's own."""
+    users = sorted(set(user_ids))
+    if len(users) < 2:
+        raise PersonaError(f"--ablation of {method} serves each user with another user's history; it needs at least 2 users")
+    random_module.Random(seed).shuffle(users)
+    return {user: users[(i + 1) % len(users)] for i, user in enumerate(users)}
+
+
 def user_embedding(vectors: list[np.ndarray]) -> np.ndarray:
     """E_u: the mean of a user's (normalized) history vectors."""
     return np.mean(np.stack(vectors), axis=0)

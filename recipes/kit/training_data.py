@@ -4,10 +4,14 @@ interrupted training keeps its checkpoint."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from recipes.kit.backbones import cache_dir
 from recipes.kit.history_pairs import given_pair, history_pairs
+from recipes.kit.prompts import TokenBudget, history_prompt
+from recipes.kit.retrieval import bm25_top
 from recipes.kit.training_loop import Example
 from recipes.kit.splits import query_split
 from recipes.kit.tasks import Task
@@ -29,12 +33,42 @@ def history_examples(task: Task, history: list[Behavior]) -> list[Example]:
     return examples
 
 
-def train_user_pairs(store: Store, task: Task, user_ids: list[str], recipe: str, seed: int) -> list[Example]:
-    """Task-format pairs made from these (training) users' history items; none for recipe `none`."""
+def train_user_pairs(
+    store: Store, task: Task, user_ids: list[str], recipe: str, seed: int, retrieval: Optional["Retrieval"] = None
+) -> list[Example]:
+    """Task-format pairs made from these (training) users' history items; none for recipe `none`.
+    With `retrieval`, each pair's prompt shows the user's other items the way `rag` serves them."""
     if recipe == "none":
         return []
-    pairs = history_pairs(store, task, store.histories(user_ids, task.name), recipe, seed)
-    return [Example(p.input, p.output) for user in user_ids for p in pairs.get(user, [])]
+    histories = store.histories(user_ids, task.name)
+    pairs = history_pairs(store, task, histories, recipe, seed)
+    examples = []
+    for user in user_ids:
+        for p in pairs.get(user, []):
+            prompt = p.input
+            if retrieval is not None:
+                prompt = retrieval.prompt(p.input, [item for item in histories.get(user, []) if item.item_id != p.item_id])
+            examples.append(Example(prompt, p.output))
+    return examples
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Training prompts with retrieved history, built exactly as the `rag` method (BM25) serves
+    them, so a model trained on them reads the same prompt format at serving time."""
+
+    task: Task
+    budget: TokenBudget
+    k: int
+
+    def prompt(self, task_input: str, history: list[Behavior]) -> str:
+        positions = bm25_top([item.text for item in history], self.task.query_text(task_input), self.k)
+        return history_prompt(self.task, task_input, [history[i] for i in positions], self.budget)
+
+    def query_examples(self, store: Store, queries: list[Query]) -> list[Example]:
+        """(RAG prompt, gold) pairs of queries with gold outputs: the user's whole history to retrieve from."""
+        histories = store.histories(sorted({q.user_id for q in queries}), self.task.name)
+        return [Example(self.prompt(q.input, histories.get(q.user_id, [])), q.output) for q in queries if q.output is not None]
 
 
 def split_queries(store: Store, task: Task, split: str) -> list[Query]:

@@ -9,9 +9,12 @@ import numpy as np
 
 from recipes.kit.progress import report
 from recipes.kit.prompts import PromptContext, history_prompt
-from recipes.kit.retrieval import bm25_top, dense_top, random_items, recency_top
+from recipes.kit.retrieval import bm25_top, dense_top, donors, random_items, recency_top
 from recipes.methods.registry import Method, PromptBuilder, register
 from store import Behavior, Query
+
+
+ABLATION = "another user's history (seeded derangement), chosen the same way"
 
 
 def retrieved_items(ctx: PromptContext, query: Query, history: list[Behavior], query_vector: Optional[np.ndarray] = None) -> list[Behavior]:
@@ -31,13 +34,18 @@ def random_choice(ctx: PromptContext, query: Query, history: list[Behavior], _: 
     return [history[i] for i in positions]
 
 
-def _history_prompts(choose: Callable, by_retriever: bool) -> PromptBuilder:
-    """Prompts of `choose`'s items; `by_retriever`: it follows --retriever (dense reads the query vectors)."""
+def _history_prompts(choose: Callable, by_retriever: bool, method: str) -> PromptBuilder:
+    """Prompts of `choose`'s items; `by_retriever`: it follows --retriever (dense reads the query vectors).
+    The ablation chooses the same way from another user's history."""
 
     def build(ctx: PromptContext, queries: list[Query]) -> tuple[list[str], dict]:
         dense = by_retriever and ctx.settings.retriever == "dense"
         histories = ctx.histories(queries, with_vectors=dense)
         facts, vectors = {}, None
+        if ctx.settings.ablation:
+            donor = donors([q.user_id for q in queries], ctx.settings.seed, method)
+            histories = {user: histories.get(donor[user], []) for user in donor}
+            facts["ablation"] = ABLATION
         if dense:
             encoder = ctx.encoder()
             vectors = encoder.encode([ctx.task.query_text(q.input) for q in queries])
@@ -55,9 +63,11 @@ def _history_prompts(choose: Callable, by_retriever: bool) -> PromptBuilder:
 
 RANDOM = register(Method(
     name="random", summary="k history items at random (seeded per query; --k, --seed)",
-    prompts=_history_prompts(random_choice, by_retriever=False), label=lambda options, prompt: f"random-k{prompt.k}",
+    prompts=_history_prompts(random_choice, by_retriever=False, method="random"), label=lambda options, prompt: f"random-k{prompt.k}",
+    ablation=ABLATION,
 ))  # fmt: skip
 RAG = register(Method(
     name="rag", summary="the k history items most relevant to the query (--retriever bm25, recency or dense; --k)",
-    prompts=_history_prompts(retrieved_items, by_retriever=True), label=lambda options, prompt: f"rag-{prompt.retriever}-k{prompt.k}",
+    prompts=_history_prompts(retrieved_items, by_retriever=True, method="rag"), label=lambda options, prompt: f"rag-{prompt.retriever}-k{prompt.k}",
+    ablation=ABLATION,
 ))  # fmt: skip

@@ -11,11 +11,12 @@ from recipes.flows.answer import answer_prompts
 from recipes.kit.backbones import LLM, loaded
 from recipes.kit.plugins import apply_chain, base_chain, lora_plugin_config, training_metrics
 from recipes.kit.serving_plan import ServingPlan
-from recipes.kit.training_loop import LoraSettings, train_lora
+from recipes.kit.training_loop import Example, LoraSettings, train_lora
 from recipes.kit.progress import Progress
 from recipes.kit.tasks import Task
 from recipes.kit.history_pairs import check_recipe
-from recipes.kit.training_data import checkpoint_path, query_examples, split_queries, train_user_pairs
+from recipes.kit.prompts import TokenBudget
+from recipes.kit.training_data import Retrieval, checkpoint_path, query_examples, split_queries, train_user_pairs
 from recipes.methods.registry import Method, MethodOptions, register
 from store import Plugin, Query, Store
 
@@ -32,14 +33,14 @@ def task_lora_name(task: Task) -> str:
 SELECTIONS = ("loss", "metric")
 
 
-def _dev_scorer(llm: LLM, task: Task, dev: list[Query], batch_size: int) -> Callable[[], float]:
-    """The task's first metric of the LLM as it is now on the dev queries (sign flipped where lower is better)."""
+def _dev_scorer(llm: LLM, task: Task, dev: list[Query], prompts: list[Example], batch_size: int) -> Callable[[], float]:
+    """The task's first metric of the LLM as it is now on the dev queries' prompts (sign flipped where lower is better)."""
     metric = task.metric_names[0]
     sign = 1.0 if task.higher_is_better(metric) else -1.0
 
     def score() -> float:
         mode = "rank" if task.is_classification else "generate"
-        raw = answer_prompts(llm, task, mode, [q.input for q in dev], max(batch_size, 16))
+        raw = answer_prompts(llm, task, mode, [p.prompt for p in prompts], max(batch_size, 16))
         return sign * task.score([task.normalize(r) for r in raw], [q.output for q in dev])[metric]
 
     return score
@@ -57,14 +58,21 @@ def adapt_task(
     progress: Optional[Progress] = None,
     select: str = "loss",
     pairs: str = "none",
+    rag_k: int = 0,
+    max_input_tokens: int = 1024,
 ) -> Plugin:
     """Train the task LoRA on the training-split users' queries, keep the step that does best on
     the dev-split queries (select 'loss': the lowest dev loss; 'metric': the task's first metric,
     e.g. ROUGE-1, which generates every dev answer at every evaluation), and store it as plug-in
     `name`. With `pairs` (history_pairs) the training users' history items made into task-format
-    pairs train too (never one whose output is a held-out query's gold). Test users are never trained on."""
+    pairs train too (never one whose output is a held-out query's gold). With `rag_k` every prompt
+    (train and dev) shows the user's k BM25-retrieved history items as `rag` serves them, so the
+    adapter learns to read a user's earlier examples; serve it with `--method rag --k K --base NAME`.
+    Test users are never trained on."""
     settings.validate()
     check_recipe(pairs)
+    if rag_k < 0:
+        raise PersonaError(f"--rag-k must be 0 (no retrieval) or more, got {rag_k}")
     if select not in SELECTIONS:
         raise PersonaError(f"--select {select}: expected one of {', '.join(SELECTIONS)}")
     if not replace and store.get_plugins([name]):
@@ -73,20 +81,26 @@ def adapt_task(
     if not train:
         raise PersonaError(f"store {store.uri} has no {task.name} training-split queries with gold outputs")
     dev = split_queries(store, task, "dev")
-    examples = query_examples(train) + train_user_pairs(store, task, sorted({q.user_id for q in train}), pairs, settings.seed)
     chain = base_chain(store, base)
     llm = loaded(llm)
+    retrieval = Retrieval(task, TokenBudget(llm.tokenizer, max_input_tokens), rag_k) if rag_k else None
+    train_users = sorted({q.user_id for q in train})
+    if retrieval is None:
+        examples, dev_examples = query_examples(train), query_examples(dev)
+    else:
+        examples, dev_examples = retrieval.query_examples(store, train), retrieval.query_examples(store, dev)
+    examples += train_user_pairs(store, task, train_users, pairs, settings.seed, retrieval)
     apply_chain(llm, chain)
-    scorer = _dev_scorer(llm, task, dev, settings.batch_size) if dev and select == "metric" else None
+    scorer = _dev_scorer(llm, task, dev, dev_examples, settings.batch_size) if dev and select == "metric" else None
     trained = train_lora(
-        llm, examples, settings, query_examples(dev) or None, progress, checkpoint_path(store, name),
+        llm, examples, settings, dev_examples or None, progress, checkpoint_path(store, name),
         stage=f"training {name}", dev_score=scorer,
     )  # fmt: skip
     weights = trained.weights.to_bytes()
     config = lora_plugin_config(llm, settings, trained, chain)
     config.update(
         train_users=len({q.user_id for q in train}), train_examples=len(examples), train_queries=len(train),
-        history_pairs=len(examples) - len(train), pairs=pairs, dev_examples=len(dev),
+        history_pairs=len(examples) - len(train), pairs=pairs, dev_examples=len(dev), rag_k=rag_k,
     )  # fmt: skip
     plugin = Plugin(
         name=name, kind=TASK_LORA, llm=llm.id, weights=weights, task=task.name, base=base,

@@ -6,7 +6,6 @@ user's history. Also `explain`: which history items a user's embedding draws on.
 from __future__ import annotations
 
 import math
-import random
 from typing import Optional
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from recipes import PersonaError
 from recipes.kit.backbones import LLM, Encoder, load_encoder
 from recipes.kit.plugins import base_chain, check_llm
+from recipes.kit.retrieval import donors
 from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.soft_prompts import SoftTokens
 from recipes.kit.tasks import Task
@@ -104,15 +104,6 @@ def explain(store: Store, task: Task, user_id: str, text: str, name: str, top: i
     }  # fmt: skip
 
 
-def donors(user_ids: list[str], seed: int) -> dict[str, str]:
-    """Each user's donor: another user of the set, every user donating once (a seeded derangement)."""
-    users = sorted(set(user_ids))
-    if len(users) < 2:
-        raise PersonaError("--ablation of pplug serves each user with another user's history; it needs at least 2 users")
-    random.Random(seed).shuffle(users)
-    return {user: users[(i + 1) % len(users)] for i, user in enumerate(users)}
-
-
 def serve_pplug(store: Store, task: Task, user_ids: list[str], options: MethodOptions) -> ServingPlan:
     name = options.plugin or pplug_name(task)
     plugin = get_pplug(store, name)
@@ -122,7 +113,7 @@ def serve_pplug(store: Store, task: Task, user_ids: list[str], options: MethodOp
     shape = EmbedderShape(**plugin.config["shape"])
     if options.ablation and not shape.personal:
         raise PersonaError(f"plug-in '{name}' has no personal token; it is an ablation already")
-    donor = donors(user_ids, options.seed) if options.ablation else None
+    donor = donors(user_ids, options.seed, "pplug") if options.ablation else None
     vectors: dict[str, np.ndarray] = {}  # read once, here; --no-personal reads no history
     if shape.personal:
         vectors = history_vectors(store, task, user_ids, shape.history_cap)
