@@ -5,8 +5,11 @@ the users (once), trains what the methods need (each step skipped when the store
 it: a stopped run resumes), and evaluates on the same test users:
 
 - copy the input unchanged (generation tasks) or the most frequent training label (classification);
-- k=0; RAG with k chosen on training-split users (never on test users) among --rag-ks;
+- k=0; RAG with k chosen on training-split users (never on test users) among --rag-ks, and its
+  ablation: the same retrieval from another user's history;
 - the task LoRA (trained on the training users' queries, and with --pairs rules their history pairs);
+- the task LoRA trained on RAG prompts (adapt --rag-k K) served with RAG k=K, and its ablation: the
+  same retrieval from another user's history;
 - OPPU over the task LoRA, and its ablation: the task LoRA alone;
 - Per-Pcs (sharers from the training split, assembled for the test users), and uniform gates;
 - PPlug over the task LoRA, and another user's history;
@@ -18,6 +21,7 @@ personal method's paired difference to its ablation, RAG's to k=0, the best meth
 baseline, and Per-Pcs assembly seconds per user against OPPU training seconds per user).
 
     .venv/bin/python benchmarks/lamp/run.py --data ../shared/data/lamp7 --store .persona-bench/lamp7 [--users N] [--quick]
+        [--methods rag,task-lora,task-lora-rag,...] (copy and k=0 always run; each row's training only when chosen)
 """
 
 from __future__ import annotations
@@ -38,11 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from persona_cli.inprocess import run_persona  # noqa: E402
 
-def personal_methods() -> list[str]:
-    """The methods with a non-personal ablation (each is compared with it)."""
-    from recipes.methods.registry import methods
-
-    return [m.name for m in methods() if m.ablation]
+GROUPS = ("rag", "task-lora", "task-lora-rag", "oppu", "perpcs", "pplug", "training-free")
+"""What a run can be limited to (--methods); copy-the-input (or the most frequent label) and k=0 always run."""
 
 
 def training_free() -> list:
@@ -93,24 +94,30 @@ def has_plugin(store: Path, name: str) -> bool:
     return bool(Store(str(store)).get_plugins([name]))
 
 
-def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs: str, timings: dict) -> None:
-    """Everything the methods need, each step skipped when already stored."""
-    if not has_plugin(store, names["task_lora"]):
+def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs: str, groups: set[str], timings: dict) -> None:
+    """Everything the chosen groups need, each step skipped when already stored."""
+    needs_task_lora = groups & {"task-lora", "oppu", "perpcs", "pplug", "training-free"}
+    if needs_task_lora and not has_plugin(store, names["task_lora"]):
         cli(store, "adapt", "--task", task, "--name", names["task_lora"], "--steps", str(size["task_steps"]), "--pairs", pairs)
-    oppu_steps = ["--steps", str(size["oppu_steps"])] if size["oppu_steps"] else []
-    oppu = cli(store, "train-oppu", "--task", task, "--users", str(test_ids), "--base", names["task_lora"], "--name", names["oppu"],
-               "--pairs", pairs, *oppu_steps)  # fmt: skip
-    timings["oppu_train_s_per_user"] = oppu["mean_train_seconds"]
-    from store import Store
+    if "task-lora-rag" in groups and not has_plugin(store, names["task_lora_rag"]):
+        cli(store, "adapt", "--task", task, "--name", names["task_lora_rag"], "--steps", str(size["task_steps"]), "--pairs", pairs,
+            "--rag-k", str(names["rag_train_k"]))  # fmt: skip
+    if "oppu" in groups:
+        oppu_steps = ["--steps", str(size["oppu_steps"])] if size["oppu_steps"] else []
+        oppu = cli(store, "train-oppu", "--task", task, "--users", str(test_ids), "--base", names["task_lora"], "--name", names["oppu"],
+                   "--pairs", pairs, *oppu_steps)  # fmt: skip
+        timings["oppu_train_s_per_user"] = oppu["mean_train_seconds"]
+    if "perpcs" in groups:
+        from store import Store
 
-    if names["pool"] not in Store(str(store)).pool_tags():
-        cli(store, "register-sharers", "--task", task, "--strategy", "history-cluster", "--k", str(size["sharers"]),
-            "--base", names["task_lora"], "--steps", str(size["sharer_steps"]), "--gate-steps", str(size["sharer_steps"]),
-            "--tag", names["pool"], "--pairs", pairs)  # fmt: skip
-    assembled = cli(store, "assemble", "--task", task, "--users", str(test_ids), "--pool", names["pool"], "--top-k", "3")
-    seconds = [entry["seconds"] for entry in assembled["users"].values()]
-    timings["perpcs_assembly_s_per_user"] = round(statistics.mean(seconds), 3) if seconds else None
-    if not has_plugin(store, names["pplug"]):
+        if names["pool"] not in Store(str(store)).pool_tags():
+            cli(store, "register-sharers", "--task", task, "--strategy", "history-cluster", "--k", str(size["sharers"]),
+                "--base", names["task_lora"], "--steps", str(size["sharer_steps"]), "--gate-steps", str(size["sharer_steps"]),
+                "--tag", names["pool"], "--pairs", pairs)  # fmt: skip
+        assembled = cli(store, "assemble", "--task", task, "--users", str(test_ids), "--pool", names["pool"], "--top-k", "3")
+        seconds = [entry["seconds"] for entry in assembled["users"].values()]
+        timings["perpcs_assembly_s_per_user"] = round(statistics.mean(seconds), 3) if seconds else None
+    if "pplug" in groups and not has_plugin(store, names["pplug"]):
         cli(store, "train-embedder", "--task", task, "--base", names["task_lora"], "--name", names["pplug"], "--pairs", pairs,
             "--steps", str(size["pplug_steps"]))  # fmt: skip
 
@@ -129,30 +136,45 @@ def choose_rag_k(store: Path, task: str, ks: list[int], tune_ids: Path, decode: 
     return best, scores
 
 
-def evaluate_all(store: Path, task: str, test_ids: Path, names: dict, rag_k: int, decode: list[str]) -> dict[str, str]:
-    """Every method's run on the test users; returns label -> run id."""
-    plans = {
-        "k=0": ["--method", "none"],
-        f"RAG k={rag_k}" if rag_k else "RAG (k=0 chosen)": ["--method", "rag", "--k", str(rag_k)] if rag_k else ["--method", "none"],
-        "task LoRA": ["--method", "task-lora", "--plugin", names["task_lora"]],
+def plans(names: dict, rag_k: int | None, groups: set[str]) -> dict[str, list[str]]:
+    """Every chosen row's evaluate arguments, each personal row followed by its ablation ('LABEL ablation')."""
+    rows: dict[str, list[str]] = {"k=0": ["--method", "none"]}
+    if "rag" in groups and rag_k:
+        rows[f"RAG k={rag_k}"] = ["--method", "rag", "--k", str(rag_k)]
+        rows[f"RAG k={rag_k} ablation"] = ["--method", "rag", "--k", str(rag_k), "--ablation"]
+    elif "rag" in groups:
+        rows["RAG (k=0 chosen)"] = ["--method", "none"]
+    if "task-lora" in groups:
+        rows["task LoRA"] = ["--method", "task-lora", "--plugin", names["task_lora"]]
+    if "task-lora-rag" in groups:
+        rag_lora = ["--method", "rag", "--k", str(names["rag_train_k"]), "--base", names["task_lora_rag"]]
+        rows["task LoRA+RAG"] = rag_lora
+        rows["task LoRA+RAG ablation"] = [*rag_lora, "--ablation"]
+    personal = {
         "oppu": ["--method", "oppu", "--plugin", names["oppu"]],
-        "oppu ablation": ["--method", "oppu", "--plugin", names["oppu"], "--ablation"],
         "perpcs": ["--method", "perpcs", "--pool", names["pool"]],
-        "perpcs ablation": ["--method", "perpcs", "--pool", names["pool"], "--ablation"],
         "pplug": ["--method", "pplug", "--plugin", names["pplug"]],
-        "pplug ablation": ["--method", "pplug", "--plugin", names["pplug"], "--ablation"],
     }
-    for method in training_free():
-        base = ["--plugin", names["task_lora"]] if "plugin" in method.options else []
-        plans[method.name] = ["--method", method.name, *base]
-        if method.ablation:
-            plans[f"{method.name} ablation"] = ["--method", method.name, *base, "--ablation"]
-    return {label: cli(store, "evaluate", "--task", task, "--users", str(test_ids), *args, *decode)["run_id"] for label, args in plans.items()}
+    for group, args in personal.items():
+        if group in groups:
+            rows[group], rows[f"{group} ablation"] = args, [*args, "--ablation"]
+    if "training-free" in groups:
+        for method in training_free():
+            base = ["--plugin", names["task_lora"]] if "plugin" in method.options else []
+            rows[method.name] = ["--method", method.name, *base]
+            if method.ablation:
+                rows[f"{method.name} ablation"] = ["--method", method.name, *base, "--ablation"]
+    return rows
 
 
-def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> tuple[str, dict[str, dict[str, float]]]:
-    """Per-query score of every run (ROUGE-1, or 1/0 accuracy for label tasks), plus the copy or
-    most-frequent-label baseline on the same queries."""
+def evaluate_all(store: Path, task: str, test_ids: Path, rows: dict[str, list[str]], decode: list[str]) -> dict[str, str]:
+    """Every row's run on the test users; returns label -> run id."""
+    return {label: cli(store, "evaluate", "--task", task, "--users", str(test_ids), *args, *decode)["run_id"] for label, args in rows.items()}
+
+
+def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-query scores of every run, by measure (ROUGE-1 and ROUGE-L, or 1/0 accuracy for label
+    tasks; the first is the primary), plus the copy or most-frequent-label baseline on the same queries."""
     from recipes.kit.metrics import per_example_rouge
     from recipes.kit.splits import query_split
     from recipes.kit.tasks import get_task
@@ -160,28 +182,31 @@ def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> tuple[str,
 
     spec, opened = get_task(task), Store(str(store))
     generation = not spec.is_classification
-    measure = "rouge-1" if generation else "accuracy"
-    scores = {}
+    measures = ("rouge-1", "rouge-L") if generation else ("accuracy",)
+    scores: dict[str, dict[str, dict[str, float]]] = {m: {} for m in measures}
     for label, run_id in runs.items():
         predictions = opened.run_predictions(run_id)
         if generation:
             rows = per_example_rouge([p.output for p in predictions], [p.gold or "" for p in predictions])
-            scores[label] = {p.query_id: r["rouge-1"] for p, r in zip(predictions, rows)}
+            for m in measures:
+                scores[m][label] = {p.query_id: r[m] for p, r in zip(predictions, rows)}
         else:
-            scores[label] = {p.query_id: float(p.output == p.gold) for p in predictions}
+            scores["accuracy"][label] = {p.query_id: float(p.output == p.gold) for p in predictions}
     queries = {q.query_id: q for q in opened.task_queries(task)}
-    ids = sorted(set.intersection(*(set(s) for s in scores.values())))
+    ids = sorted(set.intersection(*(set(s) for s in scores[measures[0]].values())))
     if generation:
         rows = per_example_rouge([spec.query_text(queries[i].input) for i in ids], [queries[i].output or "" for i in ids])
-        scores = {"copy the input": dict(zip(ids, (r["rouge-1"] for r in rows))), **scores}
+        for m in measures:
+            scores[m] = {"copy the input": dict(zip(ids, (r[m] for r in rows))), **scores[m]}
     else:
         train_golds = [q.output for q in queries.values() if q.output and query_split(q.split, q.user_id) == "train"]
         frequent = Counter(train_golds).most_common(1)[0][0]
-        scores = {f"most frequent label ({frequent})": {i: float(queries[i].output == frequent) for i in ids}, **scores}
-    return measure, {label: {i: s[i] for i in ids} for label, s in scores.items()}
+        scores["accuracy"] = {f"most frequent label ({frequent})": {i: float(queries[i].output == frequent) for i in ids}, **scores["accuracy"]}
+    return {m: {label: {i: s[i] for i in ids} for label, s in by_label.items()} for m, by_label in scores.items()}
 
 
-def summarize(measure: str, scores: dict[str, dict[str, float]], rag_label: str) -> dict:
+def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str | None) -> dict:
+    """Means with bootstrap intervals for every measure; paired differences on the primary one."""
     from recipes.kit.metrics import bootstrap_interval
 
     def interval(values: list[float]) -> list[float]:
@@ -191,19 +216,26 @@ def summarize(measure: str, scores: dict[str, dict[str, float]], rag_label: str)
     def paired(a: str, b: str) -> list[float]:
         return interval([scores[a][i] - scores[b][i] for i in scores[a]])
 
+    measure, scores = next(iter(by_measure.items()))
     methods = {label: interval(list(values.values())) for label, values in scores.items()}
+    others = {m: {label: interval(list(values.values())) for label, values in s.items()} for m, s in list(by_measure.items())[1:]}
     baseline = next(iter(scores))
     best = max((label for label in scores if label != baseline and "ablation" not in label), key=lambda label: methods[label][0])
-    differences = {f"{m} - {m} ablation": paired(m, f"{m} ablation") for m in personal_methods() if f"{m} ablation" in scores}
-    differences[f"{rag_label} - k=0"] = paired(rag_label, "k=0")
+    differences = {f"{m} - {m} ablation": paired(m, f"{m} ablation") for m in scores if f"{m} ablation" in scores}
+    if rag_label:
+        differences[f"{rag_label} - k=0"] = paired(rag_label, "k=0")
     differences[f"{best} - {baseline}"] = paired(best, baseline)
-    return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "differences": differences, "best": best}
+    return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "other_measures": others,
+            "differences": differences, "best": best}  # fmt: skip
 
 
 def markdown(summary: dict, header: str) -> str:
-    lines = [header, "", f"| method | {summary['measure']} [95% CI] |", "|---|---|"]
+    others = summary.get("other_measures", {})
+    lines = [header, "", "| method | " + " | ".join(f"{m} [95% CI]" for m in [summary["measure"], *others]) + " |",
+             "|---" * (1 + 1 + len(others)) + "|"]  # fmt: skip
     for label, (mean, low, high) in summary["methods"].items():
-        lines.append(f"| {label} | {mean:.4f} [{low:.3f}, {high:.3f}] |")
+        cells = [f"{mean:.4f} [{low:.3f}, {high:.3f}]"] + [f"{o[label][0]:.4f} [{o[label][1]:.3f}, {o[label][2]:.3f}]" for o in others.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences over the same queries (bootstrap 95%):", ""]
     for label, (mean, low, high) in summary["differences"].items():
         verdict = "ahead" if low > 0 else "behind" if high < 0 else "not separable"
@@ -242,6 +274,9 @@ def main() -> None:
     parser.add_argument("--pairs", default="rules", help="history pairs recipe every trainer uses (none or rules)")
     parser.add_argument("--task-lora", default=None, help="use this stored task LoRA instead of training bench-task-lora")
     parser.add_argument("--rag-ks", default="1,2,4", help="the k values RAG chooses from on training users")
+    parser.add_argument("--rag-train-k", type=int, default=2, help="k of the task LoRA trained on RAG prompts (adapt --rag-k), served with the same k")
+    parser.add_argument("--task-lora-rag", default=None, help="use this stored RAG-trained task LoRA instead of training one")
+    parser.add_argument("--methods", default=",".join(GROUPS), help=f"which rows to run besides copy and k=0 (comma-separated of {', '.join(GROUPS)})")
     parser.add_argument("--decode", default="", help='decoding options of every evaluation, e.g. "--beams 4 --repetition-penalty 1.2" (chosen on dev users by benchmarks/decoding)')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/lamp/results-TASK[-quick]")
@@ -251,31 +286,39 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     size = settings(args.quick)
     prefix = "bench-quick" if args.quick else "bench"
-    names = {"task_lora": args.task_lora or f"{prefix}-task-lora", "oppu": f"{prefix}-oppu", "pool": f"{prefix}-pool", "pplug": f"{prefix}-pplug"}
+    groups = set(args.methods.split(","))
+    if groups - set(GROUPS):
+        raise SystemExit(f"--methods: unknown {sorted(groups - set(GROUPS))}; expected some of {', '.join(GROUPS)}")
+    names = {"task_lora": args.task_lora or f"{prefix}-task-lora", "oppu": f"{prefix}-oppu", "pool": f"{prefix}-pool", "pplug": f"{prefix}-pplug",
+             "task_lora_rag": args.task_lora_rag or f"{prefix}-task-lora-rag{args.rag_train_k}", "rag_train_k": args.rag_train_k}  # fmt: skip
     ingest(args.store, args.data, args.task)
     test_ids = split_ids(args.store, args.task, "test", args.users, args.seed, out)
     tune_ids = split_ids(args.store, args.task, "train", size["tune_users"], args.seed, out)
     timings: dict = {}
-    train(args.store, args.task, size, test_ids, names, args.pairs, timings)
+    train(args.store, args.task, size, test_ids, names, args.pairs, groups, timings)
     decode = shlex.split(args.decode)
-    rag_k, rag_scores = choose_rag_k(args.store, args.task, [int(k) for k in args.rag_ks.split(",")], tune_ids, decode)
-    runs = evaluate_all(args.store, args.task, test_ids, names, rag_k, decode)
-    measure, scores = per_query_scores(args.store, args.task, runs)
-    rag_label = next(label for label in runs if label.startswith("RAG"))
-    summary = summarize(measure, scores, rag_label)
-    if timings.get("perpcs_assembly_s_per_user"):
+    rag_k, rag_scores = None, {}
+    if "rag" in groups:
+        rag_k, rag_scores = choose_rag_k(args.store, args.task, [int(k) for k in args.rag_ks.split(",")], tune_ids, decode)
+    runs = evaluate_all(args.store, args.task, test_ids, plans(names, rag_k, groups), decode)
+    by_measure = per_query_scores(args.store, args.task, runs)
+    rag_label = next((label for label in runs if label.startswith("RAG") and "ablation" not in label), None)
+    summary = summarize(by_measure, rag_label)
+    if timings.get("perpcs_assembly_s_per_user") and timings.get("oppu_train_s_per_user"):
         timings["assembly_speedup_vs_oppu"] = round(timings["oppu_train_s_per_user"] / timings["perpcs_assembly_s_per_user"], 1)
     result = {
         "task": args.task, "data": str(args.data), "store": str(args.store), "quick": args.quick, "settings": size,
-        "pairs": args.pairs, "decode": args.decode, "names": names, "test_users": len(test_ids.read_text().split()), "runs": runs,
+        "pairs": args.pairs, "decode": args.decode, "methods": sorted(groups), "names": names, "test_users": len(test_ids.read_text().split()), "runs": runs,
         "rag_k_chosen_on_train_users": rag_k, "rag_scores_on_train_users": rag_scores, "timings": timings, **summary,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     header = (f"{args.task}, {result['test_users']} test users ({summary['n_queries']} queries), "
-              f"{'quick' if args.quick else 'full'} settings, pairs {args.pairs}, decoding {args.decode or 'the task default'}; RAG k={rag_k} chosen on "
-              f"{size['tune_users']} training users {rag_scores}; timings {timings}")  # fmt: skip
+              f"{'quick' if args.quick else 'full'} settings, pairs {args.pairs}, decoding {args.decode or 'the task default'}"
+              + (f"; RAG k={rag_k} chosen on {size['tune_users']} training users {rag_scores}" if "rag" in groups else "")
+              + (f"; task LoRA+RAG trained and served with k={args.rag_train_k}" if "task-lora-rag" in groups else "")
+              + (f"; timings {timings}" if timings else ""))  # fmt: skip
     (out / "results.md").write_text(markdown(summary, header), encoding="utf-8")
     chart(summary, out / "results.png")
     print((out / "results.md").read_text(encoding="utf-8"))
