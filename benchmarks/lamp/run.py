@@ -315,7 +315,9 @@ def main() -> None:
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     header = (f"{args.task}, {result['test_users']} test users ({summary['n_queries']} queries), "
-              f"{'quick' if args.quick else 'full'} settings, pairs {args.pairs}, decoding {args.decode or 'the task default'}"
+              f"{'quick' if args.quick else 'full'} settings"
+              + (f", pairs {args.pairs}" if groups - {"rag", "training-free"} else "")
+              + f", decoding {args.decode or 'the task default'}"
               + (f"; RAG k={rag_k} chosen on {size['tune_users']} training users {rag_scores}" if "rag" in groups else "")
               + (f"; task LoRA+RAG trained and served with k={args.rag_train_k}" if "task-lora-rag" in groups else "")
               + (f"; timings {timings}" if timings else ""))  # fmt: skip
