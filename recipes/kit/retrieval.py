@@ -1,7 +1,8 @@
 """Choosing items of one user's history for a prompt: BM25, recency, dense vectors, or at random.
 
 Every retriever returns positions into the history list it was given (best first), so
-prompting does not care which one ran. Only the same user's history is ever searched.
+prompting does not care which one ran. One user's history is searched at a time: the user's own,
+or for an ablation a donor's (`donors`), never a mix.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from recipes import PersonaError
 from recipes.kit.backbones import Encoder
+from recipes.kit.tasks import Task
 from store import Behavior, SearchHit, Store
 
 RETRIEVERS = ("bm25", "recency", "dense")
@@ -45,6 +47,13 @@ def bm25_top(documents: list[str], query: str, k: int) -> list[int]:
     index.index(corpus_tokens, show_progress=False)
     scores = index.get_scores(query_tokens)
     return [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")[:k]]
+
+
+def bm25_items(task: Task, task_input: str, history: list[Behavior], k: int) -> list[Behavior]:
+    """The k history items BM25 ranks highest for the query part of a task input, best first:
+    what `rag` shows, and what a task LoRA trained with --rag-k learns to read."""
+    positions = bm25_top([item.text for item in history], task.query_text(task_input), k)
+    return [history[i] for i in positions]
 
 
 def recency_top(history: list[Behavior], k: int) -> list[int]:

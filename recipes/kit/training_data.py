@@ -11,7 +11,7 @@ from typing import Optional
 from recipes.kit.backbones import cache_dir
 from recipes.kit.history_pairs import given_pair, history_pairs
 from recipes.kit.prompts import TokenBudget, history_prompt
-from recipes.kit.retrieval import bm25_top
+from recipes.kit.retrieval import bm25_items
 from recipes.kit.training_loop import Example
 from recipes.kit.splits import query_split
 from recipes.kit.tasks import Task
@@ -62,8 +62,7 @@ class Retrieval:
     k: int
 
     def prompt(self, task_input: str, history: list[Behavior]) -> str:
-        positions = bm25_top([item.text for item in history], self.task.query_text(task_input), self.k)
-        return history_prompt(self.task, task_input, [history[i] for i in positions], self.budget)
+        return history_prompt(self.task, task_input, bm25_items(self.task, task_input, history, self.k), self.budget)
 
     def query_examples(self, store: Store, queries: list[Query]) -> list[Example]:
         """(RAG prompt, gold) pairs of queries with gold outputs: the user's whole history to retrieve from."""

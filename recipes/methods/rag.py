@@ -9,7 +9,7 @@ import numpy as np
 
 from recipes.kit.progress import report
 from recipes.kit.prompts import PromptContext, history_prompt
-from recipes.kit.retrieval import bm25_top, dense_top, donors, random_items, recency_top
+from recipes.kit.retrieval import bm25_items, dense_top, donors, random_items, recency_top
 from recipes.methods.registry import Method, PromptBuilder, register
 from store import Behavior, Query
 
@@ -21,8 +21,8 @@ def retrieved_items(ctx: PromptContext, query: Query, history: list[Behavior], q
     """The k items of `history` the retriever ranks highest for this query, best first."""
     settings = ctx.settings
     if settings.retriever == "bm25":
-        positions = bm25_top([item.text for item in history], ctx.task.query_text(query.input), settings.k)
-    elif settings.retriever == "recency":
+        return bm25_items(ctx.task, query.input, history, settings.k)
+    if settings.retriever == "recency":
         positions = recency_top(history, settings.k)
     else:
         positions = dense_top(history, query_vector, settings.k)
