@@ -152,6 +152,7 @@ MODEL_FREE = [  # refused before any model loads: a typo costs no model load
     (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--plugin", "missing"], "no plug-in 'missing'"),
     (["evaluate", "--task", "LaMP-7", "--method", "rag", "--plugin", "x"], "--plugin goes with --method task-lora, oppu"),
     (["evaluate", "--task", "LaMP-7", "--method", "task-lora", "--ablation"], "--ablation goes with a personal method"),
+    (["generate", "--user", "2", "--method", "rag", "--ablation", "hello"], "--ablation of rag serves each user with another user's history"),
     (["adapt", "--task", "LaMP-7", "--name", "x", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
     (["train-oppu", "--task", "LaMP-7", "--user", "2", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
     (["register-sharers", "--task", "LaMP-7", "--sharer", "0", "--pairs", "llm"], "--pairs llm: expected one of none, rules"),
@@ -166,7 +167,7 @@ def test_adapter_errors_are_one_line_change_nothing_and_load_no_model(store, tra
     def no_model(*_, **__):
         raise AssertionError("the LLM was loaded before the arguments were checked")
 
-    for module in ("lora_cmd", "pieces_cmd", "plugins_cmd", "pplug_cmd", "evaluate_cmd"):
+    for module in ("lora_cmd", "pieces_cmd", "plugins_cmd", "pplug_cmd", "evaluate_cmd", "generate_cmd"):
         monkeypatch.setattr(f"persona_cli.{module}.load_llm", no_model)
     before = Store(store).info()["tables"]
     assert message in _fail(store, *args)

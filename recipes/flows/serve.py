@@ -14,6 +14,7 @@ from typing import Optional
 from recipes import PersonaError
 from recipes.kit.plugins import base_chain
 from recipes.kit.prompts import PromptSettings
+from recipes.kit.retrieval import donors
 from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.tasks import Task
 from recipes.methods.registry import Method, MethodOptions, default_prompt, method_settings, methods, parse_method
@@ -78,6 +79,8 @@ def plan_serving(store: Store, task: Task, request: MethodRequest, user_ids: lis
     if request.top_k is not None and request.top_k < 1:
         raise PersonaError(f"--top-k must be at least 1, got {request.top_k}")
     if model is None:
+        if request.ablation:
+            donors(user_ids, request.seed, prompt.name)  # refused here, before a model loads, when there is no other user
         return ServingPlan(chain=base_chain(store, request.base))
     return model.plan(store, task, user_ids, options)
 
