@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-lamp test bench-ingest bench-generation bench-perpcs bench-pplug bench-training bench-decoding clean
+.PHONY: install demo demo-lamp test bench-ingest bench-generation bench-perpcs bench-pplug bench-training bench-decoding bench-lamp clean
 
 install: $(STAMP)
 
@@ -56,6 +56,12 @@ bench-training: install
 
 bench-decoding: install
 	$(BIN)/python benchmarks/decoding/run.py
+
+# every method against its ablation on one LaMP folder, the store under .persona-bench/:
+# make bench-lamp LAMP=../shared/data/lamp7 [TASK=LaMP-7] [ARGS="--quick --users 20"]
+bench-lamp: install
+	@test -n "$(LAMP)" || { echo "usage: make bench-lamp LAMP=DIR [TASK=LaMP-7] [ARGS=...] (a LaMP folder with questions.json and outputs.json)"; exit 2; }
+	$(BIN)/python benchmarks/lamp/run.py --data "$(LAMP)" --task "$(or $(TASK),LaMP-7)" --store ".persona-bench/$(notdir $(abspath $(LAMP)))" $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
