@@ -224,6 +224,8 @@ def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str
     differences = {f"{m} - {m} ablation": paired(m, f"{m} ablation") for m in scores if f"{m} ablation" in scores}
     if rag_label:
         differences[f"{rag_label} - k=0"] = paired(rag_label, "k=0")
+    if "task LoRA+RAG" in scores and "task LoRA" in scores:
+        differences["task LoRA+RAG - task LoRA"] = paired("task LoRA+RAG", "task LoRA")
     differences[f"{best} - {baseline}"] = paired(best, baseline)
     return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "other_measures": others,
             "differences": differences, "best": best}  # fmt: skip
