@@ -34,7 +34,7 @@ def history_examples(task: Task, history: list[Behavior]) -> list[Example]:
 
 
 def train_user_pairs(
-    store: Store, task: Task, user_ids: list[str], recipe: str, seed: int, retrieval: Optional["Retrieval"] = None
+    store: Store, task: Task, user_ids: list[str], recipe: str, seed: int, retrieval: Optional[Retrieval] = None
 ) -> list[Example]:
     """Task-format pairs made from these (training) users' history items; none for recipe `none`.
     With `retrieval`, each pair's prompt shows the user's other items the way `rag` serves them."""

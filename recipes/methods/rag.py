@@ -1,5 +1,6 @@
 """History in the prompt: RAG (the k items most relevant to the query, by BM25, recency or dense
-vectors) and its control, k items at random (seeded per query)."""
+vectors) and its control, k items at random (seeded per query). The ablation of either chooses the
+same way from another user's history, so a gain over it is the user's own items at work."""
 
 from __future__ import annotations
 
