@@ -18,7 +18,7 @@ from recipes.kit.history_pairs import check_recipe
 from recipes.kit.prompts import TokenBudget
 from recipes.kit.training_data import Retrieval, checkpoint_path, query_examples, split_queries, train_user_pairs
 from recipes.methods.registry import Method, MethodOptions, register
-from store import Plugin, Query, Store
+from store import Plugin, Store
 
 TASK_LORA = "task-lora"
 
@@ -33,15 +33,15 @@ def task_lora_name(task: Task) -> str:
 SELECTIONS = ("loss", "metric")
 
 
-def _dev_scorer(llm: LLM, task: Task, dev: list[Query], prompts: list[Example], batch_size: int) -> Callable[[], float]:
-    """The task's first metric of the LLM as it is now on the dev queries' prompts (sign flipped where lower is better)."""
+def _dev_scorer(llm: LLM, task: Task, dev: list[Example], batch_size: int) -> Callable[[], float]:
+    """The task's first metric of the LLM as it is now on the dev examples (sign flipped where lower is better)."""
     metric = task.metric_names[0]
     sign = 1.0 if task.higher_is_better(metric) else -1.0
 
     def score() -> float:
         mode = "rank" if task.is_classification else "generate"
-        raw = answer_prompts(llm, task, mode, [p.prompt for p in prompts], max(batch_size, 16))
-        return sign * task.score([task.normalize(r) for r in raw], [q.output for q in dev])[metric]
+        raw = answer_prompts(llm, task, mode, [e.prompt for e in dev], max(batch_size, 16))
+        return sign * task.score([task.normalize(r) for r in raw], [e.target for e in dev])[metric]
 
     return score
 
@@ -91,7 +91,7 @@ def adapt_task(
         examples, dev_examples = retrieval.query_examples(store, train), retrieval.query_examples(store, dev)
     examples += train_user_pairs(store, task, train_users, pairs, settings.seed, retrieval)
     apply_chain(llm, chain)
-    scorer = _dev_scorer(llm, task, dev, dev_examples, settings.batch_size) if dev and select == "metric" else None
+    scorer = _dev_scorer(llm, task, dev_examples, settings.batch_size) if dev_examples and select == "metric" else None
     trained = train_lora(
         llm, examples, settings, dev_examples or None, progress, checkpoint_path(store, name),
         stage=f"training {name}", dev_score=scorer,
@@ -99,7 +99,7 @@ def adapt_task(
     weights = trained.weights.to_bytes()
     config = lora_plugin_config(llm, settings, trained, chain)
     config.update(
-        train_users=len({q.user_id for q in train}), train_examples=len(examples), train_queries=len(train),
+        train_users=len(train_users), train_examples=len(examples), train_queries=len(train),
         history_pairs=len(examples) - len(train), pairs=pairs, dev_examples=len(dev), rag_k=rag_k,
     )  # fmt: skip
     plugin = Plugin(
