@@ -449,8 +449,13 @@ class Store(ResultTables, PluginTables, PieceTables):
                 }
             )
         table = self._open_or_create(USERS, schemas.USERS)
-        data = pa.Table.from_pylist(rows, schema=schemas.USERS)
-        table.merge_insert(schemas.USER_KEY).when_matched_update_all().when_not_matched_insert_all().execute(data)
+        new = [row for row in rows if row["user_id"] not in existing]
+        if new:  # appended: a merge would join them against every stored user id (memory grows with the table)
+            table.add(pa.Table.from_pylist(new, schema=schemas.USERS))
+        known = [row for row in rows if row["user_id"] in existing]
+        if known:
+            data = pa.Table.from_pylist(known, schema=schemas.USERS)
+            table.merge_insert(schemas.USER_KEY).when_matched_update_all().when_not_matched_insert_all().execute(data)
 
     def _column_scan(self, name: str, columns: list[str], user_ids: set[str]) -> pa.Table | None:
         table = self._open(name)
