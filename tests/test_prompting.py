@@ -194,5 +194,8 @@ def test_rag_ablation_shows_another_users_items_chosen_the_same_way(budget):
     assert all(owners[shown(p)] != q.user_id for p, q in zip(swapped, queries))
     assert sorted(owners[shown(p)] for p in swapped) == ["a", "b", "c"] and "bike" in " ".join(map(shown, swapped))
     assert "another user's history" in facts["ablation"]
+    for query, prompt in zip(queries, swapped):  # one user's shard (a Ray worker's part) gets the same donor
+        served = PromptSettings(k=1, ablation=True, served=tuple(history))
+        assert get_method("rag").prompts(_context(history, served, budget), [query])[0] == [prompt]
     with pytest.raises(PersonaError, match="--ablation of rag .* at least 2 users"):
         get_method("rag").prompts(_context(history, PromptSettings(k=1, ablation=True), budget), queries[:1])

@@ -71,6 +71,7 @@ def _pipeline(store: Path, users: Path, ids: list[str], llm: tuple[str, ...]) ->
         "register": ["register-sharers", "--task", "LaMP-7", *sharers, "--steps", "2", "--gate-steps", "2", "--max-length", "64", "--base", "none", *llm],
         "assemble": ["assemble", "--task", "LaMP-7", "--split", "test", "--top-k", "2", "--max-length", "64", *llm],
         "evaluate": ["evaluate", "--task", "LaMP-7", "--method", "perpcs", "--max-new-tokens", "6", *llm],
+        "ablation": ["evaluate", "--task", "LaMP-7", "--method", "rag", "--ablation", "--max-new-tokens", "6", *llm],
     }
     return {name: ["--store", str(store), *args, "--json"] for name, args in commands.items()}
 
@@ -111,6 +112,10 @@ def test_the_ray_engine_gives_the_local_engines_results(tmp_path, tiny_llm_dir, 
     answers = lambda store, run: [(p.query_id, p.raw) for p in store.run_predictions(run["run_id"])]  # noqa: E731
     assert answers(local, here["evaluate"]) == answers(remote, fanned["evaluate"])
     assert here["evaluate"]["metrics"] == fanned["evaluate"]["metrics"]
+
+    # an ablation: shards of single users draw donors among every user served, as one process does
+    assert "another user's history" in fanned["ablation"]["config"]["ablation"]
+    assert answers(local, here["ablation"]) == answers(remote, fanned["ablation"])
 
 
 def test_a_workers_user_error_is_one_line(tmp_path):

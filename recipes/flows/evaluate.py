@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -140,7 +140,8 @@ def evaluate(
     queries = select_queries(store, task, request.split, request.limit, request.users)
     task.check_golds([(q.query_id, q.output) for q in queries])
     plan = plan_serving(store, task, method, [q.user_id for q in queries])
-    answerer = _Answerer(request, task, mode, decoding)
+    served = tuple(sorted({q.user_id for q in queries})) if method.ablation else ()  # a shard's donors: any user served
+    answerer = _Answerer(request, task, mode, decoding, served)
     if engine.is_local:
         llm = load_llm()
         started = time.perf_counter()
@@ -192,12 +193,13 @@ class _Answerer:
     task: Task
     mode: str
     decoding: Decoding
+    served: tuple[str, ...] = ()
 
     def __call__(
         self, store: Store, llm: LLM, queries: list[Query], load_encoder: Optional[Callable[[], Encoder]] = None,
         progress: Optional[Progress] = None, plan: Optional[ServingPlan] = None,
     ) -> Answered:  # fmt: skip
-        request, method = self.request, self.request.method_request()
+        request, method = self.request, replace(self.request.method_request(), served=self.served)
         plan = plan or plan_serving(store, self.task, method, [q.user_id for q in queries])
         per_row = plan.prepare(llm, queries)
         profiles: list[Profile] = []

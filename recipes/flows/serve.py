@@ -37,6 +37,8 @@ class MethodRequest:
     top_k: Optional[int] = None
     ablation: bool = False
     settings: dict[str, str] = field(default_factory=dict)
+    served: tuple[str, ...] = ()
+    """Every user served, when the work is cut into parts (see MethodOptions.served)."""
 
     def methods(self) -> tuple[Optional[Method], Method]:
         """(model method or None, prompt method)."""
@@ -45,7 +47,9 @@ class MethodRequest:
     def prompt_settings(self) -> PromptSettings:
         """The prompt method's settings; --ablation is the prompt method's only when no model method is named."""
         model, _ = self.methods()
-        settings = PromptSettings(k=self.k, retriever=self.retriever, seed=self.seed, ablation=self.ablation and model is None)
+        settings = PromptSettings(
+            k=self.k, retriever=self.retriever, seed=self.seed, ablation=self.ablation and model is None, served=self.served
+        )
         settings.validate()
         return settings
 
@@ -54,7 +58,7 @@ class MethodRequest:
         target = model or prompt
         return MethodOptions(
             plugin=self.plugin, pool=self.pool, top_k=self.top_k, ablation=self.ablation, seed=self.seed,
-            settings=method_settings(target, self.settings),
+            settings=method_settings(target, self.settings), served=self.served,
         )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from recipes import PersonaError
 from recipes.kit.backbones import LLM, Encoder
 from recipes.kit.progress import Progress
-from recipes.kit.retrieval import RETRIEVERS
+from recipes.kit.retrieval import RETRIEVERS, donors
 from recipes.kit.tasks import Task
 from store import Behavior, Profile, Query, Store
 
@@ -42,12 +42,14 @@ class TokenBudget:
 @dataclass(frozen=True)
 class PromptSettings:
     """How a prompt method picks history items: `k` items by `retriever`, or at random by `seed`;
-    with `ablation`, from another user's history (a seeded derangement of the users served)."""
+    with `ablation`, from another user's history (a seeded derangement of the users served:
+    `served`, every user of the command when it is answered in parts, else the queries' users)."""
 
     k: int = 1
     retriever: str = "bm25"
     seed: int = 0
     ablation: bool = False
+    served: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.retriever not in RETRIEVERS:
@@ -79,6 +81,13 @@ class PromptContext:
     def histories(self, queries: list[Query], with_vectors: bool = False) -> dict[str, list[Behavior]]:
         """The queries' users' histories of this task, oldest first."""
         return self.store.histories([q.user_id for q in queries], self.task.name, with_vectors=with_vectors)
+
+    def donated_histories(self, queries: list[Query], method: str, with_vectors: bool = False) -> dict[str, list[Behavior]]:
+        """For an ablation: each query's user mapped to their donor's history (see `donors`)."""
+        users = sorted({q.user_id for q in queries})
+        donor = donors(list(self.settings.served) or users, self.settings.seed, method)
+        donated = self.store.histories(sorted({donor[u] for u in users}), self.task.name, with_vectors=with_vectors)
+        return {user: donated.get(donor[user], []) for user in users}
 
     def encoder(self) -> Encoder:
         """The store's encoder (checked against the stored vectors)."""

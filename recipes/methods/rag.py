@@ -10,7 +10,7 @@ import numpy as np
 
 from recipes.kit.progress import report
 from recipes.kit.prompts import PromptContext, history_prompt
-from recipes.kit.retrieval import bm25_items, dense_top, donors, random_items, recency_top
+from recipes.kit.retrieval import bm25_items, dense_top, random_items, recency_top
 from recipes.methods.registry import Method, PromptBuilder, register
 from store import Behavior, Query
 
@@ -41,12 +41,12 @@ def _history_prompts(choose: Callable, by_retriever: bool, method: str) -> Promp
 
     def build(ctx: PromptContext, queries: list[Query]) -> tuple[list[str], dict]:
         dense = by_retriever and ctx.settings.retriever == "dense"
-        histories = ctx.histories(queries, with_vectors=dense)
         facts, vectors = {}, None
         if ctx.settings.ablation:
-            donor = donors([q.user_id for q in queries], ctx.settings.seed, method)
-            histories = {user: histories.get(donor[user], []) for user in donor}
+            histories = ctx.donated_histories(queries, method, with_vectors=dense)
             facts["ablation"] = ABLATION
+        else:
+            histories = ctx.histories(queries, with_vectors=dense)
         if dense:
             encoder = ctx.encoder()
             vectors = encoder.encode([ctx.task.query_text(q.input) for q in queries])

@@ -51,6 +51,9 @@ class MethodOptions:
     ablation: bool = False
     seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    served: tuple[str, ...] = ()
+    """Every user the command serves when it is answered in parts (a Ray shard sees only its own):
+    an ablation draws its donors among them, so every engine serves the same donors."""
 
     def setting(self, name: str) -> Any:
         return self.settings[name]

@@ -113,11 +113,12 @@ def serve_pplug(store: Store, task: Task, user_ids: list[str], options: MethodOp
     shape = EmbedderShape(**plugin.config["shape"])
     if options.ablation and not shape.personal:
         raise PersonaError(f"plug-in '{name}' has no personal token; it is an ablation already")
-    donor = donors(user_ids, options.seed, "pplug") if options.ablation else None
+    donor = donors(list(options.served) or user_ids, options.seed, "pplug") if options.ablation else None
     vectors: dict[str, np.ndarray] = {}  # read once, here; --no-personal reads no history
     if shape.personal:
-        vectors = history_vectors(store, task, user_ids, shape.history_cap)
-        require_histories(vectors, user_ids, task)
+        owners = sorted({donor[u] for u in user_ids}) if donor else user_ids
+        vectors = history_vectors(store, task, owners, shape.history_cap)
+        require_histories(vectors, owners, task)
     details = {"pplug": name, "pooling": shape.pooling, **({"ablation": ABLATION} if donor else {})}
     return ServingPlan(
         chain=base_chain(store, plugin.base), details=details,
