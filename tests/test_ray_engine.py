@@ -71,7 +71,7 @@ def _pipeline(store: Path, users: Path, ids: list[str], llm: tuple[str, ...]) ->
         "register": ["register-sharers", "--task", "LaMP-7", *sharers, "--steps", "2", "--gate-steps", "2", "--max-length", "64", "--base", "none", *llm],
         "assemble": ["assemble", "--task", "LaMP-7", "--split", "test", "--top-k", "2", "--max-length", "64", *llm],
         "evaluate": ["evaluate", "--task", "LaMP-7", "--method", "perpcs", "--max-new-tokens", "6", *llm],
-        "ablation": ["evaluate", "--task", "LaMP-7", "--method", "rag", "--ablation", "--max-new-tokens", "6", *llm],
+        "ablation": ["evaluate", "--task", "LaMP-7", "--method", "rag", "--ablation", "--max-new-tokens", "6", "--batch-size", "1", *llm],  # one user a shard
     }
     return {name: ["--store", str(store), *args, "--json"] for name, args in commands.items()}
 
