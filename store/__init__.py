@@ -4,7 +4,11 @@ Everything the toolkit keeps (users, history items and their vectors, queries) l
 LanceDB directory. Callers use the typed functions here and never see a LanceDB object.
 """
 
-from store.errors import StoreError
+from store.memory import bound_malloc_arenas
+
+bound_malloc_arenas()  # before LanceDB is imported and starts its threads
+
+from store.errors import StoreError  # noqa: E402
 from store.sql import id_sort_key
 from store.db import Store, default_store_path, FORMAT_VERSION
 from store.records import AssemblyRecord, Behavior, HistoryPair, Piece, Plugin, PoolVersion, Prediction, Profile, Query, Run, SearchHit, UserRow

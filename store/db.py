@@ -21,7 +21,6 @@ import platformdirs
 
 from store import schemas
 from store.errors import StoreError
-from store.memory import bound_malloc_arenas
 from store.records import Behavior, Query, SearchHit, UserRow
 from store.pieces import PieceTables
 from store.plugins import PluginTables
@@ -229,7 +228,6 @@ class Store(ResultTables, PluginTables, PieceTables):
         throughout; nested blocks commit with the outermost one."""
         with _writer_lock(self.uri) as outermost:
             if outermost:
-                bound_malloc_arenas()
                 self._recover()
             before = self._latest_versions()
             try:
