@@ -72,7 +72,6 @@ def test_reingest_updates_instead_of_duplicating(tmp_path):
     assert store.user_queries("alice")[0].input == "new input"
 
 
-
 def test_an_ingest_of_known_and_new_users_keeps_one_row_each(tmp_path):
     store = Store(tmp_path / "s")
     _fill(store)  # alice (3 items), bob (2)
@@ -82,6 +81,7 @@ def test_an_ingest_of_known_and_new_users_keeps_one_row_each(tmp_path):
     assert (users["alice"].n_items, users["alice"].n_queries, users["alice"].metadata) == (4, 1, {"style": "caps", "team": "a"})
     assert (users["carol"].n_items, users["carol"].metadata) == (2, {"team": "c"})
     assert users["bob"].n_items == 2
+
 
 def test_failure_midway_rolls_every_table_back(tmp_path):
     store = Store(tmp_path / "s")
