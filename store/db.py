@@ -556,7 +556,7 @@ class Store(ResultTables, PluginTables, PieceTables):
             table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
             .metric("cosine")
             .where(where, prefilter=True)
-            .select(_HIT_COLUMNS)  # a hit carries no vector: half the bytes to read and convert
+            .select([*_HIT_COLUMNS, "_distance"])  # no vector: half the bytes; _distance named, or Lance warns on stderr
             .limit(k)
             .to_arrow()
         )

@@ -153,6 +153,22 @@ def test_search_stays_inside_one_users_history(tmp_path):
     assert hits[0].score >= hits[1].score
 
 
+def test_a_search_writes_nothing_to_stderr(tmp_path):
+    """LanceDB's Rust logger writes past Python's sys.stderr, so only another process shows it
+    (it warned once per search while the hit columns left out _distance)."""
+    store = Store(tmp_path / "s")
+    _fill(store)
+    script = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from store import Store
+store = Store({str(tmp_path / "s")!r})
+target = store.user_history("bob", with_vectors=True)[0]
+print(len(store.search_history("bob", target.vector, k=2)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "2", "")
+
+
 def test_info_and_optimize(tmp_path):
     store = Store(tmp_path / "s")
     _fill(store)
