@@ -84,7 +84,7 @@ def plan_serving(store: Store, task: Task, request: MethodRequest, user_ids: lis
         raise PersonaError(f"--top-k must be at least 1, got {request.top_k}")
     if model is None:
         if request.ablation:
-            donors(list(request.served) or user_ids, request.seed, prompt.name)  # refused here, before a model loads, when there is no other user
+            donors(user_ids, request.seed, prompt.name, request.served)  # refused here, before a model loads, when there is no other user
         return ServingPlan(chain=base_chain(store, request.base))
     return model.plan(store, task, user_ids, options)
 

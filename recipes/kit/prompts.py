@@ -85,7 +85,7 @@ class PromptContext:
     def donated_histories(self, queries: list[Query], method: str, with_vectors: bool = False) -> dict[str, list[Behavior]]:
         """For an ablation: each query's user mapped to their donor's history (see `donors`)."""
         users = sorted({q.user_id for q in queries})
-        donor = donors(list(self.settings.served) or users, self.settings.seed, method)
+        donor = donors(users, self.settings.seed, method, self.settings.served)
         donated = self.store.histories(sorted({donor[u] for u in users}), self.task.name, with_vectors=with_vectors)
         return {user: donated.get(donor[user], []) for user in users}
 

@@ -79,10 +79,12 @@ def random_items(n_items: int, k: int, seed: int, key: str) -> list[int]:
     return rng.sample(range(n_items), min(k, n_items))
 
 
-def donors(user_ids: list[str], seed: int, method: str) -> dict[str, str]:
+def donors(user_ids: list[str], seed: int, method: str, served: tuple[str, ...] = ()) -> dict[str, str]:
     """Each user's donor for a non-personal ablation: another user of the set, every user donating
-    once (a seeded derangement), so the ablation sees real histories, just never the user's own."""
-    users = sorted(set(user_ids))
+    once (a seeded derangement), so the ablation sees real histories, just never the user's own.
+    The set is `served` when given (every user of a command answered in parts, e.g. a Ray shard's
+    users among them), so each part gets the donors the whole would."""
+    users = sorted(set(served or user_ids))
     if len(users) < 2:
         raise PersonaError(f"--ablation of {method} serves each user with another user's history; it needs at least 2 users")
     random_module.Random(seed).shuffle(users)

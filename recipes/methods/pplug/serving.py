@@ -113,7 +113,7 @@ def serve_pplug(store: Store, task: Task, user_ids: list[str], options: MethodOp
     shape = EmbedderShape(**plugin.config["shape"])
     if options.ablation and not shape.personal:
         raise PersonaError(f"plug-in '{name}' has no personal token; it is an ablation already")
-    donor = donors(list(options.served) or user_ids, options.seed, "pplug") if options.ablation else None
+    donor = donors(user_ids, options.seed, "pplug", options.served) if options.ablation else None
     vectors: dict[str, np.ndarray] = {}  # read once, here; --no-personal reads no history
     if shape.personal:
         owners = sorted({donor[u] for u in user_ids}) if donor else user_ids
