@@ -11,7 +11,7 @@ from rich.table import Table
 from persona_cli.common import console, engine_of, handle_errors, method_settings_given, open_store, print_json, progress_bar, store_encoder
 from persona_cli.options import (
     AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, EngineOption, JsonOption, KOption, LengthRatioOption, MethodOption,
-    NoRepeatOption, PluginOption, PoolOption, RayAddressOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
+    NoRepeatOption, PluginOption, PoolOption, RayAddressOption, MinSimilarityOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
     WorkersOption,
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
@@ -34,6 +34,7 @@ def evaluate(
     set_: Optional[list[str]] = SetOption,
     k: int = KOption,
     retriever: str = RetrieverOption,
+    min_similarity: Optional[float] = MinSimilarityOption,
     answer: str = AnswerOption,
     split: str = typer.Option("test", "--split", help="train, dev, test or all (fixed user-level split)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N queries."),
@@ -66,7 +67,7 @@ def evaluate(
     running_on = engine_of(engine, ray_address, workers)
     store = open_store(ctx)
     request = EvalRequest(
-        task=task, method=method, k=k, retriever=retriever, answer=answer, split=split, limit=limit,
+        task=task, method=method, k=k, retriever=retriever, min_similarity=min_similarity, answer=answer, split=split, limit=limit,
         users=read_user_ids(users) if users else None, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k,
         num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio,

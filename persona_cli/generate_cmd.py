@@ -11,7 +11,7 @@ import typer
 from persona_cli.common import console, err_console, handle_errors, method_settings_given, open_store, print_json, store_encoder
 from persona_cli.options import (
     AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthRatioOption, MethodOption,
-    NoRepeatOption, PluginOption, PoolOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
+    NoRepeatOption, PluginOption, PoolOption, MinSimilarityOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
 )  # fmt: skip
 from recipes.flows.answer import AnswerSettings, answer, user_task
 from recipes.flows.evaluate import answer_mode
@@ -34,6 +34,7 @@ def generate(
     task: Optional[str] = typer.Option(None, "--task", help="Task of the input (default: the user's only task)."),
     k: int = KOption,
     retriever: str = RetrieverOption,
+    min_similarity: Optional[float] = MinSimilarityOption,
     answer_how: str = AnswerOption,
     seed: int = typer.Option(0, "--seed"),
     llm: Optional[str] = typer.Option(None, "--llm", help="HF model name or path (default: embedded SmolLM2-135M-Instruct)."),
@@ -52,8 +53,8 @@ def generate(
     store = open_store(ctx)
     task_spec = user_task(store, user, task)
     request = MethodRequest(
-        method=method, k=k, retriever=retriever, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k, ablation=ablation,
-        settings=method_settings_given(set_),
+        method=method, k=k, retriever=retriever, min_similarity=min_similarity, seed=seed, plugin=plugin, base=base, pool=pool,
+        top_k=top_k, ablation=ablation, settings=method_settings_given(set_),
     )  # fmt: skip
     request.prompt_settings()
     mode = answer_mode(task_spec, answer_how)

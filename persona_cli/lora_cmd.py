@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from persona_cli.common import console, handle_errors, human_bytes, lora_settings, named_users, resolve_base, open_store, print_json, progress_bar
+from persona_cli.common import (
+    console, handle_errors, human_bytes, lora_settings, named_users, resolve_base, open_store, print_json, progress_bar, store_encoder,
+)  # fmt: skip
 from persona_cli.options import (
     AlphaOption, AutoBaseOption, DeviceOption, DropoutOption, JsonOption, LlmOption, MaxLengthOption, MaxMinutesOption, PairsOption, PrecisionOption,
     ROption, SeedOption, TargetsOption, TaskOption,
@@ -39,6 +41,7 @@ def adapt(
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Train on at most N training-split queries."),
     pairs: str = PairsOption,
     rag_k: int = typer.Option(0, "--rag-k", help="Show each training prompt the user's K history items BM25 ranks highest, as `--method rag --k K` serves them (0: none); serve with `evaluate --method rag --k K --base NAME`."),
+    rag_min_similarity: Optional[float] = typer.Option(None, "--rag-min-similarity", help="With --rag-k: show only retrieved items whose cosine similarity to the input (the store's encoder) is at least this; serve with the same --min-similarity."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a stored plug-in of that name."),
     seed: int = SeedOption,
     precision: str = PrecisionOption,
@@ -59,7 +62,8 @@ def adapt(
     with progress_bar(enabled=not json_out) as tick:
         plugin = adapt_task(
             store, lambda: load_llm(llm, device), task_spec, settings, name or task_lora_name(task_spec), base, replace,
-            max_examples, tick, select, pairs, rag_k,
+            max_examples, tick, select, pairs, rag_k, rag_min_similarity=rag_min_similarity,
+            encoder=store_encoder(store, None, device),
         )  # fmt: skip
     summary = {k: v for k, v in plugin.metrics.items() if k != "curve"}
     if json_out:

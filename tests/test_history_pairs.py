@@ -146,3 +146,10 @@ def test_rag_training_shows_a_pair_the_users_other_items_never_its_own(tweet_sto
                    "--llm", str(tiny_llm_dir), "--precision", "float32", "--steps", "1", "--batch-size", "2")  # fmt: skip
     assert rag["train_examples"] == 5 and Store(store).get_plugin("rag2").config["rag_k"] == 2
     assert "--rag-k must be 0 (no retrieval) or more" in cli_fails(store, "adapt", "--task", "LaMP-7", "--rag-k", "-1")
+    similar = cli_json(store, "adapt", "--task", "LaMP-7", "--name", "rag2-sim", "--rag-k", "2", "--rag-min-similarity", "0.4",
+                       "--llm", str(tiny_llm_dir), "--precision", "float32", "--steps", "1", "--batch-size", "2")  # fmt: skip
+    assert similar["train_examples"] == 1 and Store(store).get_plugin("rag2-sim").config["rag_min_similarity"] == 0.4
+    assert "--rag-min-similarity goes with --rag-k K" in cli_fails(store, "adapt", "--task", "LaMP-7", "--rag-min-similarity", "0.4")
+    assert "--rag-min-similarity is a cosine similarity in [-1, 1], got 2.0" in cli_fails(
+        store, "adapt", "--task", "LaMP-7", "--rag-k", "2", "--rag-min-similarity", "2")
+    assert "--min-similarity goes with --method rag" in cli_fails(store, "evaluate", "--task", "LaMP-7", "--min-similarity", "0.4")

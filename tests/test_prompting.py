@@ -167,12 +167,74 @@ def test_rag_training_prompts_are_the_prompts_rag_serves(budget):
     history = {"u": _history(["cycling up the hill", "tax form due", "new bike day", "bike shop visit"])}
     query = Query("q1", "u", "LaMP-7", "Paraphrase the following tweet without any explanation before or after it: my bike")
     served, _ = get_method("rag").prompts(_context(history, PromptSettings(k=2), budget), [query])
-    store = SimpleNamespace(histories=lambda users, task: {u: history[u] for u in users})
+    store = SimpleNamespace(histories=lambda users, task, with_vectors=False: {u: history[u] for u in users})
     retrieval = Retrieval(TWEETS, TokenBudget(budget.tokenizer, 256), 2)
     assert retrieval.query_examples(store, [query]) == []  # a query without a gold output trains nothing
     [example] = retrieval.query_examples(store, [Query("q1", "u", "LaMP-7", query.input, output="my new bike!!")])
     assert example.prompt == served[0] and example.target == "my new bike!!"
     assert example.prompt.count("bike") == 3  # the two bike items, then the query
+
+
+def test_rag_training_prompts_with_a_similarity_threshold_are_the_prompts_served(budget):
+    from recipes.kit.training_data import Retrieval
+
+    history = _with_vectors({"u": _history(["bike up the hill", "tax form due", "lake bike ride"])})
+    query = Query("q1", "u", "LaMP-7", "Paraphrase the following tweet without any explanation before or after it: bike tax")
+    settings = PromptSettings(k=3, min_similarity=0.6)
+    served, _ = get_method("rag").prompts(_similarity_context(history, settings, budget), [query])
+    store = SimpleNamespace(histories=lambda users, task, with_vectors=False: {u: history[u] for u in users})
+    retrieval = Retrieval(TWEETS, TokenBudget(budget.tokenizer, 256), 3, 0.6, _WordEncoder())
+    [example] = retrieval.query_examples(store, [Query("q1", "u", "LaMP-7", query.input, output="bike tax!")])
+    assert example.prompt == served[0]
+    assert '"tax form due"' in served[0] and "hill" not in served[0]  # cosine 0.71 in, 0.5 and 0.5 out
+
+
+class _WordEncoder:
+    """A stand-in encoder: one unit axis per known word, so cosines are exact fractions."""
+
+    id, dim = "words", 4
+    WORDS = ("bike", "tax", "hill", "lake")
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = np.array([[float(w in t.lower()) for w in self.WORDS] for t in texts], np.float32)
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
+
+
+def _with_vectors(histories: dict) -> dict:
+    for user, items in histories.items():
+        vectors = _WordEncoder().encode([item.text for item in items])
+        for item, vector in zip(items, vectors):
+            item.user_id, item.vector = user, vector
+    return histories
+
+
+def _similarity_context(histories: dict, settings: PromptSettings, budget) -> PromptContext:
+    ctx = _context(histories, settings, budget)
+    ctx.store.check_encoder = lambda encoder_id, dim: None
+    ctx.load_encoder = _WordEncoder
+    return ctx
+
+
+def test_rag_min_similarity_leaves_out_items_unlike_the_input(budget):
+    """Only retrieved items alike to the input are shown; with none alike the prompt is k=0's, for
+    the user and for the ablation (so an unrelated donor history changes nothing)."""
+    history = _with_vectors({
+        "a": _history(["bike up the hill", "tax form due"]),
+        "b": _history(["tax day again", "the lake at dawn"]),
+    })  # fmt: skip
+    ask = "Paraphrase the following tweet without any explanation before or after it: "
+    queries = [Query("qa", "a", "LaMP-7", ask + "my bike and the hill"), Query("qb", "b", "LaMP-7", ask + "tax")]
+    rag = get_method("rag")
+    plain, _ = rag.prompts(_context(history, PromptSettings(k=2), budget), queries)
+    assert plain[0].count('"') == 4 and plain[1].count('"') == 4  # both items of each user, whatever they say
+    kept, facts = rag.prompts(_similarity_context(history, PromptSettings(k=2, min_similarity=0.5), budget), queries)
+    assert kept[0].splitlines()[1:3] == ['"bike up the hill"', ""] and kept[1].splitlines()[1] == '"tax day again"'
+    assert facts["encoder"] == "words"
+    donated, _ = rag.prompts(_similarity_context(history, PromptSettings(k=2, min_similarity=0.5, ablation=True), budget), queries)
+    assert donated[0] == queries[0].input  # nothing of b's is about bikes or hills: the k=0 prompt
+    assert donated[1].splitlines()[1:3] == ['"tax form due"', ""]  # b's donor a: the tax item passes, the bike item does not
+    with pytest.raises(PersonaError, match="--min-similarity is a cosine similarity in \\[-1, 1\\], got 1.5"):
+        PromptSettings(min_similarity=1.5).validate()
 
 
 def test_rag_ablation_shows_another_users_items_chosen_the_same_way(budget):

@@ -40,6 +40,7 @@ class EvalRequest:
     method: str = "none"
     k: int = 1
     retriever: str = "bm25"
+    min_similarity: Optional[float] = None
     answer: str = "auto"
     split: str = "test"
     limit: Optional[int] = None
@@ -69,7 +70,8 @@ class EvalRequest:
 
     def method_request(self) -> MethodRequest:
         return MethodRequest(
-            method=self.method, k=self.k, retriever=self.retriever, seed=self.seed, plugin=self.plugin, base=self.base,
+            method=self.method, k=self.k, retriever=self.retriever, min_similarity=self.min_similarity, seed=self.seed,
+            plugin=self.plugin, base=self.base,
             pool=self.pool, top_k=self.top_k, ablation=self.ablation, settings=dict(self.settings),
         )  # fmt: skip
 

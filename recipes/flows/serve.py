@@ -30,6 +30,7 @@ class MethodRequest:
     method: str = "none"
     k: int = 1
     retriever: str = "bm25"
+    min_similarity: Optional[float] = None
     seed: int = 0
     plugin: Optional[str] = None
     base: Optional[str] = None
@@ -48,7 +49,8 @@ class MethodRequest:
         """The prompt method's settings; --ablation is the prompt method's only when no model method is named."""
         model, _ = self.methods()
         settings = PromptSettings(
-            k=self.k, retriever=self.retriever, seed=self.seed, ablation=self.ablation and model is None, served=self.served
+            k=self.k, retriever=self.retriever, seed=self.seed, ablation=self.ablation and model is None, served=self.served,
+            min_similarity=self.min_similarity,
         )
         settings.validate()
         return settings
@@ -80,6 +82,8 @@ def plan_serving(store: Store, task: Task, request: MethodRequest, user_ids: lis
         raise PersonaError(f"--ablation goes with a personal method ({personal}), not {request.method}")
     if model is not None and request.base:
         raise PersonaError(f"--base goes with prompt methods; {model.name} runs on the base its adapters were made on")
+    if request.min_similarity is not None and prompt.name != "rag":
+        raise PersonaError(f"--min-similarity goes with --method rag (or MODEL+rag), not {request.method}")
     if request.top_k is not None and request.top_k < 1:
         raise PersonaError(f"--top-k must be at least 1, got {request.top_k}")
     if model is None:

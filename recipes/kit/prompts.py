@@ -41,8 +41,8 @@ class TokenBudget:
 
 @dataclass(frozen=True)
 class PromptSettings:
-    """How a prompt method picks history items: `k` items by `retriever`, or at random by `seed`;
-    with `ablation`, from another user's history (a seeded derangement of the users served:
+    """How a prompt method picks history items: `k` items by `retriever` (rag: only those with cosine
+    >= `min_similarity` to the query, when set), or at random by `seed`; with `ablation`, from another user's history (a seeded derangement of the users served:
     `served`, every user of the command when it is answered in parts, else the queries' users)."""
 
     k: int = 1
@@ -50,12 +50,20 @@ class PromptSettings:
     seed: int = 0
     ablation: bool = False
     served: tuple[str, ...] = ()
+    min_similarity: Optional[float] = None
 
     def validate(self) -> None:
         if self.retriever not in RETRIEVERS:
             raise PersonaError(f"--retriever {self.retriever}: expected one of {', '.join(RETRIEVERS)}")
         if self.k < 1:
             raise PersonaError(f"--k must be at least 1, got {self.k}")
+        check_min_similarity(self.min_similarity, "--min-similarity")
+
+
+def check_min_similarity(value: Optional[float], flag: str) -> None:
+    """A cosine threshold lies in [-1, 1] (None: no threshold)."""
+    if value is not None and not -1.0 <= value <= 1.0:
+        raise PersonaError(f"{flag} is a cosine similarity in [-1, 1], got {value}")
 
 
 @dataclass

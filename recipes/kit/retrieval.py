@@ -72,6 +72,15 @@ def dense_top(history: list[Behavior], query_vector: np.ndarray, k: int) -> list
     return [int(i) for i in np.argsort(-(matrix @ query_vector), kind="stable")[:k]]
 
 
+def similar_items(items: list[Behavior], query_vector: np.ndarray, min_similarity: float) -> list[Behavior]:
+    """The items (order kept) whose stored vectors have cosine >= `min_similarity` with the query's:
+    a retrieved item unrelated to the query is left out rather than shown as if it were relevant
+    (on LaMP-7 a random user's best BM25 match passes 0.4 for 2% of queries, the user's own for 18%)."""
+    if any(item.vector is None for item in items):
+        raise PersonaError("--min-similarity needs the history's stored vectors")
+    return [item for item in items if float(np.dot(item.vector, query_vector)) >= min_similarity]
+
+
 def random_items(n_items: int, k: int, seed: int, key: str) -> list[int]:
     """k distinct random positions, the same for the same (seed, key) on every run and machine."""
     digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from recipes.kit.backbones import cache_dir
+import numpy as np
+
+from recipes import PersonaError
+from recipes.kit.backbones import Encoder, cache_dir
 from recipes.kit.history_pairs import given_pair, history_pairs
 from recipes.kit.prompts import TokenBudget, history_prompt
-from recipes.kit.retrieval import bm25_items
+from recipes.kit.retrieval import bm25_items, similar_items
 from recipes.kit.training_loop import Example
 from recipes.kit.splits import query_split
 from recipes.kit.tasks import Task
@@ -40,34 +43,54 @@ def train_user_pairs(
     With `retrieval`, each pair's prompt shows the user's other items the way `rag` serves them."""
     if recipe == "none":
         return []
-    histories = store.histories(user_ids, task.name)
+    histories = store.histories(user_ids, task.name, with_vectors=retrieval is not None and retrieval.by_vector)
     pairs = history_pairs(store, task, histories, recipe, seed)
-    examples = []
-    for user in user_ids:
-        for p in pairs.get(user, []):
-            prompt = p.input
-            if retrieval is not None:
-                prompt = retrieval.prompt(p.input, [item for item in histories.get(user, []) if item.item_id != p.item_id])
-            examples.append(Example(prompt, p.output))
-    return examples
+    user_pairs = [(user, p) for user in user_ids for p in pairs.get(user, [])]
+    if retrieval is None:
+        return [Example(p.input, p.output) for _, p in user_pairs]
+    vectors = retrieval.query_vectors([p.input for _, p in user_pairs])
+    return [
+        Example(retrieval.prompt(p.input, [item for item in histories.get(user, []) if item.item_id != p.item_id], vector), p.output)
+        for (user, p), vector in zip(user_pairs, vectors)
+    ]
 
 
 @dataclass(frozen=True)
 class Retrieval:
-    """Training prompts with retrieved history, built exactly as the `rag` method (BM25) serves
-    them, so a model trained on them reads the same prompt format at serving time."""
+    """Training prompts with retrieved history, built exactly as the `rag` method (BM25, and with
+    `min_similarity` only items that alike to the input by `encoder`) serves them, so a model
+    trained on them reads the same prompt format at serving time."""
 
     task: Task
     budget: TokenBudget
     k: int
+    min_similarity: Optional[float] = None
+    encoder: Optional[Encoder] = None
 
-    def prompt(self, task_input: str, history: list[Behavior]) -> str:
-        return history_prompt(self.task, task_input, bm25_items(self.task, task_input, history, self.k), self.budget)
+    @property
+    def by_vector(self) -> bool:
+        return self.min_similarity is not None
+
+    def query_vectors(self, task_inputs: list[str]) -> list[Optional[np.ndarray]]:
+        """The inputs' query vectors when the threshold needs them, else None for each."""
+        if not self.by_vector or not task_inputs:
+            return [None] * len(task_inputs)
+        if self.encoder is None:
+            raise PersonaError("--rag-min-similarity needs the store's encoder")
+        return list(self.encoder.encode([self.task.query_text(text) for text in task_inputs]))
+
+    def prompt(self, task_input: str, history: list[Behavior], query_vector: Optional[np.ndarray] = None) -> str:
+        items = bm25_items(self.task, task_input, history, self.k)
+        if self.min_similarity is not None:
+            items = similar_items(items, query_vector, self.min_similarity)
+        return history_prompt(self.task, task_input, items, self.budget)
 
     def query_examples(self, store: Store, queries: list[Query]) -> list[Example]:
         """(RAG prompt, gold) pairs of queries with gold outputs: the user's whole history to retrieve from."""
-        histories = store.histories(sorted({q.user_id for q in queries}), self.task.name)
-        return [Example(self.prompt(q.input, histories.get(q.user_id, [])), q.output) for q in queries if q.output is not None]
+        queries = [q for q in queries if q.output is not None]
+        histories = store.histories(sorted({q.user_id for q in queries}), self.task.name, with_vectors=self.by_vector)
+        vectors = self.query_vectors([q.input for q in queries])
+        return [Example(self.prompt(q.input, histories.get(q.user_id, []), v), q.output) for q, v in zip(queries, vectors)]
 
 
 def split_queries(store: Store, task: Task, split: str) -> list[Query]:

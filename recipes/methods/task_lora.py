@@ -8,14 +8,14 @@ from typing import Callable, Optional
 
 from recipes import PersonaError
 from recipes.flows.answer import answer_prompts
-from recipes.kit.backbones import LLM, loaded
+from recipes.kit.backbones import LLM, Encoder, loaded
 from recipes.kit.plugins import apply_chain, base_chain, lora_plugin_config, training_metrics
 from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.training_loop import Example, LoraSettings, train_lora
 from recipes.kit.progress import Progress
 from recipes.kit.tasks import Task
 from recipes.kit.history_pairs import check_recipe
-from recipes.kit.prompts import TokenBudget
+from recipes.kit.prompts import TokenBudget, check_min_similarity
 from recipes.kit.training_data import Retrieval, checkpoint_path, query_examples, split_queries, train_user_pairs
 from recipes.methods.registry import Method, MethodOptions, register
 from store import Plugin, Store
@@ -60,6 +60,8 @@ def adapt_task(
     pairs: str = "none",
     rag_k: int = 0,
     max_input_tokens: int = 1024,
+    rag_min_similarity: Optional[float] = None,
+    encoder: Optional[Callable[[], Encoder]] = None,
 ) -> Plugin:
     """Train the task LoRA on the training-split users' queries, keep the step that does best on
     the dev-split queries (select 'loss': the lowest dev loss; 'metric': the task's first metric,
@@ -67,12 +69,18 @@ def adapt_task(
     `name`. With `pairs` (history_pairs) the training users' history items made into task-format
     pairs train too (never one whose output is a held-out query's gold). With `rag_k` every prompt
     (train and dev) shows the user's k BM25-retrieved history items as `rag` serves them, so the
-    adapter learns to read a user's earlier examples; serve it with `--method rag --k K --base NAME`.
-    Test users are never trained on."""
+    adapter learns to read a user's earlier examples; serve it with `--method rag --k K --base NAME`
+    (with `rag_min_similarity`, only items that alike to the input by `encoder`, the store's, are
+    shown, and `--min-similarity` serves the same). Test users are never trained on."""
     settings.validate()
     check_recipe(pairs)
     if rag_k < 0:
         raise PersonaError(f"--rag-k must be 0 (no retrieval) or more, got {rag_k}")
+    check_min_similarity(rag_min_similarity, "--rag-min-similarity")
+    if rag_min_similarity is not None and not rag_k:
+        raise PersonaError("--rag-min-similarity goes with --rag-k K (it filters the retrieved items)")
+    if rag_min_similarity is not None and encoder is None:
+        raise PersonaError("--rag-min-similarity needs the store's encoder")
     if select not in SELECTIONS:
         raise PersonaError(f"--select {select}: expected one of {', '.join(SELECTIONS)}")
     if not replace and store.get_plugins([name]):
@@ -83,7 +91,7 @@ def adapt_task(
     dev = split_queries(store, task, "dev")
     chain = base_chain(store, base)
     llm = loaded(llm)
-    retrieval = Retrieval(task, TokenBudget(llm.tokenizer, max_input_tokens), rag_k) if rag_k else None
+    retrieval = _training_retrieval(store, llm, task, rag_k, rag_min_similarity, encoder, max_input_tokens)
     train_users = sorted({q.user_id for q in train})
     if retrieval is None:
         examples, dev_examples = query_examples(train), query_examples(dev)
@@ -101,6 +109,7 @@ def adapt_task(
     config.update(
         train_users=len(train_users), train_examples=len(examples), train_queries=len(train),
         history_pairs=len(examples) - len(train), pairs=pairs, dev_examples=len(dev), rag_k=rag_k,
+        rag_min_similarity=rag_min_similarity,
     )  # fmt: skip
     plugin = Plugin(
         name=name, kind=TASK_LORA, llm=llm.id, weights=weights, task=task.name, base=base,
@@ -108,6 +117,20 @@ def adapt_task(
     )  # fmt: skip
     store.put_plugins([plugin])
     return plugin
+
+
+def _training_retrieval(
+    store: Store, llm: LLM, task: Task, rag_k: int, min_similarity: Optional[float],
+    encoder: Optional[Callable[[], Encoder]], max_input_tokens: int,
+) -> Optional[Retrieval]:  # fmt: skip
+    """How the training prompts show retrieved history (None: they show none)."""
+    if not rag_k:
+        return None
+    similarity_encoder = None
+    if min_similarity is not None:
+        similarity_encoder = encoder()
+        store.check_encoder(similarity_encoder.id, similarity_encoder.dim)
+    return Retrieval(task, TokenBudget(llm.tokenizer, max_input_tokens), rag_k, min_similarity, similarity_encoder)
 
 
 def serve_task_lora(store: Store, task: Task, user_ids: list[str], options: MethodOptions) -> ServingPlan:
