@@ -101,7 +101,7 @@ def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs
         cli(store, "adapt", "--task", task, "--name", names["task_lora"], "--steps", str(size["task_steps"]), "--pairs", pairs)
     if "task-lora-rag" in groups and not has_plugin(store, names["task_lora_rag"]):
         cli(store, "adapt", "--task", task, "--name", names["task_lora_rag"], "--steps", str(size["task_steps"]), "--pairs", pairs,
-            "--rag-k", str(names["rag_train_k"]), *rag_similarity(names, "--rag-min-similarity"))  # fmt: skip
+            "--rag-k", str(names["rag_train_k"]), *threshold("--rag-min-similarity", names["rag_train_min_similarity"]))  # fmt: skip
     if "oppu" in groups:
         oppu_steps = ["--steps", str(size["oppu_steps"])] if size["oppu_steps"] else []
         oppu = cli(store, "train-oppu", "--task", task, "--users", str(test_ids), "--base", names["task_lora"], "--name", names["oppu"],
@@ -122,10 +122,9 @@ def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs
             "--steps", str(size["pplug_steps"]))  # fmt: skip
 
 
-def rag_similarity(names: dict, flag: str) -> list[str]:
-    """The task LoRA+RAG's similarity threshold as `flag VALUE` (trained and served alike), or nothing."""
-    threshold = names.get("rag_min_similarity")
-    return [] if threshold is None else [flag, str(threshold)]
+def threshold(flag: str, value: float | None) -> list[str]:
+    """`flag VALUE` for a similarity threshold that is set, nothing otherwise."""
+    return [] if value is None else [flag, str(value)]
 
 
 def choose_rag_k(store: Path, task: str, ks: list[int], tune_ids: Path, decode: list[str]) -> tuple[int, dict]:
@@ -153,7 +152,7 @@ def plans(names: dict, rag_k: int | None, groups: set[str]) -> dict[str, list[st
     if "task-lora" in groups:
         rows["task LoRA"] = ["--method", "task-lora", "--plugin", names["task_lora"]]
     if "task-lora-rag" in groups:
-        rag_lora = ["--method", "rag", "--k", str(names["rag_train_k"]), "--base", names["task_lora_rag"], *rag_similarity(names, "--min-similarity")]
+        rag_lora = ["--method", "rag", "--k", str(names["rag_train_k"]), "--base", names["task_lora_rag"], *threshold("--min-similarity", names["rag_min_similarity"])]
         rows["task LoRA+RAG"] = rag_lora
         rows["task LoRA+RAG ablation"] = [*rag_lora, "--ablation"]
     personal = {
@@ -283,7 +282,8 @@ def main() -> None:
     parser.add_argument("--task-lora", default=None, help="use this stored task LoRA instead of training bench-task-lora")
     parser.add_argument("--rag-ks", default="1,2,4", help="the k values RAG chooses from on training users")
     parser.add_argument("--rag-train-k", type=int, default=2, help="k of the task LoRA trained on RAG prompts (adapt --rag-k), served with the same k")
-    parser.add_argument("--rag-min-similarity", type=float, default=None, help="the task LoRA+RAG shows only retrieved items at least this cosine-similar to the input (adapt --rag-min-similarity, served with --min-similarity)")
+    parser.add_argument("--rag-train-min-similarity", type=float, default=None, help="the task LoRA+RAG is trained on prompts that show only retrieved items at least this cosine-similar to the input (adapt --rag-min-similarity)")
+    parser.add_argument("--rag-min-similarity", type=float, default=None, help="... and served with this threshold (evaluate --min-similarity; default: the training one)")
     parser.add_argument("--task-lora-rag", default=None, help="use this stored RAG-trained task LoRA instead of training one")
     parser.add_argument("--methods", default=",".join(GROUPS), help=f"which rows to run besides copy and k=0 (comma-separated of {', '.join(GROUPS)})")
     parser.add_argument("--decode", default="", help='decoding options of every evaluation, e.g. "--beams 4 --repetition-penalty 1.2" (chosen on dev users by benchmarks/decoding)')
@@ -298,10 +298,11 @@ def main() -> None:
     groups = set(args.methods.split(","))
     if groups - set(GROUPS):
         raise SystemExit(f"--methods: unknown {sorted(groups - set(GROUPS))}; expected some of {', '.join(GROUPS)}")
-    similarity_suffix = f"-sim{args.rag_min_similarity:g}" if args.rag_min_similarity is not None else ""
+    serve_similarity = args.rag_train_min_similarity if args.rag_min_similarity is None else args.rag_min_similarity
+    similarity_suffix = f"-sim{args.rag_train_min_similarity:g}" if args.rag_train_min_similarity is not None else ""
     names = {"task_lora": args.task_lora or f"{prefix}-task-lora", "oppu": f"{prefix}-oppu", "pool": f"{prefix}-pool", "pplug": f"{prefix}-pplug",
              "task_lora_rag": args.task_lora_rag or f"{prefix}-task-lora-rag{args.rag_train_k}" + similarity_suffix,
-             "rag_train_k": args.rag_train_k, "rag_min_similarity": args.rag_min_similarity}  # fmt: skip
+             "rag_train_k": args.rag_train_k, "rag_train_min_similarity": args.rag_train_min_similarity, "rag_min_similarity": serve_similarity}  # fmt: skip
     ingest(args.store, args.data, args.task)
     test_ids = split_ids(args.store, args.task, "test", args.users, args.seed, out)
     tune_ids = split_ids(args.store, args.task, "train", size["tune_users"], args.seed, out)
@@ -331,7 +332,8 @@ def main() -> None:
               + f", decoding {args.decode or 'the task default'}"
               + (f"; RAG k={rag_k} chosen on {size['tune_users']} training users {rag_scores}" if "rag" in groups else "")
               + (f"; task LoRA+RAG trained and served with k={args.rag_train_k}" if "task-lora-rag" in groups else "")
-              + (f", items at cosine >= {args.rag_min_similarity}" if "task-lora-rag" in groups and similarity_suffix else "")
+              + (f", items shown at cosine >= {args.rag_train_min_similarity} in training and >= {serve_similarity} in serving"
+                 if "task-lora-rag" in groups and serve_similarity is not None else "")
               + (f"; timings {timings}" if timings else ""))  # fmt: skip
     (out / "results.md").write_text(markdown(summary, header), encoding="utf-8")
     chart(summary, out / "results.png")
