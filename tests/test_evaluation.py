@@ -98,6 +98,16 @@ def test_exported_predictions_score_the_same_as_the_run(store, runs, tmp_path):
     assert scored["n_examples"] == 4 and scored["metrics"] == pytest.approx({k: v for k, v in run["metrics"].items() if not k.endswith("-exact")})
 
 
+def test_rag_min_similarity_shows_only_items_alike_to_the_input(store, runs):
+    """No item passes a threshold of 1: the k=0 prompt and k=0's answers; every item passes -1: plain rag's."""
+    common = ["evaluate", "--task", "LaMP-7", "--limit", "4", "--max-new-tokens", "24", "--method", "rag", "--k", "2"]
+    strict, loose = _cli(store, *common, "--min-similarity", "1"), _cli(store, *common, "--min-similarity", "-1")
+    assert strict["method"] == "rag-bm25-k2-sim1" and strict["config"]["min_similarity"] == 1.0
+    answers = lambda run: [p["output"] for p in _cli(store, "runs", "show", run["run_id"], "--examples", "10")["predictions"]]  # noqa: E731
+    assert answers(strict) == answers(runs["none"]) and answers(loose) == answers(runs["rag"])
+    assert answers(runs["none"]) != answers(runs["rag"])  # so the two checks above tell the prompts apart
+
+
 def test_random_history_is_repeatable_by_seed(store):
     args = ["evaluate", "--task", "LaMP-7", "--limit", "3", "--method", "random", "--k", "2", "--max-new-tokens", "12"]
     first, second = _cli(store, *args), _cli(store, *args)

@@ -42,8 +42,9 @@ class TokenBudget:
 @dataclass(frozen=True)
 class PromptSettings:
     """How a prompt method picks history items: `k` items by `retriever` (rag: only those with cosine
-    >= `min_similarity` to the query, when set), or at random by `seed`; with `ablation`, from another user's history (a seeded derangement of the users served:
-    `served`, every user of the command when it is answered in parts, else the queries' users)."""
+    >= `min_similarity` to the query, when set), or at random by `seed`; with `ablation`, from
+    another user's history (a seeded derangement of the users served: `served`, every user of the
+    command when it is answered in parts, else the queries' users)."""
 
     k: int = 1
     retriever: str = "bm25"
