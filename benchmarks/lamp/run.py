@@ -122,6 +122,12 @@ def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs
             "--steps", str(size["pplug_steps"]))  # fmt: skip
 
 
+def stored_config(store: Path, name: str) -> dict:
+    from store import Store
+
+    return Store(str(store)).get_plugin(name).config
+
+
 def threshold(flag: str, value: float | None) -> list[str]:
     """`flag VALUE` for a similarity threshold that is set, nothing otherwise."""
     return [] if value is None else [flag, str(value)]
@@ -298,16 +304,18 @@ def main() -> None:
     groups = set(args.methods.split(","))
     if groups - set(GROUPS):
         raise SystemExit(f"--methods: unknown {sorted(groups - set(GROUPS))}; expected some of {', '.join(GROUPS)}")
-    serve_similarity = args.rag_train_min_similarity if args.rag_min_similarity is None else args.rag_min_similarity
     similarity_suffix = f"-sim{args.rag_train_min_similarity:g}" if args.rag_train_min_similarity is not None else ""
     names = {"task_lora": args.task_lora or f"{prefix}-task-lora", "oppu": f"{prefix}-oppu", "pool": f"{prefix}-pool", "pplug": f"{prefix}-pplug",
              "task_lora_rag": args.task_lora_rag or f"{prefix}-task-lora-rag{args.rag_train_k}" + similarity_suffix,
-             "rag_train_k": args.rag_train_k, "rag_train_min_similarity": args.rag_train_min_similarity, "rag_min_similarity": serve_similarity}  # fmt: skip
+             "rag_train_k": args.rag_train_k, "rag_train_min_similarity": args.rag_train_min_similarity, "rag_min_similarity": None}  # fmt: skip
     ingest(args.store, args.data, args.task)
     test_ids = split_ids(args.store, args.task, "test", args.users, args.seed, out)
     tune_ids = split_ids(args.store, args.task, "train", size["tune_users"], args.seed, out)
     timings: dict = {}
     train(args.store, args.task, size, test_ids, names, args.pairs, groups, timings)
+    if "task-lora-rag" in groups:  # a stored adapter (--task-lora-rag) says itself what it was trained with
+        names["rag_train_min_similarity"] = stored_config(args.store, names["task_lora_rag"]).get("rag_min_similarity")
+        names["rag_min_similarity"] = names["rag_train_min_similarity"] if args.rag_min_similarity is None else args.rag_min_similarity
     decode = shlex.split(args.decode)
     rag_k, rag_scores = None, {}
     if "rag" in groups:
@@ -332,8 +340,8 @@ def main() -> None:
               + f", decoding {args.decode or 'the task default'}"
               + (f"; RAG k={rag_k} chosen on {size['tune_users']} training users {rag_scores}" if "rag" in groups else "")
               + (f"; task LoRA+RAG trained and served with k={args.rag_train_k}" if "task-lora-rag" in groups else "")
-              + (f", items shown at cosine >= {args.rag_train_min_similarity} in training and >= {serve_similarity} in serving"
-                 if "task-lora-rag" in groups and serve_similarity is not None else "")
+              + (f", items shown at cosine >= {names['rag_train_min_similarity']} in training and >= {names['rag_min_similarity']} in serving"
+                 if "task-lora-rag" in groups and names["rag_min_similarity"] is not None else "")
               + (f"; timings {timings}" if timings else ""))  # fmt: skip
     (out / "results.md").write_text(markdown(summary, header), encoding="utf-8")
     chart(summary, out / "results.png")
