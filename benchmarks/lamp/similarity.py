@@ -24,10 +24,10 @@ def top_items(task, queries, histories, donor_of, encoder) -> list[dict]:
     """Per query: BM25's first own and donor item, each with its cosine to the input and ROUGE-1 to the gold."""
     from rouge_score import rouge_scorer
 
-    from recipes.kit.retrieval import bm25_items
+    from recipes.kit.retrieval import bm25_items, input_vectors
 
     scorer = rouge_scorer.RougeScorer(["rouge1"])
-    vectors = encoder.encode([task.query_text(q.input) for q in queries])
+    vectors = input_vectors(encoder, task, [q.input for q in queries])
     rows = []
     for query, vector in zip(queries, vectors):
         row = {}

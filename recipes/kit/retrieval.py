@@ -72,6 +72,12 @@ def dense_top(history: list[Behavior], query_vector: np.ndarray, k: int) -> list
     return [int(i) for i in np.argsort(-(matrix @ query_vector), kind="stable")[:k]]
 
 
+def input_vectors(encoder: Encoder, task: Task, task_inputs: list[str]) -> np.ndarray:
+    """The vectors dense retrieval and --min-similarity compare items with: the query part of each
+    task input, encoded (one rule for training and serving prompts)."""
+    return encoder.encode([task.query_text(text) for text in task_inputs])
+
+
 def similar_items(items: list[Behavior], query_vector: np.ndarray, min_similarity: float) -> list[Behavior]:
     """The items (order kept) whose stored vectors have cosine >= `min_similarity` with the query's:
     a retrieved item unrelated to the query is left out rather than shown as if it were relevant

@@ -14,7 +14,7 @@ from recipes import PersonaError
 from recipes.kit.backbones import Encoder, cache_dir
 from recipes.kit.history_pairs import given_pair, history_pairs
 from recipes.kit.prompts import TokenBudget, history_prompt
-from recipes.kit.retrieval import bm25_items, similar_items
+from recipes.kit.retrieval import bm25_items, input_vectors, similar_items
 from recipes.kit.training_loop import Example
 from recipes.kit.splits import query_split
 from recipes.kit.tasks import Task
@@ -77,7 +77,7 @@ class Retrieval:
             return [None] * len(task_inputs)
         if self.encoder is None:
             raise PersonaError("--rag-min-similarity needs the store's encoder")
-        return list(self.encoder.encode([self.task.query_text(text) for text in task_inputs]))
+        return list(input_vectors(self.encoder, self.task, task_inputs))
 
     def prompt(self, task_input: str, history: list[Behavior], query_vector: Optional[np.ndarray] = None) -> str:
         items = bm25_items(self.task, task_input, history, self.k)

@@ -10,7 +10,7 @@ import numpy as np
 
 from recipes.kit.progress import report
 from recipes.kit.prompts import PromptContext, PromptSettings, history_prompt
-from recipes.kit.retrieval import bm25_items, dense_top, random_items, recency_top, similar_items
+from recipes.kit.retrieval import bm25_items, dense_top, input_vectors, random_items, recency_top, similar_items
 from recipes.methods.registry import Method, PromptBuilder, register
 from store import Behavior, Query
 
@@ -53,7 +53,7 @@ def _history_prompts(choose: Callable, by_retriever: bool, method: str) -> Promp
             histories = ctx.histories(queries, with_vectors=by_vector)
         if by_vector:
             encoder = ctx.encoder()
-            vectors = encoder.encode([ctx.task.query_text(q.input) for q in queries])
+            vectors = input_vectors(encoder, ctx.task, [q.input for q in queries])
             facts["encoder"] = encoder.id
         tick = report(ctx.progress)
         prompts = []
