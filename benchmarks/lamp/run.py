@@ -287,7 +287,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="rules", help="history pairs recipe every trainer uses (none or rules)")
     parser.add_argument("--task-lora", default=None, help="use this stored task LoRA instead of training bench-task-lora")
     parser.add_argument("--rag-ks", default="1,2,4", help="the k values RAG chooses from on training users")
-    parser.add_argument("--rag-train-k", type=int, default=2, help="k of the task LoRA trained on RAG prompts (adapt --rag-k), served with the same k")
+    parser.add_argument("--rag-train-k", type=int, default=2, help="k of the task LoRA trained on RAG prompts (adapt --rag-k), served with the same k (a stored --task-lora-rag adapter's own k wins)")
     parser.add_argument("--rag-train-min-similarity", type=float, default=None, help="the task LoRA+RAG is trained on prompts that show only retrieved items at least this cosine-similar to the input (adapt --rag-min-similarity)")
     parser.add_argument("--rag-min-similarity", type=float, default=None, help="... and served with this threshold (evaluate --min-similarity; default: the training one)")
     parser.add_argument("--task-lora-rag", default=None, help="use this stored RAG-trained task LoRA instead of training one")
@@ -314,7 +314,9 @@ def main() -> None:
     timings: dict = {}
     train(args.store, args.task, size, test_ids, names, args.pairs, groups, timings)
     if "task-lora-rag" in groups:  # a stored adapter (--task-lora-rag) says itself what it was trained with
-        names["rag_train_min_similarity"] = stored_config(args.store, names["task_lora_rag"]).get("rag_min_similarity")
+        config = stored_config(args.store, names["task_lora_rag"])
+        names["rag_train_k"] = config.get("rag_k") or names["rag_train_k"]
+        names["rag_train_min_similarity"] = config.get("rag_min_similarity")
         names["rag_min_similarity"] = names["rag_train_min_similarity"] if args.rag_min_similarity is None else args.rag_min_similarity
     decode = shlex.split(args.decode)
     rag_k, rag_scores = None, {}
