@@ -10,7 +10,7 @@ import typer
 
 from persona_cli.common import console, err_console, handle_errors, method_settings_given, open_store, print_json, store_encoder
 from persona_cli.options import (
-    AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthRatioOption, MethodOption,
+    AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthPenaltyOption, LengthRatioOption, MethodOption,
     NoRepeatOption, PluginOption, PoolOption, MinSimilarityOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
 )  # fmt: skip
 from recipes.flows.answer import AnswerSettings, answer, user_task
@@ -44,6 +44,7 @@ def generate(
     no_repeat_ngram: Optional[int] = NoRepeatOption,
     repetition_penalty: Optional[float] = RepetitionOption,
     length_ratio: Optional[float] = LengthRatioOption,
+    length_penalty: Optional[float] = LengthPenaltyOption,
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Also print the prompt the LLM saw (on stderr)."),
     device: str = DeviceOption,
     json_out: bool = JsonOption,
@@ -59,7 +60,8 @@ def generate(
     request.prompt_settings()
     mode = answer_mode(task_spec, answer_how)
     decoding = task_spec.decoding.override(
-        num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio
+        num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio,
+        length_penalty=length_penalty,
     )
     decoding.validate()
     started = time.perf_counter()

@@ -28,6 +28,7 @@ BeamsOption = typer.Option(None, "--beams", help="Beam search with N beams (defa
 NoRepeatOption = typer.Option(None, "--no-repeat-ngram", help="Never repeat an n-gram of the answer itself (0: off; the prompt is not counted).")
 RepetitionOption = typer.Option(None, "--repetition-penalty", help="Penalize tokens the answer already used (1.0: off; the prompt is not counted).")
 LengthRatioOption = typer.Option(None, "--length-ratio", help="At most RATIO x the input's tokens + 8 new tokens (default: the task's max only).")
+LengthPenaltyOption = typer.Option(None, "--length-penalty", help="With --beams: beam scores are log-probability / length^P (1.0: the default; below 1 prefers shorter answers).")
 TaskOption = typer.Option(..., "--task", help="Task whose data trains the adapter, e.g. LaMP-7.")
 LlmOption = typer.Option(None, "--llm", help="HF causal or seq2seq LM, name or path (default: embedded SmolLM2-135M-Instruct).")
 ROption = typer.Option(8, "--r", help="LoRA rank.")

@@ -128,8 +128,22 @@ def test_a_length_ratio_limits_each_answer_by_its_own_inputs_length(tiny_llama):
     assert tokens[0] <= 1 + LENGTH_SLACK + 1 and len(answers[0]) < len(unlimited[0])
 
 
+def test_a_length_penalty_below_one_makes_beam_search_answer_shorter(llm):
+    """Beam scores are log-probability / length^P: a lower P favours beams that finish early (real SmolLM2)."""
+    task = get_task("LaMP-7")
+    head = "Paraphrase the following tweet without any explanation before or after it: "
+    inputs = [head + t for t in ("I'm walking to the bus stop and feeling quite anxious about the upcoming exam.",
+                                 "Heading to bed with strong painkillers, excited for tomorrow and looking forward to it.")]  # fmt: skip
+    lengths = {}
+    for penalty in (-1.0, 1.0, 2.0):
+        answers = answer_prompts(llm, task, "generate", inputs, max_new_tokens=40, decoding=Decoding(num_beams=4, length_penalty=penalty))
+        lengths[penalty] = sum(len(a.split()) for a in answers)
+    assert lengths[-1.0] < lengths[1.0] <= lengths[2.0]
+
+
 def test_decoding_values_are_checked():
-    for bad in (Decoding(num_beams=0), Decoding(no_repeat_ngram_size=-1), Decoding(repetition_penalty=0), Decoding(length_ratio=0)):
+    for bad in (Decoding(num_beams=0), Decoding(no_repeat_ngram_size=-1), Decoding(repetition_penalty=0), Decoding(length_ratio=0),
+                Decoding(length_penalty=0.5)):  # fmt: skip
         with pytest.raises(PersonaError):
             bad.validate()
     assert Decoding(num_beams=4).override(num_beams=None, repetition_penalty=1.2) == Decoding(num_beams=4, repetition_penalty=1.2)
@@ -138,7 +152,8 @@ def test_decoding_values_are_checked():
 @pytest.mark.parametrize(
     ("option", "message"),
     [(["--beams", "0"], "--beams must be at least 1"), (["--repetition-penalty", "0"], "--repetition-penalty must be positive"),
-     (["--length-ratio", "-1"], "--length-ratio must be positive"), (["--no-repeat-ngram", "-2"], "--no-repeat-ngram")],
+     (["--length-ratio", "-1"], "--length-ratio must be positive"), (["--no-repeat-ngram", "-2"], "--no-repeat-ngram"),
+     (["--length-penalty", "0.5"], "--length-penalty shapes beam search only")],
 )  # fmt: skip
 def test_bad_decoding_options_fail_in_one_line_before_any_model_loads(store_path, option, message):
     from typer.testing import CliRunner

@@ -57,6 +57,7 @@ class EvalRequest:
     no_repeat_ngram_size: Optional[int] = None
     repetition_penalty: Optional[float] = None
     length_ratio: Optional[float] = None
+    length_penalty: Optional[float] = None
     ablation: bool = False
     scoring: str = "cleaned"
     settings: dict[str, str] = field(default_factory=dict)
@@ -65,7 +66,7 @@ class EvalRequest:
         """The task's decoding with this request's overrides."""
         return task.decoding.override(
             num_beams=self.num_beams, no_repeat_ngram_size=self.no_repeat_ngram_size,
-            repetition_penalty=self.repetition_penalty, length_ratio=self.length_ratio,
+            repetition_penalty=self.repetition_penalty, length_ratio=self.length_ratio, length_penalty=self.length_penalty,
         )  # fmt: skip
 
     def method_request(self) -> MethodRequest:

@@ -1,5 +1,6 @@
 """How answers are decoded: greedy or beam search, repetition controls that look only at the
-answer being written, and a length limit tied to the input's length.
+answer being written, a length limit tied to the input's length, and beam search's length
+penalty (below 1 prefers shorter finished beams).
 
 transformers' stock `repetition_penalty` and `no_repeat_ngram_size` also count the prompt's
 tokens. On a task whose answer reuses the input (LaMP-7 paraphrases a tweet) that forbids the
@@ -32,6 +33,7 @@ class Decoding:
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
     length_ratio: Optional[float] = None
+    length_penalty: float = 1.0
 
     def validate(self) -> None:
         checks = [
@@ -39,6 +41,7 @@ class Decoding:
             (self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram must not be negative, got {self.no_repeat_ngram_size}"),
             (self.repetition_penalty > 0, f"--repetition-penalty must be positive, got {self.repetition_penalty}"),
             (self.length_ratio is None or self.length_ratio > 0, f"--length-ratio must be positive, got {self.length_ratio}"),
+            (self.length_penalty == 1.0 or self.num_beams > 1, "--length-penalty shapes beam search only: pass --beams N (N > 1) too"),
         ]
         for ok, message in checks:
             if not ok:

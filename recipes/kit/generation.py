@@ -259,6 +259,7 @@ def _transformers_generate(
         **inputs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=decoding.num_beams,
         logits_processor=[GeneratedOnly(decoding, skip)] if decoding.penalizes else None,
         pad_token_id=tokenizer.pad_token_id, early_stopping=decoding.num_beams > 1,
+        **({"length_penalty": decoding.length_penalty} if decoding.num_beams > 1 else {}),
     )  # fmt: skip
     stops = stop_token_ids(llm) | {tokenizer.pad_token_id}
     answers = []
