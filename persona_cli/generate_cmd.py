@@ -15,7 +15,7 @@ from persona_cli.options import (
 )  # fmt: skip
 from recipes.flows.answer import AnswerSettings, answer, user_task
 from recipes.flows.evaluate import answer_mode
-from recipes.flows.serve import MethodRequest
+from recipes.flows.serve import MethodRequest, with_donor
 from recipes.kit.backbones import load_llm
 
 
@@ -31,6 +31,7 @@ def generate(
     top_k: Optional[int] = TopKOption,
     set_: Optional[list[str]] = SetOption,
     ablation: bool = AblationOption,
+    donor: Optional[str] = typer.Option(None, "--donor", help="With --ablation: answer with this other user's history in place of --user's (rag, random, pplug)."),
     task: Optional[str] = typer.Option(None, "--task", help="Task of the input (default: the user's only task)."),
     k: int = KOption,
     retriever: str = RetrieverOption,
@@ -57,6 +58,8 @@ def generate(
         method=method, k=k, retriever=retriever, min_similarity=min_similarity, seed=seed, plugin=plugin, base=base, pool=pool,
         top_k=top_k, ablation=ablation, settings=method_settings_given(set_),
     )  # fmt: skip
+    if donor is not None:
+        request = with_donor(store, request, user, donor)
     request.prompt_settings()
     mode = answer_mode(task_spec, answer_how)
     decoding = task_spec.decoding.override(

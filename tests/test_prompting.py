@@ -261,3 +261,27 @@ def test_rag_ablation_shows_another_users_items_chosen_the_same_way(budget):
         assert get_method("rag").prompts(_context(history, served, budget), [query])[0] == [prompt]
     with pytest.raises(PersonaError, match="--ablation of rag .* at least 2 users"):
         get_method("rag").prompts(_context(history, PromptSettings(k=1, ablation=True), budget), queries[:1])
+
+
+def test_generate_ablation_for_one_user_takes_a_named_donor(store_path, tiny_llm_dir):
+    """`generate --ablation --donor D`: one user's query answered with D's history (the derangement
+    the ablation draws needs two users); refused where it would mean nothing, before a model loads."""
+    from conftest import EXAMPLES, cli_fails, cli_json
+
+    cli_json(store_path, "ingest", str(EXAMPLES), "--task", "LaMP-7")
+    ask = ["--method", "rag", "--k", "2", "--llm", str(tiny_llm_dir), "--max-new-tokens", "2"]
+    text = "Paraphrase the following tweet without any explanation before or after it: the train ride was my favorite"
+    items = lambda answer: [line.strip('"') for line in answer["prompt"].splitlines() if line.startswith('"')]  # noqa: E731
+    own = items(cli_json(store_path, "generate", "--user", "0", *ask, text))
+    donated = items(cli_json(store_path, "generate", "--user", "0", *ask, "--ablation", "--donor", "1", text))
+    assert len(own) == len(donated) == 2
+    assert all(item == item.lower() for item in own)  # user 0 writes in lowercase
+    assert all(item == item.upper() for item in donated)  # user 1, the donor, in capitals
+    for extra, message in [
+        (["--donor", "1"], "--donor goes with --ablation"),
+        (["--ablation", "--donor", "0"], "the donor must be another user"),
+        (["--ablation", "--donor", "nobody"], "--donor nobody: no such user"),
+    ]:  # fmt: skip
+        assert message in cli_fails(store_path, "generate", "--user", "0", "--method", "rag", "--llm", "/nonexistent", *extra, text)
+    refused = cli_fails(store_path, "generate", "--user", "0", "--method", "style-vector", "--ablation", "--donor", "1", "--llm", "/nonexistent", text)
+    assert "reads no other user's history" in refused

@@ -8,7 +8,7 @@ to different users. A prompt method runs on the bare LLM or on a `base` plug-in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from recipes import PersonaError
@@ -91,6 +91,23 @@ def plan_serving(store: Store, task: Task, request: MethodRequest, user_ids: lis
             donors(user_ids, request.seed, prompt.name, request.served)  # refused here, before a model loads, when there is no other user
         return ServingPlan(chain=base_chain(store, request.base))
     return model.plan(store, task, user_ids, options)
+
+
+def with_donor(store: Store, request: MethodRequest, user_id: str, donor: str) -> MethodRequest:
+    """The request's ablation for one user served with `donor`'s history: a one-off comparison
+    (the seeded derangement needs at least two users; among exactly these two it is the swap)."""
+    if not request.ablation:
+        raise PersonaError("--donor goes with --ablation")
+    model, prompt = request.methods()
+    ablated = model or prompt
+    if not ablated.donor_ablation:
+        readers = ", ".join(m.name for m in methods() if m.donor_ablation)
+        raise PersonaError(f"--donor: the ablation of {ablated.name} reads no other user's history (those that do: {readers})")
+    if donor == user_id:
+        raise PersonaError(f"--donor {donor}: the donor must be another user")
+    if store.get_user(donor) is None:
+        raise PersonaError(f"--donor {donor}: no such user in store {store.uri}")
+    return replace(request, served=(user_id, donor))
 
 
 def _either(names: list[str]) -> str:

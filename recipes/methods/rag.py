@@ -75,10 +75,10 @@ def _rag_label(prompt: PromptSettings) -> str:
 RANDOM = register(Method(
     name="random", summary="k history items at random (seeded per query; --k, --seed)",
     prompts=_history_prompts(random_choice, by_retriever=False, method="random"), label=lambda options, prompt: f"random-k{prompt.k}",
-    ablation=ABLATION,
+    ablation=ABLATION, donor_ablation=True,
 ))  # fmt: skip
 RAG = register(Method(
     name="rag", summary="the k history items most relevant to the query (--retriever bm25, recency or dense; --k; --min-similarity)",
     prompts=_history_prompts(retrieved_items, by_retriever=True, method="rag"), label=lambda options, prompt: _rag_label(prompt),
-    ablation=ABLATION,
+    ablation=ABLATION, donor_ablation=True,
 ))  # fmt: skip

@@ -69,7 +69,8 @@ class Method:
 
     `prompts` (prompt methods) builds one prompt per query; `plan` (model methods) says, before
     any model loads, what the LLM needs for prompts of these users (one user id per prompt).
-    `ablation` describes the non-personal counterpart `plan` serves when asked for it."""
+    `ablation` describes the non-personal counterpart `plan` serves when asked for it;
+    `donor_ablation` says that counterpart reads another user's history (a donor's)."""
 
     name: str
     summary: str
@@ -80,6 +81,7 @@ class Method:
     options: tuple[str, ...] = ()
     settings: dict[str, Setting] = field(default_factory=dict)
     ablation: Optional[str] = None
+    donor_ablation: bool = False
     personal: bool = False
     label: Optional[Callable[[MethodOptions, PromptSettings], str]] = None
 

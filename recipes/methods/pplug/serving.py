@@ -129,5 +129,5 @@ def serve_pplug(store: Store, task: Task, user_ids: list[str], options: MethodOp
 register(Method(
     name=PPLUG, summary="one soft token per query from a trained embedder of the query and the user's history",
     needs="a trained user embedder (--plugin, default pplug-TASK)", trained_by="persona train-embedder",
-    plan=serve_pplug, options=("plugin",), ablation=ABLATION, personal=True,
+    plan=serve_pplug, options=("plugin",), ablation=ABLATION, donor_ablation=True, personal=True,
 ))  # fmt: skip
