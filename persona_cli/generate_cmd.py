@@ -72,7 +72,7 @@ def generate(
     result = answer(store, user, text, task_spec, request, how, lambda: load_llm(llm, device), store_encoder(store, None, device))
     seconds = round(time.perf_counter() - started, 3)
     if json_out:
-        print_json({**result.__dict__, "answer": mode, "decoding": asdict(decoding), "seconds": seconds})
+        print_json({**result.__dict__, "answer": mode, "decoding": asdict(decoding), "seconds": seconds, **({"donor": donor} if donor else {})})
         return
     if show_prompt:
         err_console.print(result.prompt, highlight=False, markup=False)

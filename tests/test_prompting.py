@@ -273,7 +273,9 @@ def test_generate_ablation_for_one_user_takes_a_named_donor(store_path, tiny_llm
     text = "Paraphrase the following tweet without any explanation before or after it: the train ride was my favorite"
     items = lambda answer: [line.strip('"') for line in answer["prompt"].splitlines() if line.startswith('"')]  # noqa: E731
     own = items(cli_json(store_path, "generate", "--user", "0", *ask, text))
-    donated = items(cli_json(store_path, "generate", "--user", "0", *ask, "--ablation", "--donor", "1", text))
+    donated_answer = cli_json(store_path, "generate", "--user", "0", *ask, "--ablation", "--donor", "1", text)
+    donated = items(donated_answer)
+    assert donated_answer["donor"] == "1"
     assert len(own) == len(donated) == 2
     assert all(item == item.lower() for item in own)  # user 0 writes in lowercase
     assert all(item == item.upper() for item in donated)  # user 1, the donor, in capitals
