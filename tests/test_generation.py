@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipes.kit.generation import generate, label_logprobs, prompt_token_ids
+from recipes.kit.generation import GrowingLayer, generate, label_logprobs, prompt_token_ids
 
 PROMPTS = [
     "short",
@@ -83,3 +83,25 @@ def test_label_logprobs_equal_a_full_forward_pass(model, request):
     expected = torch.tensor([[_full_logprob(llm, p, a) for a in labels] for p in prompts])
     torch.testing.assert_close(scores, expected, atol=1e-3, rtol=1e-4)
     assert label_logprobs(llm, prompts, labels, batch_size=3).argmax(dim=1).tolist() == expected.argmax(dim=1).tolist()
+
+
+def test_a_growing_cache_layer_holds_what_concatenation_would_and_writes_steps_in_place():
+    """The decoding cache keeps keys and values in buffers with spare room: each step must see
+    exactly the concatenated history (through row selection and past the spare room), and an
+    ordinary step must not copy the cache."""
+    generator = torch.Generator().manual_seed(0)
+    layer, keys, values = GrowingLayer(), None, None
+    for step in range(3 * GrowingLayer.SPARE):
+        width = 7 if step == 0 else 1
+        new_k, new_v = (torch.randn(3 if step < 10 else 2, 2, width, 4, generator=generator) for _ in range(2))
+        before = layer.keys.data_ptr() if step > 1 else None
+        got_k, got_v = layer.update(new_k, new_v)
+        keys = new_k if keys is None else torch.cat([keys, new_k], dim=-2)
+        values = new_v if values is None else torch.cat([values, new_v], dim=-2)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+        if step in (5, 40):
+            assert got_k.data_ptr() == before, "an ordinary step copied the cache"
+        if step == 9:  # a row leaves the batch
+            layer.batch_select_indices(torch.tensor([2, 0]))
+            keys, values = keys[[2, 0]], values[[2, 0]]
+            assert torch.equal(layer.keys, keys)
