@@ -2,7 +2,7 @@
 
 Prompts are sorted by length before batching (less padding) and answers come back in the
 caller's order. Greedy decoding of causal LMs is a loop of our own over a left-padded batch with
-a KV cache, dropping rows from the batch as soon as they finish, so one long answer does not keep
+a KV cache that grows in place, dropping rows from the batch as soon as they finish, so one long answer does not keep
 a whole batch of finished rows busy. Beam search, and every seq2seq LM, use transformers'
 generate batch by batch. Either way a Decoding's repetition controls see only the answer's own
 tokens, and each row may have its own token limit.
