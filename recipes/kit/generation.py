@@ -148,7 +148,7 @@ class _Rows:
 
     def can_join(self) -> bool:
         """Joining needs plain growing caches (their tensors can be padded and concatenated)."""
-        return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers)
+        return all(type(layer) is GrowingLayer for layer in self.cache.layers)
 
     def join(self, other: "_Rows") -> None:
         """Add other's rows to this batch: the shorter cache is left-padded, so every row stays left-padded."""
@@ -201,7 +201,7 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.key_buffer = self.value_buffer = None
-        used = self.keys.shape[-2] if self.keys.numel() else 0
+        used = self.get_seq_length()
         width = used + key_states.shape[-2]
         if not self._in_buffers(width):
             self.key_buffer, self.value_buffer = (_with_room(t, key_states, used, width + self.SPARE) for t in (self.keys, self.values))
