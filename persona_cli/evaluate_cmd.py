@@ -11,7 +11,7 @@ from rich.table import Table
 from persona_cli.common import console, engine_of, handle_errors, method_settings_given, open_store, print_json, progress_bar, store_encoder
 from persona_cli.options import (
     AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, EngineOption, JsonOption, KOption, LengthPenaltyOption, LengthRatioOption, MethodOption,
-    NoRepeatOption, PluginOption, PoolOption, RayAddressOption, MinSimilarityOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
+    NoRepeatOption, PluginOption, PoolOption, RayAddressOption, MinSimilarityOption, RepetitionOption, RetrieverOption, ReuseOption, SetOption, TopKOption,
     WorkersOption,
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
@@ -47,6 +47,7 @@ def evaluate(
     repetition_penalty: Optional[float] = RepetitionOption,
     length_ratio: Optional[float] = LengthRatioOption,
     length_penalty: Optional[float] = LengthPenaltyOption,
+    reuse_history: Optional[float] = ReuseOption,
     ablation: bool = AblationOption,
     seed: int = typer.Option(0, "--seed", help="Seed of random history choices and of an --ablation that draws users."),
     scoring: str = typer.Option("cleaned", "--scoring", help="cleaned: first paragraph, no announcement or wrapping quotes, labels matched (exact scores reported beside as METRIC-exact); exact: the answer as generated, as LaMP scores it."),
@@ -72,7 +73,7 @@ def evaluate(
         users=read_user_ids(users) if users else None, batch_size=batch_size, max_new_tokens=max_new_tokens,
         max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k,
         num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio,
-        length_penalty=length_penalty, ablation=ablation, scoring=scoring, settings=method_settings_given(set_),
+        length_penalty=length_penalty, ablation=ablation, scoring=scoring, settings=method_settings_given(set_), reuse_min_overlap=reuse_history,
     )  # fmt: skip
     if export is not None and export.is_dir():
         raise PersonaError(f"--export {export}: is a directory; give a file name")

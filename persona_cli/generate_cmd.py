@@ -11,12 +11,13 @@ import typer
 from persona_cli.common import console, err_console, handle_errors, method_settings_given, open_store, print_json, store_encoder
 from persona_cli.options import (
     AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthPenaltyOption, LengthRatioOption, MethodOption,
-    NoRepeatOption, PluginOption, PoolOption, MinSimilarityOption, RepetitionOption, RetrieverOption, SetOption, TopKOption,
+    NoRepeatOption, PluginOption, PoolOption, MinSimilarityOption, RepetitionOption, RetrieverOption, ReuseOption, SetOption, TopKOption,
 )  # fmt: skip
 from recipes.flows.answer import AnswerSettings, answer, user_task
 from recipes.flows.evaluate import answer_mode
 from recipes.flows.serve import MethodRequest, with_donor
 from recipes.kit.backbones import load_llm
+from recipes.methods.history_reuse import check_min_overlap
 
 
 @handle_errors
@@ -46,6 +47,7 @@ def generate(
     repetition_penalty: Optional[float] = RepetitionOption,
     length_ratio: Optional[float] = LengthRatioOption,
     length_penalty: Optional[float] = LengthPenaltyOption,
+    reuse_history: Optional[float] = ReuseOption,
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Also print the prompt the LLM saw (on stderr)."),
     device: str = DeviceOption,
     json_out: bool = JsonOption,
@@ -67,13 +69,16 @@ def generate(
         length_penalty=length_penalty,
     )
     decoding.validate()
+    check_min_overlap(reuse_history)
     started = time.perf_counter()
-    how = AnswerSettings(mode, decoding, max_new_tokens, max_input_tokens)
+    how = AnswerSettings(mode, decoding, max_new_tokens, max_input_tokens, reuse_history)
     result = answer(store, user, text, task_spec, request, how, lambda: load_llm(llm, device), store_encoder(store, None, device))
     seconds = round(time.perf_counter() - started, 3)
     if json_out:
         print_json({**result.__dict__, "answer": mode, "decoding": asdict(decoding), "seconds": seconds, **({"donor": donor} if donor else {})})
         return
-    if show_prompt:
+    if result.reused:
+        err_console.print("(the user's own earlier answer, reused: --reuse-history)", highlight=False, markup=False)
+    elif show_prompt:
         err_console.print(result.prompt, highlight=False, markup=False)
     console.print(result.output, highlight=False, markup=False)

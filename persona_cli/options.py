@@ -29,6 +29,11 @@ NoRepeatOption = typer.Option(None, "--no-repeat-ngram", help="Never repeat an n
 RepetitionOption = typer.Option(None, "--repetition-penalty", help="Penalize tokens the answer already used (1.0: off; the prompt is not counted).")
 LengthRatioOption = typer.Option(None, "--length-ratio", help="At most RATIO x the input's tokens + 8 new tokens (default: the task's max only).")
 LengthPenaltyOption = typer.Option(None, "--length-penalty", help="With --beams: beam scores are log-probability / length^P (1.0: the default; below 1 prefers shorter answers).")
+ReuseOption = typer.Option(
+    None, "--reuse-history",
+    help="Answer an input that nearly repeats one of the user's history items with that item's own answer, when their "
+    "ROUGE-1 overlap is at least MIN (0-1); the method answers the rest. With --ablation, a donor's history.",
+)  # fmt: skip
 TaskOption = typer.Option(..., "--task", help="Task whose data trains the adapter, e.g. LaMP-7.")
 LlmOption = typer.Option(None, "--llm", help="HF causal or seq2seq LM, name or path (default: embedded SmolLM2-135M-Instruct).")
 ROption = typer.Option(8, "--r", help="LoRA rank.")

@@ -13,6 +13,9 @@ it: a stopped run resumes), and evaluates on the same test users:
 - OPPU over the task LoRA, and its ablation: the task LoRA alone;
 - Per-Pcs (sharers from the training split, assembled for the test users), and uniform gates;
 - PPlug over the task LoRA, and another user's history;
+- with --reuse-history, each personal row again with the user's own earlier answer reused where
+  the input nearly repeats a history item (recipes.methods.history_reuse), and its ablation
+  (a donor's history reused); the threshold given, or chosen on training-split users (`auto`);
 - every training-free model method in the registry (`persona methods`: nothing to train, e.g.
   style-vector), over the task LoRA where it takes one, and its ablation.
 
@@ -22,6 +25,7 @@ baseline, and Per-Pcs assembly seconds per user against OPPU training seconds pe
 
     .venv/bin/python benchmarks/lamp/run.py --data ../shared/data/lamp7 --store .persona-bench/lamp7 [--users N] [--quick]
         [--methods rag,task-lora,task-lora-rag,...] (copy and k=0 always run; each row's training only when chosen)
+        [--reuse-history auto|THRESHOLD] (each personal row also with its history reused, and that row's ablation)
 """
 
 from __future__ import annotations
@@ -147,6 +151,62 @@ def choose_rag_k(store: Path, task: str, ks: list[int], tune_ids: Path, decode: 
     return best, scores
 
 
+REUSE_GRID = [round(0.25 + 0.025 * i, 3) for i in range(27)]
+"""Overlap thresholds (ROUGE-1 F, 0.25 to 0.9) --reuse-history auto chooses among."""
+
+
+def choose_reuse(store: Path, task: str, folds: int = 5, seed: int = 0) -> dict:
+    """--reuse-history's threshold, chosen on the training-split users' queries (train and dev,
+    never test), with no model: the threshold at which answering with the reused item instead of
+    copying the input gains the most ROUGE-1 in all. A k-fold cross-validation of that choice
+    reports what it gains on queries it was not chosen on. Generation tasks with a copy baseline only."""
+    from rouge_score import rouge_scorer
+
+    from recipes.kit.metrics import per_example_rouge
+    from recipes.kit.splits import query_split
+    from recipes.kit.tasks import get_task
+    from recipes.methods.history_reuse import closest_item
+    from store import Store
+
+    spec, opened = get_task(task), Store(str(store))
+    if spec.is_classification:
+        raise SystemExit("--reuse-history auto chooses against copying the input: give a number for a label task")
+    queries = [q for q in opened.task_queries(task) if q.output and query_split(q.split, q.user_id) != "test"]
+    histories = opened.histories(sorted({q.user_id for q in queries}), task)
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+    closest = [closest_item(spec, spec.query_text(q.input), histories.get(q.user_id, []), scorer) for q in queries]
+    golds = [q.output or "" for q in queries]
+    copy = per_example_rouge([spec.query_text(q.input) for q in queries], golds)
+    item = per_example_rouge([spec.normalize(answer or "") for _, answer in closest], golds)
+    gain = [i["rouge-1"] - c["rouge-1"] for i, c in zip(item, copy)]
+    gains = {t: [g if answer is not None and overlap >= t else 0.0 for g, (overlap, answer) in zip(gain, closest)] for t in REUSE_GRID}
+    best = lambda ids: max(REUSE_GRID, key=lambda t: sum(gains[t][i] for i in ids))  # noqa: E731
+    order = list(range(len(queries)))
+    random.Random(seed).shuffle(order)
+    held_out, chosen = 0.0, []
+    for fold in range(folds):
+        test = set(order[fold::folds])
+        threshold = best([i for i in order if i not in test])
+        chosen.append(threshold)
+        held_out += sum(gains[threshold][i] for i in test)
+    threshold = best(order)
+    reused = sum(answer is not None and overlap >= threshold for overlap, answer in closest)
+    return {"threshold": threshold, "queries": len(queries), "reused": reused,
+            "gain_over_copy": round(sum(gains[threshold]) / len(queries), 4),
+            "cross_validated": {"folds": folds, "chosen": chosen, "held_out_gain_over_copy": round(held_out / len(queries), 4)}}  # fmt: skip
+
+
+def with_reuse(rows: dict[str, list[str]], threshold: float | None) -> dict[str, list[str]]:
+    """Each personal row again with --reuse-history (its ablation reuses the donor's history)."""
+    if threshold is None:
+        return rows
+    more = dict(rows)
+    for label in [label for label in rows if f"{label} ablation" in rows]:
+        more[f"{label} + reuse"] = [*rows[label], "--reuse-history", str(threshold)]
+        more[f"{label} + reuse ablation"] = [*rows[f"{label} ablation"], "--reuse-history", str(threshold)]
+    return more
+
+
 def plans(names: dict, rag_k: int | None, groups: set[str]) -> dict[str, list[str]]:
     """Every chosen row's evaluate arguments, each personal row followed by its ablation ('LABEL ablation')."""
     rows: dict[str, list[str]] = {"k=0": ["--method", "none"]}
@@ -237,6 +297,8 @@ def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str
         differences[f"{rag_label} - k=0"] = paired(rag_label, "k=0")
     if "task LoRA+RAG" in scores and "task LoRA" in scores:
         differences["task LoRA+RAG - task LoRA"] = paired("task LoRA+RAG", "task LoRA")
+    for label in [label for label in scores if label.endswith(" + reuse")]:
+        differences[f"{label} - {label.removesuffix(' + reuse')}"] = paired(label, label.removesuffix(" + reuse"))
     differences[f"{best} - {baseline}"] = paired(best, baseline)
     return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "other_measures": others,
             "differences": differences, "best": best}  # fmt: skip
@@ -293,6 +355,7 @@ def main() -> None:
     parser.add_argument("--task-lora-rag", default=None, help="use this stored RAG-trained task LoRA instead of training one")
     parser.add_argument("--methods", default=",".join(GROUPS), help=f"which rows to run besides copy and k=0 (comma-separated of {', '.join(GROUPS)})")
     parser.add_argument("--decode", default="", help='decoding options of every evaluation, e.g. "--beams 4 --repetition-penalty 1.2" (chosen on dev users by benchmarks/decoding)')
+    parser.add_argument("--reuse-history", default=None, help="also run each personal row with evaluate --reuse-history THRESHOLD, or 'auto': chosen on the training-split users against copying the input")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/lamp/results-TASK[-quick]")
     args = parser.parse_args()
@@ -322,7 +385,9 @@ def main() -> None:
     rag_k, rag_scores = None, {}
     if "rag" in groups:
         rag_k, rag_scores = choose_rag_k(args.store, args.task, [int(k) for k in args.rag_ks.split(",")], tune_ids, decode)
-    runs = evaluate_all(args.store, args.task, test_ids, plans(names, rag_k, groups), decode)
+    reuse_choice = choose_reuse(args.store, args.task) if args.reuse_history == "auto" else None
+    reuse_threshold = reuse_choice["threshold"] if reuse_choice else None if args.reuse_history is None else float(args.reuse_history)
+    runs = evaluate_all(args.store, args.task, test_ids, with_reuse(plans(names, rag_k, groups), reuse_threshold), decode)
     by_measure = per_query_scores(args.store, args.task, runs)
     rag_label = next((label for label in runs if label.startswith("RAG") and "ablation" not in label), None)
     summary = summarize(by_measure, rag_label)
@@ -331,7 +396,8 @@ def main() -> None:
     result = {
         "task": args.task, "data": str(args.data), "store": str(args.store), "quick": args.quick, "settings": size,
         "pairs": args.pairs, "decode": args.decode, "methods": sorted(groups), "names": names, "test_users": len(test_ids.read_text().split()), "runs": runs,
-        "rag_k_chosen_on_train_users": rag_k, "rag_scores_on_train_users": rag_scores, "timings": timings, **summary,
+        "rag_k_chosen_on_train_users": rag_k, "rag_scores_on_train_users": rag_scores,
+        "reuse_history": reuse_threshold, "reuse_chosen_on_train_users": reuse_choice, "timings": timings, **summary,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
@@ -344,6 +410,9 @@ def main() -> None:
               + (f"; task LoRA+RAG trained and served with k={args.rag_train_k}" if "task-lora-rag" in groups else "")
               + (f", items shown at cosine >= {names['rag_train_min_similarity']} in training and >= {names['rag_min_similarity']} in serving"
                  if "task-lora-rag" in groups and names["rag_min_similarity"] is not None else "")
+              + (f"; history reused at ROUGE-1 overlap >= {reuse_threshold}" if reuse_threshold is not None else "")
+              + (f" (chosen on {reuse_choice['queries']} training-split queries against copying the input; cross-validated gain "
+                 f"{reuse_choice['cross_validated']['held_out_gain_over_copy']:+.4f})" if reuse_choice else "")
               + (f"; timings {timings}" if timings else ""))  # fmt: skip
     (out / "results.md").write_text(markdown(summary, header), encoding="utf-8")
     chart(summary, out / "results.png")

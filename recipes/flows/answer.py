@@ -13,8 +13,10 @@ from recipes.kit.decoding import Decoding
 from recipes.kit.generation import generate, label_logprobs
 from recipes.kit.progress import Progress
 from recipes.kit.prompts import PromptContext
+from recipes.kit.retrieval import donors
 from recipes.kit.row_edits import NOTHING, PerRow
 from recipes.kit.tasks import Task, get_task
+from recipes.methods.history_reuse import check_min_overlap, reused_answers
 from store import Profile, Query, Store
 
 
@@ -27,6 +29,8 @@ class Answer:
     prompt: str
     raw: str
     output: str
+    reused: bool = False
+    """Answered with the user's own earlier answer (--reuse-history), not by the LLM."""
 
 
 def user_task(store: Store, user_id: str, task: Optional[str]) -> Task:
@@ -60,6 +64,20 @@ def method_prompts(
         store, llm, task, request.prompt_settings(), load_encoder, batch_size, max_input_tokens, progress, pending_profiles
     )
     return prompt.prompts(context, queries)
+
+
+def reuse(store: Store, task: Task, request: MethodRequest, queries: list[Query], min_overlap: Optional[float]) -> list[Optional[str]]:
+    """Per query, its user's earlier answer to reuse (see recipes.methods.history_reuse), or None
+    for the method to answer; with --ablation the history is the user's donor's. All None when
+    `min_overlap` is None."""
+    if min_overlap is None:
+        return [None] * len(queries)
+    check_min_overlap(min_overlap)
+    users = sorted({q.user_id for q in queries})
+    model, prompt = request.methods()
+    owner = donors(users, request.seed, (model or prompt).name, request.served) if request.ablation else {u: u for u in users}
+    read = store.histories(sorted(set(owner.values())), task.name)
+    return reused_answers(task, queries, {u: read.get(owner[u], []) for u in users}, min_overlap)
 
 
 def answer_prompts(
@@ -99,6 +117,7 @@ class AnswerSettings:
     decoding: Optional[Decoding] = None
     max_new_tokens: Optional[int] = None
     max_input_tokens: int = 1024
+    reuse_min_overlap: Optional[float] = None
 
 
 def answer(
@@ -113,12 +132,16 @@ def answer(
 ) -> Answer:
     """This user's prompt for `text` by the request's method, answered through the method's plan:
     a task LoRA, the user's own or assembled adapter, soft tokens, a steering vector, or a prompt
-    method on a `base`."""
+    method on a `base`. With `how.reuse_min_overlap`, an input that nearly repeats one of the
+    user's history items is answered with that item's answer, and no model loads."""
     if not text.strip():
         raise PersonaError("the input text is empty")
     plan = plan_serving(store, task, request, [user_id])
-    llm = load_llm()
     query = Query(query_id="input", user_id=user_id, task=task.name, input=text)
+    [reused] = reuse(store, task, request, [query], how.reuse_min_overlap)
+    if reused is not None:
+        return Answer(user_id, task.name, request.method, "", "", reused, task.normalize(reused), reused=True)
+    llm = load_llm()
     per_row = plan.prepare(llm, [query])
     [prompt], _ = method_prompts(store, llm, task, request, [query], load_encoder, 1, how.max_input_tokens)
     [raw] = answer_prompts(

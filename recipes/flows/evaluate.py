@@ -17,11 +17,12 @@ from recipes.kit.backbones import LLM, Encoder
 from recipes.kit.decoding import Decoding
 from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.inputs import read_lamp_outputs
-from recipes.flows.answer import answer_prompts, method_prompts
+from recipes.flows.answer import answer_prompts, method_prompts, reuse
 from recipes.kit.progress import Progress
 from recipes.kit.serving_plan import ServingPlan
 from recipes.flows.serve import MethodRequest, method_label as request_label, plan_serving
 from recipes.kit.splits import SPLITS, query_split
+from recipes.methods.history_reuse import check_min_overlap
 from recipes.kit.tasks import GENERATION, Task, get_task
 from store import Prediction, Profile, Query, Run, Store, id_sort_key
 
@@ -61,6 +62,7 @@ class EvalRequest:
     ablation: bool = False
     scoring: str = "cleaned"
     settings: dict[str, str] = field(default_factory=dict)
+    reuse_min_overlap: Optional[float] = None
 
     def decoding(self, task: Task) -> Decoding:
         """The task's decoding with this request's overrides."""
@@ -136,6 +138,7 @@ def evaluate(
     mode = answer_mode(task, request.answer)
     decoding = request.decoding(task)
     decoding.validate()
+    check_min_overlap(request.reuse_min_overlap)
     if request.batch_size < 1:
         raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
     if request.scoring not in SCORINGS:
@@ -204,15 +207,23 @@ class _Answerer:
     ) -> Answered:  # fmt: skip
         request, method = self.request, replace(self.request.method_request(), served=self.served)
         plan = plan or plan_serving(store, self.task, method, [q.user_id for q in queries])
-        per_row = plan.prepare(llm, queries)
+        reused = reuse(store, self.task, method, queries, request.reuse_min_overlap)
+        rest = [q for q, answer in zip(queries, reused) if answer is None]
         profiles: list[Profile] = []
-        prompts, facts = method_prompts(
-            store, llm, self.task, method, queries, load_encoder, request.batch_size, request.max_input_tokens, progress, profiles
-        )
-        raw = answer_prompts(
-            llm, self.task, self.mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress,
-            per_row, self.decoding, [q.input for q in queries],
-        )  # fmt: skip
+        facts: dict = {} if request.reuse_min_overlap is None else {"reused": len(queries) - len(rest)}
+        answers: list[str] = []
+        if rest:
+            per_row = plan.prepare(llm, rest)
+            prompts, prompt_facts = method_prompts(
+                store, llm, self.task, method, rest, load_encoder, request.batch_size, request.max_input_tokens, progress, profiles
+            )
+            facts.update(prompt_facts)
+            answers = answer_prompts(
+                llm, self.task, self.mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress,
+                per_row, self.decoding, [q.input for q in rest],
+            )  # fmt: skip
+        generated = iter(answers)
+        raw = [answer if answer is not None else next(generated) for answer in reused]
         return Answered(raw, facts, profiles, llm.id)
 
     def on_worker(
@@ -262,7 +273,8 @@ def score_answers(task: Task, raw: list[str], golds: list[str], scoring: str) ->
 
 def method_label(request: EvalRequest) -> str:
     """The run's short name for tables (see flows.serve.method_label); scored exactly: 'none@exact'."""
-    return request_label(request.method_request()) + ("@exact" if request.scoring == "exact" else "")
+    reuse = f"+reuse{request.reuse_min_overlap:g}" if request.reuse_min_overlap is not None else ""
+    return request_label(request.method_request()) + reuse + ("@exact" if request.scoring == "exact" else "")
 
 
 # ---------- LaMP prediction files ----------
