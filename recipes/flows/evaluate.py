@@ -272,9 +272,10 @@ def score_answers(task: Task, raw: list[str], golds: list[str], scoring: str) ->
 
 
 def method_label(request: EvalRequest) -> str:
-    """The run's short name for tables (see flows.serve.method_label); scored exactly: 'none@exact'."""
-    reuse = f"+reuse{request.reuse_min_overlap:g}" if request.reuse_min_overlap is not None else ""
-    return request_label(request.method_request()) + reuse + ("@exact" if request.scoring == "exact" else "")
+    """The run's short name for tables (see flows.serve.method_label); with history reused:
+    'none+reuse0.4'; scored exactly: 'none@exact'."""
+    reusing = f"+reuse{request.reuse_min_overlap:g}" if request.reuse_min_overlap is not None else ""
+    return request_label(request.method_request()) + reusing + ("@exact" if request.scoring == "exact" else "")
 
 
 # ---------- LaMP prediction files ----------

@@ -22,9 +22,6 @@ from recipes import PersonaError
 from recipes.kit.tasks import Task
 from store import Behavior, Query
 
-ABLATION = "reuses another user's history (the same donors as the method's ablation)"
-
-
 def check_min_overlap(value: Optional[float], flag: str = "--reuse-history") -> None:
     """An overlap threshold is a ROUGE-1 F in (0, 1] (None: no reuse)."""
     if value is not None and not 0.0 < value <= 1.0:
