@@ -21,3 +21,7 @@ def methods(json_out: bool = JsonOption) -> None:
         name = m["name"] + ("[+PROMPT]" if m["combines_with_prompt_methods"] else "")
         table.add_row(name, m["kind"], m["summary"], m["needs"], m["trained_by"] or "-", " ".join(options) or "-", m["ablation"] or "-")
     console.print(table)
+    console.print(
+        "Any method: --reuse-history MIN answers an input that nearly repeats one of the user's history items with that "
+        "item's own answer (ablation: the donor's history).", highlight=False, markup=False,
+    )
