@@ -17,7 +17,6 @@ from recipes.flows.answer import AnswerSettings, answer, user_task
 from recipes.flows.evaluate import answer_mode
 from recipes.flows.serve import MethodRequest, with_donor
 from recipes.kit.backbones import load_llm
-from recipes.methods.history_reuse import check_min_overlap
 
 
 @handle_errors
@@ -69,7 +68,6 @@ def generate(
         length_penalty=length_penalty,
     )
     decoding.validate()
-    check_min_overlap(reuse_history)
     started = time.perf_counter()
     how = AnswerSettings(mode, decoding, max_new_tokens, max_input_tokens, reuse_history)
     result = answer(store, user, text, task_spec, request, how, lambda: load_llm(llm, device), store_encoder(store, None, device))

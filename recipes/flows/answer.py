@@ -16,7 +16,7 @@ from recipes.kit.prompts import PromptContext
 from recipes.kit.retrieval import donors
 from recipes.kit.row_edits import NOTHING, PerRow
 from recipes.kit.tasks import Task, get_task
-from recipes.methods.history_reuse import check_min_overlap, reused_answers
+from recipes.methods.history_reuse import reused_answers
 from store import Profile, Query, Store
 
 
@@ -72,7 +72,6 @@ def reuse(store: Store, task: Task, request: MethodRequest, queries: list[Query]
     `min_overlap` is None."""
     if min_overlap is None:
         return [None] * len(queries)
-    check_min_overlap(min_overlap)
     users = sorted({q.user_id for q in queries})
     model, prompt = request.methods()
     owner = donors(users, request.seed, (model or prompt).name, request.served) if request.ablation else {u: u for u in users}

@@ -104,8 +104,24 @@ def given_pair(task: Task, item: Behavior) -> Optional[tuple[str, str]]:
     given = item.fields.get("input")
     if not (isinstance(given, str) and given.strip()):
         return None
-    output = item.fields.get("output")
-    return task.item_prompt(given), output if isinstance(output, str) and output.strip() else item.text
+    source, answer = item_sides(task, item)  # type: ignore[misc]  # an item with an input always has both sides
+    return task.item_prompt(source), answer
+
+
+def item_sides(task: Task, item: Behavior) -> Optional[tuple[str, str]]:
+    """An item's own (input, answer) before any task wording: its `input` with its `output` (or
+    its text) where it carries an input; the task's pair fields where its items hold both sides;
+    None otherwise (a tweet has no input; history reuse reads it as its own answer)."""
+    given = item.fields.get("input")
+    if isinstance(given, str) and given.strip():
+        output = item.fields.get("output")
+        return given, output if isinstance(output, str) and output.strip() else item.text
+    if task.pair_fields:
+        source, answer = task.pair_fields
+        values = {"text": item.text, **item.fields}
+        if values.get(source) and values.get(answer) is not None and str(values[answer]).strip():
+            return str(values[source]).strip(), str(values[answer]).strip()
+    return None
 
 
 def make_pair(task: Task, item: Behavior, rng: random.Random) -> Optional[tuple[str, str]]:
@@ -114,11 +130,8 @@ def make_pair(task: Task, item: Behavior, rng: random.Random) -> Optional[tuple[
     if given is not None:
         return given
     if task.pair_fields:
-        source, answer = task.pair_fields
-        values = {"text": item.text, **item.fields}
-        if values.get(source) and values.get(answer) is not None and str(values[answer]).strip():
-            return task.query_template.format(input=str(values[source]).strip()), str(values[answer]).strip()
-        return None
+        sides = item_sides(task, item)
+        return None if sides is None else (task.query_template.format(input=sides[0]), sides[1])
     if task.name == "LaMP-7":
         plain = rewrite_tweet(item.text, rng)
         return (task.query_template.format(input=plain), item.text.strip()) if plain else None

@@ -19,8 +19,10 @@ from typing import Optional
 from rouge_score import rouge_scorer
 
 from recipes import PersonaError
+from recipes.kit.history_pairs import item_sides
 from recipes.kit.tasks import Task
 from store import Behavior, Query
+
 
 def check_min_overlap(value: Optional[float], flag: str = "--reuse-history") -> None:
     """An overlap threshold is a ROUGE-1 F in (0, 1] (None: no reuse)."""
@@ -28,18 +30,14 @@ def check_min_overlap(value: Optional[float], flag: str = "--reuse-history") -> 
         raise PersonaError(f"{flag} is a ROUGE-1 overlap in (0, 1], got {value}")
 
 
-def item_sides(task: Task, item: Behavior) -> tuple[str, Optional[str]]:
-    """(what a query is compared with, the answer the item gives), the sides a training pair of it
-    has (history_pairs): its own `input` and `output` (or text) where it carries an input; the task's
-    pair fields where its items hold both; else its text for both (a tweet is its own answer)."""
-    given, output = item.fields.get("input"), item.fields.get("output")
-    if isinstance(given, str) and given.strip():
-        return given, output if isinstance(output, str) and output.strip() else item.text
-    if task.pair_fields is None:
+def reuse_sides(task: Task, item: Behavior) -> Optional[tuple[str, str]]:
+    """(what a query is compared with, the answer the item gives): the sides a training pair of the
+    item has (history_pairs.item_sides), or for a task without pair fields its text for both (a
+    tweet is its own answer); None for an item of a pair task that lacks a side."""
+    sides = item_sides(task, item)
+    if sides is None and task.pair_fields is None:
         return item.text, item.text
-    source, target = task.pair_fields
-    answer = item.fields.get(target)
-    return str(item.fields.get(source) or item.text), None if answer is None else str(answer)
+    return sides
 
 
 def closest_item(task: Task, text: str, history: list[Behavior], scorer: rouge_scorer.RougeScorer) -> tuple[float, Optional[str]]:
@@ -47,9 +45,10 @@ def closest_item(task: Task, text: str, history: list[Behavior], scorer: rouge_s
     on ties); (0.0, None) for a history without answers."""
     best: tuple[float, Optional[str]] = (0.0, None)
     for item in history:
-        source, answer = item_sides(task, item)
-        if answer is None or not answer.strip():
+        sides = reuse_sides(task, item)
+        if sides is None or not sides[1].strip():
             continue
+        source, answer = sides
         overlap = scorer.score(text, source)["rouge1"].fmeasure
         if overlap > best[0]:
             best = (overlap, answer)
