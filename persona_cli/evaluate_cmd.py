@@ -11,7 +11,7 @@ from rich.table import Table
 from persona_cli.common import console, engine_of, handle_errors, method_settings_given, open_store, print_json, progress_bar, store_encoder
 from persona_cli.options import (
     AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, EngineOption, JsonOption, KOption, LengthPenaltyOption, LengthRatioOption, MethodOption,
-    NoRepeatOption, PluginOption, PoolOption, RayAddressOption, MinSimilarityOption, RepetitionOption, RetrieverOption, ReuseOption, SetOption, TopKOption,
+    NoRepeatOption, PluginOption, PoolOption, RayAddressOption, MinSimilarityOption, RepetitionOption, RetrieverOption, ReuseOption, SetOption, SpellingsOption, TopKOption,
     WorkersOption,
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
@@ -48,6 +48,7 @@ def evaluate(
     length_ratio: Optional[float] = LengthRatioOption,
     length_penalty: Optional[float] = LengthPenaltyOption,
     reuse_history: Optional[float] = ReuseOption,
+    user_spellings: Optional[int] = SpellingsOption,
     ablation: bool = AblationOption,
     seed: int = typer.Option(0, "--seed", help="Seed of random history choices and of an --ablation that draws users."),
     scoring: str = typer.Option("cleaned", "--scoring", help="cleaned: first paragraph, no announcement or wrapping quotes, labels matched (exact scores reported beside as METRIC-exact); exact: the answer as generated, as LaMP scores it."),
@@ -74,6 +75,7 @@ def evaluate(
         max_input_tokens=max_input_tokens, seed=seed, plugin=plugin, base=base, pool=pool, top_k=top_k,
         num_beams=beams, no_repeat_ngram_size=no_repeat_ngram, repetition_penalty=repetition_penalty, length_ratio=length_ratio,
         length_penalty=length_penalty, ablation=ablation, scoring=scoring, settings=method_settings_given(set_), reuse_min_overlap=reuse_history,
+        spelling_min_count=user_spellings,
     )  # fmt: skip
     if export is not None and export.is_dir():
         raise PersonaError(f"--export {export}: is a directory; give a file name")

@@ -11,7 +11,7 @@ import typer
 from persona_cli.common import console, err_console, handle_errors, method_settings_given, open_store, print_json, store_encoder
 from persona_cli.options import (
     AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthPenaltyOption, LengthRatioOption, MethodOption,
-    NoRepeatOption, PluginOption, PoolOption, MinSimilarityOption, RepetitionOption, RetrieverOption, ReuseOption, SetOption, TopKOption,
+    NoRepeatOption, PluginOption, PoolOption, MinSimilarityOption, RepetitionOption, RetrieverOption, ReuseOption, SetOption, SpellingsOption, TopKOption,
 )  # fmt: skip
 from recipes.flows.answer import AnswerSettings, answer, user_task
 from recipes.flows.evaluate import answer_mode
@@ -47,6 +47,7 @@ def generate(
     length_ratio: Optional[float] = LengthRatioOption,
     length_penalty: Optional[float] = LengthPenaltyOption,
     reuse_history: Optional[float] = ReuseOption,
+    user_spellings: Optional[int] = SpellingsOption,
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Also print the prompt the LLM saw (on stderr)."),
     device: str = DeviceOption,
     json_out: bool = JsonOption,
@@ -69,7 +70,7 @@ def generate(
     )
     decoding.validate()
     started = time.perf_counter()
-    how = AnswerSettings(mode, decoding, max_new_tokens, max_input_tokens, reuse_history)
+    how = AnswerSettings(mode, decoding, max_new_tokens, max_input_tokens, reuse_history, user_spellings)
     result = answer(store, user, text, task_spec, request, how, lambda: load_llm(llm, device), store_encoder(store, None, device))
     seconds = round(time.perf_counter() - started, 3)
     if json_out:
@@ -79,4 +80,6 @@ def generate(
         err_console.print("(the user's own earlier answer, reused: --reuse-history)", highlight=False, markup=False)
     elif show_prompt:
         err_console.print(result.prompt, highlight=False, markup=False)
+    if result.respelled:
+        err_console.print("(words spelled the way the user's history spells them: --user-spellings)", highlight=False, markup=False)
     console.print(result.output, highlight=False, markup=False)

@@ -25,3 +25,7 @@ def methods(json_out: bool = JsonOption) -> None:
         "Any method: --reuse-history MIN answers an input that nearly repeats one of the user's history items with that "
         "item's own answer (ablation: the donor's history).", highlight=False, markup=False,
     )
+    console.print(
+        "Any generation method: --user-spellings MIN spells common words of the answer the way the user's history does "
+        "(u for you) where it uses that spelling at least MIN times (ablation: the donor's history).", highlight=False, markup=False,
+    )

@@ -34,6 +34,11 @@ ReuseOption = typer.Option(
     help="Answer an input that nearly repeats one of the user's history items with that item's own answer, when their "
     "ROUGE-1 overlap is at least MIN (0-1); the method answers the rest. With --ablation, a donor's history.",
 )  # fmt: skip
+SpellingsOption = typer.Option(
+    None, "--user-spellings",
+    help="Spell common words of the LLM's answer the way the user's history does (u for you, im for I'm) where it uses "
+    "that spelling at least MIN times and more often than the standard word. With --ablation, a donor's history.",
+)  # fmt: skip
 TaskOption = typer.Option(..., "--task", help="Task whose data trains the adapter, e.g. LaMP-7.")
 LlmOption = typer.Option(None, "--llm", help="HF causal or seq2seq LM, name or path (default: embedded SmolLM2-135M-Instruct).")
 ROption = typer.Option(8, "--r", help="LoRA rank.")

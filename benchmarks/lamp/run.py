@@ -16,6 +16,9 @@ it: a stopped run resumes), and evaluates on the same test users:
 - with --reuse-history, each personal row again with the user's own earlier answer reused where
   the input nearly repeats a history item (recipes.methods.history_reuse), and its ablation
   (a donor's history reused); the threshold given, or chosen on training-split users (`auto`);
+- with --user-spellings, each personal row again with its answers spelled the user's way
+  (recipes.methods.user_spellings; with --reuse-history too, both), and its ablation (a donor's
+  spellings); the minimum count given, or chosen on training-split users (`auto`);
 - every training-free model method in the registry (`persona methods`: nothing to train, e.g.
   style-vector), over the task LoRA where it takes one, and its ablation.
 
@@ -26,6 +29,8 @@ baseline, and Per-Pcs assembly seconds per user against OPPU training seconds pe
     .venv/bin/python benchmarks/lamp/run.py --data ../shared/data/lamp7 --store .persona-bench/lamp7 [--users N] [--quick]
         [--methods rag,task-lora,task-lora-rag,...] (copy and k=0 always run; each row's training only when chosen)
         [--reuse-history auto|THRESHOLD] (each personal row also with its history reused, and that row's ablation)
+        [--user-spellings auto|MIN_COUNT] (... and with its answers spelled the user's way)
+    Finished evaluations are recorded in OUT/evaluations.json: a rerun evaluates only rows it lacks.
 """
 
 from __future__ import annotations
@@ -155,55 +160,102 @@ REUSE_GRID = [round(0.25 + 0.025 * i, 3) for i in range(27)]
 """Overlap thresholds (ROUGE-1 F, 0.25 to 0.9) --reuse-history auto chooses among."""
 
 
-def choose_reuse(store: Path, task: str, folds: int = 5, seed: int = 0) -> dict:
-    """--reuse-history's threshold, chosen on the training-split users' queries (train and dev,
-    never test), with no model: the threshold at which answering with the reused item instead of
-    copying the input gains the most ROUGE-1 in all. A k-fold cross-validation of that choice
-    reports what it gains on queries it was not chosen on. Generation tasks with a copy baseline only."""
-    from rouge_score import rouge_scorer
-
+def training_split_queries(store: Path, task: str) -> tuple:
+    """(task spec, the store, the training-split users' gold queries (train and dev, never test),
+    their histories, per-query ROUGE-1 of copying the input): what the model-free choices read."""
     from recipes.kit.metrics import per_example_rouge
     from recipes.kit.splits import query_split
     from recipes.kit.tasks import get_task
-    from recipes.methods.history_reuse import closest_item
     from store import Store
 
     spec, opened = get_task(task), Store(str(store))
     if spec.is_classification:
-        raise SystemExit("--reuse-history auto chooses against copying the input: give a number for a label task")
+        raise SystemExit("'auto' chooses against copying the input: give a number for a label task")
     queries = [q for q in opened.task_queries(task) if q.output and query_split(q.split, q.user_id) != "test"]
     histories = opened.histories(sorted({q.user_id for q in queries}), task)
-    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
-    closest = [closest_item(spec, spec.query_text(q.input), histories.get(q.user_id, []), scorer) for q in queries]
-    golds = [q.output or "" for q in queries]
-    copy = per_example_rouge([spec.query_text(q.input) for q in queries], golds)
-    item = per_example_rouge([spec.normalize(answer or "") for _, answer in closest], golds)
-    gain = [i["rouge-1"] - c["rouge-1"] for i, c in zip(item, copy)]
-    gains = {t: [g if answer is not None and overlap >= t else 0.0 for g, (overlap, answer) in zip(gain, closest)] for t in REUSE_GRID}
-    best = lambda ids: max(REUSE_GRID, key=lambda t: sum(gains[t][i] for i in ids))  # noqa: E731
-    order = list(range(len(queries)))
+    copy = [r["rouge-1"] for r in per_example_rouge([spec.query_text(q.input) for q in queries], [q.output or "" for q in queries])]
+    return spec, queries, histories, copy
+
+
+def cross_validated_choice(gains: dict, folds: int, seed: int) -> dict:
+    """The grid value whose per-query gains add up most, and a k-fold cross-validation of that
+    choice: what the value chosen on the other folds gains on each held-out fold."""
+    n = len(next(iter(gains.values())))
+    best = lambda ids: max(gains, key=lambda value: sum(gains[value][i] for i in ids))  # noqa: E731
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     held_out, chosen = 0.0, []
     for fold in range(folds):
         test = set(order[fold::folds])
-        threshold = best([i for i in order if i not in test])
-        chosen.append(threshold)
-        held_out += sum(gains[threshold][i] for i in test)
-    threshold = best(order)
+        value = best([i for i in order if i not in test])
+        chosen.append(value)
+        held_out += sum(gains[value][i] for i in test)
+    value = best(order)
+    return {"value": value, "gain_over_copy": round(sum(gains[value]) / n, 4),
+            "cross_validated": {"folds": folds, "chosen": chosen, "held_out_gain_over_copy": round(held_out / n, 4)}}  # fmt: skip
+
+
+def choose_reuse(store: Path, task: str, folds: int = 5, seed: int = 0) -> dict:
+    """--reuse-history's threshold, chosen on the training-split users' queries with no model: the
+    threshold at which answering with the reused item instead of copying the input gains the most
+    ROUGE-1 in all, cross-validated. Generation tasks with a copy baseline only."""
+    from rouge_score import rouge_scorer
+
+    from recipes.kit.metrics import per_example_rouge
+    from recipes.methods.history_reuse import closest_item
+
+    spec, queries, histories, copy = training_split_queries(store, task)
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+    closest = [closest_item(spec, spec.query_text(q.input), histories.get(q.user_id, []), scorer) for q in queries]
+    item = per_example_rouge([spec.normalize(answer or "") for _, answer in closest], [q.output or "" for q in queries])
+    gain = [i["rouge-1"] - c for i, c in zip(item, copy)]
+    gains = {t: [g if answer is not None and overlap >= t else 0.0 for g, (overlap, answer) in zip(gain, closest)] for t in REUSE_GRID}
+    choice = cross_validated_choice(gains, folds, seed)
+    threshold = choice.pop("value")
     reused = sum(answer is not None and overlap >= threshold for overlap, answer in closest)
-    return {"threshold": threshold, "queries": len(queries), "reused": reused,
-            "gain_over_copy": round(sum(gains[threshold]) / len(queries), 4),
-            "cross_validated": {"folds": folds, "chosen": chosen, "held_out_gain_over_copy": round(held_out / len(queries), 4)}}  # fmt: skip
+    return {"threshold": threshold, "queries": len(queries), "reused": reused, **choice}
 
 
-def with_reuse(rows: dict[str, list[str]], threshold: float | None) -> dict[str, list[str]]:
-    """Each personal row again with --reuse-history (its ablation reuses the donor's history)."""
-    if threshold is None:
+SPELLING_GRID = [1, 2, 3, 4, 5, 6]
+"""Minimum counts --user-spellings auto chooses among."""
+
+
+def choose_spellings(store: Path, task: str, folds: int = 5, seed: int = 0) -> dict:
+    """--user-spellings' minimum count, chosen on the training-split users' queries with no model:
+    the count at which respelling the copied input by the user's history gains the most ROUGE-1
+    over the copy, cross-validated; with what the same respelling by a donor's history gains."""
+    from recipes.kit.metrics import per_example_rouge
+    from recipes.kit.retrieval import donors
+    from recipes.methods.user_spellings import respelled_answers
+
+    spec, queries, histories, copy = training_split_queries(store, task)
+    inputs, golds, users = [spec.query_text(q.input) for q in queries], [q.output or "" for q in queries], [q.user_id for q in queries]
+    gains, changed = {}, {}
+    for count in SPELLING_GRID:
+        answers, changed[count] = respelled_answers(spec, inputs, users, histories, count)
+        gains[count] = [r["rouge-1"] - c for r, c in zip(per_example_rouge(answers, golds), copy)]
+    choice = cross_validated_choice(gains, folds, seed)
+    count = choice.pop("value")
+    owner = donors(sorted(histories), seed, "spellings")
+    answers, by_donor = respelled_answers(spec, inputs, users, {u: histories.get(owner[u], []) for u in histories}, count)
+    donor_gain = sum(r["rouge-1"] - c for r, c in zip(per_example_rouge(answers, golds), copy)) / len(queries)
+    return {"min_count": count, "queries": len(queries), "respelled": changed[count], **choice,
+            "donor_history_gain_over_copy": round(donor_gain, 4), "donor_history_respelled": by_donor}  # fmt: skip
+
+
+def with_history(rows: dict[str, list[str]], reuse: float | None, spellings: int | None) -> dict[str, list[str]]:
+    """Each personal row again with its history stages (--reuse-history, --user-spellings), and that
+    row's ablation with them (which reads the donor's history): 'LABEL + reuse + spellings'."""
+    stages = ([" + reuse", ["--reuse-history", str(reuse)]] if reuse is not None else []) + \
+        ([" + spellings", ["--user-spellings", str(spellings)]] if spellings is not None else [])
+    if not stages:
         return rows
+    suffix = "".join(stages[0::2])
+    extra = [arg for args in stages[1::2] for arg in args]
     more = dict(rows)
     for label in [label for label in rows if f"{label} ablation" in rows]:
-        more[f"{label} + reuse"] = [*rows[label], "--reuse-history", str(threshold)]
-        more[f"{label} + reuse ablation"] = [*rows[f"{label} ablation"], "--reuse-history", str(threshold)]
+        more[f"{label}{suffix}"] = [*rows[label], *extra]
+        more[f"{label}{suffix} ablation"] = [*rows[f"{label} ablation"], *extra]
     return more
 
 
@@ -238,9 +290,24 @@ def plans(names: dict, rag_k: int | None, groups: set[str]) -> dict[str, list[st
     return rows
 
 
-def evaluate_all(store: Path, task: str, test_ids: Path, rows: dict[str, list[str]], decode: list[str]) -> dict[str, str]:
-    """Every row's run on the test users; returns label -> run id."""
-    return {label: cli(store, "evaluate", "--task", task, "--users", str(test_ids), *args, *decode)["run_id"] for label, args in rows.items()}
+def evaluate_all(store: Path, task: str, test_ids: Path, rows: dict[str, list[str]], decode: list[str], done: Path) -> dict[str, str]:
+    """Every row's run on the test users; returns label -> run id. Each finished run is recorded in
+    `done` (its evaluate arguments and test users -> run id), so a stopped benchmark resumes
+    where it was and a rerun with more rows evaluates only those (delete the file to start over)."""
+    from store import Store
+
+    finished = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
+    stored = {run.run_id for run in Store(str(store)).list_runs(task)}
+    users = test_ids.read_text(encoding="utf-8")
+    runs = {}
+    for label, args in rows.items():
+        argv = ["evaluate", "--task", task, "--users", str(test_ids), *args, *decode]
+        key = json.dumps([argv, users])
+        if finished.get(key) not in stored:
+            finished[key] = cli(store, *argv)["run_id"]
+            done.write_text(json.dumps(finished, indent=1), encoding="utf-8")
+        runs[label] = finished[key]
+    return runs
 
 
 def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -297,8 +364,8 @@ def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str
         differences[f"{rag_label} - k=0"] = paired(rag_label, "k=0")
     if "task LoRA+RAG" in scores and "task LoRA" in scores:
         differences["task LoRA+RAG - task LoRA"] = paired("task LoRA+RAG", "task LoRA")
-    for label in [label for label in scores if label.endswith(" + reuse")]:
-        differences[f"{label} - {label.removesuffix(' + reuse')}"] = paired(label, label.removesuffix(" + reuse"))
+    for label in [label for label in scores if " + " in label and "ablation" not in label]:  # a row with history stages
+        differences[f"{label} - {label.split(' + ')[0]}"] = paired(label, label.split(" + ")[0])
     differences[f"{best} - {baseline}"] = paired(best, baseline)
     return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "other_measures": others,
             "differences": differences, "best": best}  # fmt: skip
@@ -356,6 +423,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(GROUPS), help=f"which rows to run besides copy and k=0 (comma-separated of {', '.join(GROUPS)})")
     parser.add_argument("--decode", default="", help='decoding options of every evaluation, e.g. "--beams 4 --repetition-penalty 1.2" (chosen on dev users by benchmarks/decoding)')
     parser.add_argument("--reuse-history", default=None, help="also run each personal row with evaluate --reuse-history THRESHOLD, or 'auto': chosen on the training-split users against copying the input")
+    parser.add_argument("--user-spellings", default=None, help="also run each personal row with evaluate --user-spellings MIN_COUNT (with --reuse-history too, when given), or 'auto': chosen on the training-split users against copying the input")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/lamp/results-TASK[-quick]")
     args = parser.parse_args()
@@ -387,7 +455,10 @@ def main() -> None:
         rag_k, rag_scores = choose_rag_k(args.store, args.task, [int(k) for k in args.rag_ks.split(",")], tune_ids, decode)
     reuse_choice = choose_reuse(args.store, args.task) if args.reuse_history == "auto" else None
     reuse_threshold = reuse_choice["threshold"] if reuse_choice else None if args.reuse_history is None else float(args.reuse_history)
-    runs = evaluate_all(args.store, args.task, test_ids, with_reuse(plans(names, rag_k, groups), reuse_threshold), decode)
+    spelling_choice = choose_spellings(args.store, args.task) if args.user_spellings == "auto" else None
+    spelling_count = spelling_choice["min_count"] if spelling_choice else None if args.user_spellings is None else int(args.user_spellings)
+    rows = with_history(plans(names, rag_k, groups), reuse_threshold, spelling_count)
+    runs = evaluate_all(args.store, args.task, test_ids, rows, decode, out / "evaluations.json")
     by_measure = per_query_scores(args.store, args.task, runs)
     rag_label = next((label for label in runs if label.startswith("RAG") and "ablation" not in label), None)
     summary = summarize(by_measure, rag_label)
@@ -397,7 +468,8 @@ def main() -> None:
         "task": args.task, "data": str(args.data), "store": str(args.store), "quick": args.quick, "settings": size,
         "pairs": args.pairs, "decode": args.decode, "methods": sorted(groups), "names": names, "test_users": len(test_ids.read_text().split()), "runs": runs,
         "rag_k_chosen_on_train_users": rag_k, "rag_scores_on_train_users": rag_scores,
-        "reuse_history": reuse_threshold, "reuse_chosen_on_train_users": reuse_choice, "timings": timings, **summary,
+        "reuse_history": reuse_threshold, "reuse_chosen_on_train_users": reuse_choice,
+        "user_spellings": spelling_count, "spellings_chosen_on_train_users": spelling_choice, "timings": timings, **summary,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
@@ -413,6 +485,9 @@ def main() -> None:
               + (f"; history reused at ROUGE-1 overlap >= {reuse_threshold}" if reuse_threshold is not None else "")
               + (f" (chosen on {reuse_choice['queries']} training-split queries against copying the input; cross-validated gain "
                  f"{reuse_choice['cross_validated']['held_out_gain_over_copy']:+.4f})" if reuse_choice else "")
+              + (f"; user spellings of at least {spelling_count} uses" if spelling_count is not None else "")
+              + (f" (chosen on {spelling_choice['queries']} training-split queries against copying the input; cross-validated gain "
+                 f"{spelling_choice['cross_validated']['held_out_gain_over_copy']:+.4f})" if spelling_choice else "")
               + (f"; timings {timings}" if timings else ""))  # fmt: skip
     (out / "results.md").write_text(markdown(summary, header), encoding="utf-8")
     chart(summary, out / "results.png")

@@ -17,7 +17,8 @@ from recipes.kit.retrieval import donors
 from recipes.kit.row_edits import NOTHING, PerRow
 from recipes.kit.tasks import Task, get_task
 from recipes.methods.history_reuse import reused_answers
-from store import Profile, Query, Store
+from recipes.methods.user_spellings import check_spellings, respelled_answers
+from store import Behavior, Profile, Query, Store
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Answer:
     output: str
     reused: bool = False
     """Answered with the user's own earlier answer (--reuse-history), not by the LLM."""
+    respelled: bool = False
+    """Words of the LLM's answer spelled the user's way (--user-spellings)."""
 
 
 def user_task(store: Store, user_id: str, task: Optional[str]) -> Task:
@@ -66,17 +69,35 @@ def method_prompts(
     return prompt.prompts(context, queries)
 
 
+def read_histories(store: Store, task: Task, request: MethodRequest, user_ids: list[str]) -> dict[str, list[Behavior]]:
+    """The history each user's answers may draw on: their own, or with --ablation their donor's
+    (the derangement every ablation of the method uses)."""
+    users = sorted(set(user_ids))
+    model, prompt = request.methods()
+    owner = donors(users, request.seed, (model or prompt).name, request.served) if request.ablation else {u: u for u in users}
+    read = store.histories(sorted(set(owner.values())), task.name)
+    return {u: read.get(owner[u], []) for u in users}
+
+
 def reuse(store: Store, task: Task, request: MethodRequest, queries: list[Query], min_overlap: Optional[float]) -> list[Optional[str]]:
     """Per query, its user's earlier answer to reuse (see recipes.methods.history_reuse), or None
     for the method to answer; with --ablation the history is the user's donor's. All None when
     `min_overlap` is None."""
     if min_overlap is None:
         return [None] * len(queries)
-    users = sorted({q.user_id for q in queries})
-    model, prompt = request.methods()
-    owner = donors(users, request.seed, (model or prompt).name, request.served) if request.ablation else {u: u for u in users}
-    read = store.histories(sorted(set(owner.values())), task.name)
-    return reused_answers(task, queries, {u: read.get(owner[u], []) for u in users}, min_overlap)
+    return reused_answers(task, queries, read_histories(store, task, request, [q.user_id for q in queries]), min_overlap)
+
+
+def respell(
+    store: Store, task: Task, request: MethodRequest, queries: list[Query], answers: list[str], min_count: Optional[int]
+) -> tuple[list[str], int]:
+    """The LLM's answers with words spelled as each user's history spells them (see
+    recipes.methods.user_spellings; with --ablation the donor's history), and how many changed.
+    Unchanged when `min_count` is None."""
+    if min_count is None:
+        return answers, 0
+    histories = read_histories(store, task, request, [q.user_id for q in queries])
+    return respelled_answers(task, answers, [q.user_id for q in queries], histories, min_count)
 
 
 def answer_prompts(
@@ -117,6 +138,7 @@ class AnswerSettings:
     max_new_tokens: Optional[int] = None
     max_input_tokens: int = 1024
     reuse_min_overlap: Optional[float] = None
+    spelling_min_count: Optional[int] = None
 
 
 def answer(
@@ -132,9 +154,11 @@ def answer(
     """This user's prompt for `text` by the request's method, answered through the method's plan:
     a task LoRA, the user's own or assembled adapter, soft tokens, a steering vector, or a prompt
     method on a `base`. With `how.reuse_min_overlap`, an input that nearly repeats one of the
-    user's history items is answered with that item's answer, and no model loads."""
+    user's history items is answered with that item's answer, and no model loads; with
+    `how.spelling_min_count` the LLM's answer is spelled the user's way."""
     if not text.strip():
         raise PersonaError("the input text is empty")
+    check_spellings(task, how.spelling_min_count)
     plan = plan_serving(store, task, request, [user_id])
     query = Query(query_id="input", user_id=user_id, task=task.name, input=text)
     [reused] = reuse(store, task, request, [query], how.reuse_min_overlap)
@@ -146,4 +170,5 @@ def answer(
     [raw] = answer_prompts(
         llm, task, how.mode, [prompt], 1, how.max_new_tokens, how.max_input_tokens, per_row=per_row, decoding=how.decoding, inputs=[text]
     )
-    return Answer(user_id, task.name, request.method, llm.id, prompt, raw, task.normalize(raw))
+    [raw], respelled = respell(store, task, request, [query], [raw], how.spelling_min_count)
+    return Answer(user_id, task.name, request.method, llm.id, prompt, raw, task.normalize(raw), respelled=respelled > 0)

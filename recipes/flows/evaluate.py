@@ -17,12 +17,13 @@ from recipes.kit.backbones import LLM, Encoder
 from recipes.kit.decoding import Decoding
 from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.inputs import read_lamp_outputs
-from recipes.flows.answer import answer_prompts, method_prompts, reuse
+from recipes.flows.answer import answer_prompts, method_prompts, respell, reuse
 from recipes.kit.progress import Progress
 from recipes.kit.serving_plan import ServingPlan
 from recipes.flows.serve import MethodRequest, method_label as request_label, plan_serving
 from recipes.kit.splits import SPLITS, query_split
 from recipes.methods.history_reuse import check_min_overlap
+from recipes.methods.user_spellings import check_spellings
 from recipes.kit.tasks import GENERATION, Task, get_task
 from store import Prediction, Profile, Query, Run, Store, id_sort_key
 
@@ -63,6 +64,7 @@ class EvalRequest:
     scoring: str = "cleaned"
     settings: dict[str, str] = field(default_factory=dict)
     reuse_min_overlap: Optional[float] = None
+    spelling_min_count: Optional[int] = None
 
     def decoding(self, task: Task) -> Decoding:
         """The task's decoding with this request's overrides."""
@@ -139,6 +141,7 @@ def evaluate(
     decoding = request.decoding(task)
     decoding.validate()
     check_min_overlap(request.reuse_min_overlap)
+    check_spellings(task, request.spelling_min_count)
     if request.batch_size < 1:
         raise PersonaError(f"--batch-size must be at least 1, got {request.batch_size}")
     if request.scoring not in SCORINGS:
@@ -211,6 +214,8 @@ class _Answerer:
         rest = [q for q, answer in zip(queries, reused) if answer is None]
         profiles: list[Profile] = []
         facts: dict = {} if request.reuse_min_overlap is None else {"reused": len(queries) - len(rest)}
+        if request.spelling_min_count is not None:
+            facts["respelled"] = 0
         answers: list[str] = []
         if rest:
             per_row = plan.prepare(llm, rest)
@@ -222,6 +227,8 @@ class _Answerer:
                 llm, self.task, self.mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress,
                 per_row, self.decoding, [q.input for q in rest],
             )  # fmt: skip
+            answers, respelled = respell(store, self.task, method, rest, answers, request.spelling_min_count)
+            facts.update({"respelled": respelled} if request.spelling_min_count is not None else {})
         generated = iter(answers)
         raw = [answer if answer is not None else next(generated) for answer in reused]
         return Answered(raw, facts, profiles, llm.id)
@@ -273,9 +280,10 @@ def score_answers(task: Task, raw: list[str], golds: list[str], scoring: str) ->
 
 def method_label(request: EvalRequest) -> str:
     """The run's short name for tables (see flows.serve.method_label); with history reused:
-    'none+reuse0.4'; scored exactly: 'none@exact'."""
+    'none+reuse0.4'; respelled: 'none+spell2'; scored exactly: 'none@exact'."""
     reusing = f"+reuse{request.reuse_min_overlap:g}" if request.reuse_min_overlap is not None else ""
-    return request_label(request.method_request()) + reusing + ("@exact" if request.scoring == "exact" else "")
+    spelling = f"+spell{request.spelling_min_count}" if request.spelling_min_count is not None else ""
+    return request_label(request.method_request()) + reusing + spelling + ("@exact" if request.scoring == "exact" else "")
 
 
 # ---------- LaMP prediction files ----------
