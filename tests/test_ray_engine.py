@@ -72,7 +72,7 @@ def _pipeline(store: Path, users: Path, ids: list[str], llm: tuple[str, ...]) ->
         "assemble": ["assemble", "--task", "LaMP-7", "--split", "test", "--top-k", "2", "--max-length", "64", *llm],
         "evaluate": ["evaluate", "--task", "LaMP-7", "--method", "perpcs", "--max-new-tokens", "6", *llm],
         "ablation": ["evaluate", "--task", "LaMP-7", "--method", "rag", "--ablation", "--max-new-tokens", "6", "--batch-size", "1",
-                     "--reuse-history", "0.6", *llm],  # one user a shard; the example users share sentences, so donors' items are reused
+                     "--reuse-history", "0.6", "--user-spellings", "1", *llm],  # one user a shard; the example users share sentences, so donors' items are reused
     }
     return {name: ["--store", str(store), *args, "--json"] for name, args in commands.items()}
 
@@ -119,6 +119,7 @@ def test_the_ray_engine_gives_the_local_engines_results(tmp_path, tiny_llm_dir, 
     # an ablation: shards of single users draw donors among every user served, as one process does
     assert "another user's history" in fanned["ablation"]["config"]["ablation"]
     assert fanned["ablation"]["config"]["reused"] == here["ablation"]["config"]["reused"] > 0
+    assert fanned["ablation"]["config"]["respelled"] == here["ablation"]["config"]["respelled"]
     assert answers(local, here["ablation"]) == answers(remote, fanned["ablation"])
 
 

@@ -228,7 +228,8 @@ class _Answerer:
                 per_row, self.decoding, [q.input for q in rest],
             )  # fmt: skip
             answers, respelled = respell(store, self.task, method, rest, answers, request.spelling_min_count)
-            facts.update({"respelled": respelled} if request.spelling_min_count is not None else {})
+            if request.spelling_min_count is not None:
+                facts["respelled"] = respelled
         generated = iter(answers)
         raw = [answer if answer is not None else next(generated) for answer in reused]
         return Answered(raw, facts, profiles, llm.id)
