@@ -396,11 +396,11 @@ def chart(summary: dict, path: Path) -> None:
     errors = [[m - summary["methods"][label][1] for label, m in zip(labels, means)],
               [summary["methods"][label][2] - m for label, m in zip(labels, means)]]  # fmt: skip
     colors = ["#aaaaaa" if "ablation" in label else "#1f77b4" for label in labels]
-    figure, axis = plt.subplots(figsize=(10, 4.5))
-    axis.bar(labels, means, yerr=errors, capsize=3, color=colors)
-    axis.set_ylabel(f"{summary['measure']} (95% bootstrap CI)")
+    figure, axis = plt.subplots(figsize=(9, 1.2 + 0.38 * len(labels)))  # one row per method: long labels stay readable
+    axis.barh(labels, means, xerr=errors, capsize=3, color=colors)
+    axis.invert_yaxis()  # the table's order, top to bottom
+    axis.set_xlabel(f"{summary['measure']} (95% bootstrap CI)")
     axis.set_title(f"each method on the same {summary['n_queries']} test queries (ablations grey)")
-    axis.tick_params(axis="x", rotation=35)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
