@@ -53,7 +53,10 @@ def _in_a_child(commands: list[list[str]]) -> list[dict]:
     """Run persona commands (argument lists) in one child process, one Ray for all of them."""
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(commands)], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # the child prints one JSON line; Ray may print a notice after it (a worker it restarted, 2026-12-06)
+    printed = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert printed, (done.stdout[-2000:], done.stderr[-3000:])
+    return json.loads(printed[-1])
 
 
 def _users(tmp: Path, count: int) -> tuple[Path, list[str]]:
