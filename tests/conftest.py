@@ -111,6 +111,20 @@ def cli_json(store: Path, *args: str) -> dict:
     return json.loads(result.stdout)
 
 
+def ingested(tmp_path: Path, users: list[dict], task: str = "LaMP-7") -> Path:
+    """A store at tmp_path/store holding these users.jsonl records, ingested through the CLI."""
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(user) + "\n" for user in users), encoding="utf-8")
+    path = tmp_path / "store"
+    cli_json(path, "ingest", str(data), "--task", task)
+    return path
+
+
+def run_outputs(store: Path, run: dict) -> dict[str, str]:
+    """A stored run's scored answers by query id (`runs show`)."""
+    return {p["query_id"]: p["output"] for p in cli_json(store, "runs", "show", run["run_id"], "--examples", "10")["predictions"]}
+
+
 def cli_fails(store: Path, *args: str) -> str:
     """Run `persona --store STORE ARGS`, expect the one-line user error (exit 2), return it."""
     from typer.testing import CliRunner

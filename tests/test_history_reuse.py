@@ -4,12 +4,11 @@ donor's history. Mechanics on a tiny random LLM, whose own answers never equal a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from conftest import cli_fails, cli_json
+from conftest import cli_fails, cli_json, ingested, run_outputs
 from recipes.kit.tasks import get_task
 from recipes.methods.history_reuse import reused_answers
 from store import Behavior, Query, Store
@@ -32,22 +31,14 @@ def store(tmp_path: Path) -> Path:
         _user("anna", ANNA, [("The museum is free on Sundays again.", "museum free on sundays again!!"), ("I lost my umbrella.", "lost my umbrella :(")]),
         _user("bert", BERT, [("The museum is free on Sundays.", "MUSEUM FREE SUNDAYS"), ("Rain all week.", "RAIN ALL WEEK")]),
     ]
-    data = tmp_path / "users.jsonl"
-    data.write_text("".join(json.dumps(user) + "\n" for user in users), encoding="utf-8")
-    path = tmp_path / "store"
-    cli_json(path, "ingest", str(data), "--task", "LaMP-7")
-    return path
-
-
-def _predictions(store: Path, run: dict) -> dict[str, str]:
-    return {p["query_id"]: p["output"] for p in cli_json(store, "runs", "show", run["run_id"], "--examples", "10")["predictions"]}
+    return ingested(tmp_path, users)
 
 
 def test_an_input_that_repeats_a_history_item_gets_the_users_own_answer(store, tiny_llm_dir):
     common = ["evaluate", "--task", "LaMP-7", "--split", "all", "--llm", str(tiny_llm_dir), "--max-new-tokens", "6"]
     plain, reused = cli_json(store, *common), cli_json(store, *common, "--reuse-history", "0.6")
     assert reused["method"] == "none+reuse0.6" and reused["config"]["reuse_min_overlap"] == 0.6 and reused["config"]["reused"] == 1
-    before, after = _predictions(store, plain), _predictions(store, reused)
+    before, after = run_outputs(store, plain), run_outputs(store, reused)
     assert after["anna-q0"] == "the museum is free on sundays!! :)"  # Anna's own earlier words, not the model's
     assert before["anna-q0"] != after["anna-q0"]
     # Bert asks the same thing but never wrote it: the model answers him, as it answers every other query
@@ -58,10 +49,10 @@ def test_the_ablation_reuses_a_donors_history_instead_of_the_users_own(store, ti
     common = ["evaluate", "--task", "LaMP-7", "--split", "all", "--llm", str(tiny_llm_dir), "--max-new-tokens", "6",
               "--method", "rag", "--reuse-history", "0.6"]  # fmt: skip
     own, ablation = cli_json(store, *common), cli_json(store, *common, "--ablation")
-    assert own["config"]["reused"] == 1 and _predictions(store, own)["anna-q0"] == "the museum is free on sundays!! :)"
+    assert own["config"]["reused"] == 1 and run_outputs(store, own)["anna-q0"] == "the museum is free on sundays!! :)"
     # with two users the donors swap: Bert's question about the museum now finds Anna's item
     assert ablation["method"] == "rag-bm25-k1-ablation+reuse0.6" and ablation["config"]["reused"] == 1
-    assert _predictions(store, ablation)["bert-q0"] == "the museum is free on sundays!! :)"
+    assert run_outputs(store, ablation)["bert-q0"] == "the museum is free on sundays!! :)"
 
 
 def test_generate_answers_a_repeat_from_history_without_loading_a_model(store, tmp_path):

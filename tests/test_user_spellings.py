@@ -5,12 +5,11 @@ English is what gets respelled)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from conftest import cli_fails, cli_json
+from conftest import cli_fails, cli_json, ingested, run_outputs
 from recipes.kit.tasks import get_task
 from recipes.methods.user_spellings import respell, user_spellings
 from store import Behavior, Store
@@ -48,28 +47,20 @@ def store(tmp_path: Path) -> Path:
          "queries": [{"id": f"{user}-q", "input": PROMPT + "Are you coming to the party tonight? You are invited.", "output": "x"}]}
         for user, items in (("kai", kai), ("lee", lee))
     ]  # fmt: skip
-    data = tmp_path / "users.jsonl"
-    data.write_text("".join(json.dumps(user) + "\n" for user in users), encoding="utf-8")
-    path = tmp_path / "store"
-    cli_json(path, "ingest", str(data), "--task", "LaMP-7")
-    return path
-
-
-def _predictions(store: Path, run: dict) -> dict[str, str]:
-    return {p["query_id"]: p["output"] for p in cli_json(store, "runs", "show", run["run_id"], "--examples", "10")["predictions"]}
+    return ingested(tmp_path, users)
 
 
 def test_evaluate_spells_each_answer_its_users_way_and_the_ablation_the_donors(store):
     common = ["evaluate", "--task", "LaMP-7", "--split", "all", "--max-new-tokens", "24", "--method", "rag"]
-    plain = _predictions(store, cli_json(store, *common))
+    plain = run_outputs(store, cli_json(store, *common))
     own = cli_json(store, *common, "--user-spellings", "1")
     assert own["method"] == "rag-bm25-k1+spell1" and own["config"]["spelling_min_count"] == 1 and own["config"]["respelled"] == 1
-    answers = _predictions(store, own)
+    answers = run_outputs(store, own)
     assert answers["kai-q"] == respell(plain["kai-q"], KAI) != plain["kai-q"]  # the model writes standard English
     assert answers["lee-q"] == plain["lee-q"]  # Lee's own history spells it the standard way
     # the ablation reads donors' histories; with two users they swap: Kai's spellings reach Lee's answer
-    donors_plain = _predictions(store, cli_json(store, *common, "--ablation"))
-    donors_spelled = _predictions(store, cli_json(store, *common, "--ablation", "--user-spellings", "1"))
+    donors_plain = run_outputs(store, cli_json(store, *common, "--ablation"))
+    donors_spelled = run_outputs(store, cli_json(store, *common, "--ablation", "--user-spellings", "1"))
     assert donors_spelled["lee-q"] == respell(donors_plain["lee-q"], KAI) != donors_plain["lee-q"]
     assert donors_spelled["kai-q"] == donors_plain["kai-q"]
 
