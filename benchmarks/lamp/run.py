@@ -161,8 +161,8 @@ REUSE_GRID = [round(0.25 + 0.025 * i, 3) for i in range(27)]
 
 
 def training_split_queries(store: Path, task: str) -> tuple:
-    """(task spec, the store, the training-split users' gold queries (train and dev, never test),
-    their histories, per-query ROUGE-1 of copying the input): what the model-free choices read."""
+    """(task spec, the training-split users' gold queries (train and dev, never test), their
+    histories, per-query ROUGE-1 of copying the input): what the model-free choices read."""
     from recipes.kit.metrics import per_example_rouge
     from recipes.kit.splits import query_split
     from recipes.kit.tasks import get_task
