@@ -69,9 +69,14 @@ def method_prompts(
     return prompt.prompts(context, queries)
 
 
-def read_histories(store: Store, task: Task, request: MethodRequest, user_ids: list[str]) -> dict[str, list[Behavior]]:
-    """The history each user's answers may draw on: their own, or with --ablation their donor's
-    (the derangement every ablation of the method uses)."""
+def stage_histories(
+    store: Store, task: Task, request: MethodRequest, user_ids: list[str], *stages: Optional[float]
+) -> dict[str, list[Behavior]]:
+    """The history each user's answers may draw on in the history stages (--reuse-history,
+    --user-spellings), read once for all of them: their own, or with --ablation their donor's
+    (the derangement every ablation of the method uses). Nothing is read when no stage is on."""
+    if all(stage is None for stage in stages):
+        return {}
     users = sorted(set(user_ids))
     model, prompt = request.methods()
     owner = donors(users, request.seed, (model or prompt).name, request.served) if request.ablation else {u: u for u in users}
@@ -79,24 +84,22 @@ def read_histories(store: Store, task: Task, request: MethodRequest, user_ids: l
     return {u: read.get(owner[u], []) for u in users}
 
 
-def reuse(store: Store, task: Task, request: MethodRequest, queries: list[Query], min_overlap: Optional[float]) -> list[Optional[str]]:
-    """Per query, its user's earlier answer to reuse (see recipes.methods.history_reuse), or None
-    for the method to answer; with --ablation the history is the user's donor's. All None when
-    `min_overlap` is None."""
+def reuse(task: Task, queries: list[Query], histories: dict[str, list[Behavior]], min_overlap: Optional[float]) -> list[Optional[str]]:
+    """Per query, its user's earlier answer to reuse from `histories` (stage_histories; see
+    recipes.methods.history_reuse), or None for the method to answer. All None when `min_overlap` is None."""
     if min_overlap is None:
         return [None] * len(queries)
-    return reused_answers(task, queries, read_histories(store, task, request, [q.user_id for q in queries]), min_overlap)
+    return reused_answers(task, queries, histories, min_overlap)
 
 
 def respell(
-    store: Store, task: Task, request: MethodRequest, queries: list[Query], answers: list[str], min_count: Optional[int]
+    task: Task, queries: list[Query], answers: list[str], histories: dict[str, list[Behavior]], min_count: Optional[int]
 ) -> tuple[list[str], int]:
-    """The LLM's answers with words spelled as each user's history spells them (see
-    recipes.methods.user_spellings; with --ablation the donor's history), and how many changed.
-    Unchanged when `min_count` is None."""
+    """The LLM's answers with words spelled as each user's history in `histories` spells them
+    (stage_histories; see recipes.methods.user_spellings), and how many changed. Unchanged when
+    `min_count` is None."""
     if min_count is None:
         return answers, 0
-    histories = read_histories(store, task, request, [q.user_id for q in queries])
     return respelled_answers(task, answers, [q.user_id for q in queries], histories, min_count)
 
 
@@ -161,7 +164,8 @@ def answer(
     check_spellings(task, how.spelling_min_count)
     plan = plan_serving(store, task, request, [user_id])
     query = Query(query_id="input", user_id=user_id, task=task.name, input=text)
-    [reused] = reuse(store, task, request, [query], how.reuse_min_overlap)
+    histories = stage_histories(store, task, request, [user_id], how.reuse_min_overlap, how.spelling_min_count)
+    [reused] = reuse(task, [query], histories, how.reuse_min_overlap)
     if reused is not None:
         return Answer(user_id, task.name, request.method, "", "", reused, task.normalize(reused), reused=True)
     llm = load_llm()
@@ -170,5 +174,5 @@ def answer(
     [raw] = answer_prompts(
         llm, task, how.mode, [prompt], 1, how.max_new_tokens, how.max_input_tokens, per_row=per_row, decoding=how.decoding, inputs=[text]
     )
-    [raw], respelled = respell(store, task, request, [query], [raw], how.spelling_min_count)
+    [raw], respelled = respell(task, [query], [raw], histories, how.spelling_min_count)
     return Answer(user_id, task.name, request.method, llm.id, prompt, raw, task.normalize(raw), respelled=respelled > 0)

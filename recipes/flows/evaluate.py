@@ -17,7 +17,7 @@ from recipes.kit.backbones import LLM, Encoder
 from recipes.kit.decoding import Decoding
 from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.inputs import read_lamp_outputs
-from recipes.flows.answer import answer_prompts, method_prompts, respell, reuse
+from recipes.flows.answer import answer_prompts, method_prompts, respell, reuse, stage_histories
 from recipes.kit.progress import Progress
 from recipes.kit.serving_plan import ServingPlan
 from recipes.flows.serve import MethodRequest, method_label as request_label, plan_serving
@@ -210,13 +210,13 @@ class _Answerer:
     ) -> Answered:  # fmt: skip
         request, method = self.request, replace(self.request.method_request(), served=self.served)
         plan = plan or plan_serving(store, self.task, method, [q.user_id for q in queries])
-        reused = reuse(store, self.task, method, queries, request.reuse_min_overlap)
+        histories = stage_histories(store, self.task, method, [q.user_id for q in queries], request.reuse_min_overlap, request.spelling_min_count)
+        reused = reuse(self.task, queries, histories, request.reuse_min_overlap)
         rest = [q for q, answer in zip(queries, reused) if answer is None]
         profiles: list[Profile] = []
         facts: dict = {} if request.reuse_min_overlap is None else {"reused": len(queries) - len(rest)}
-        if request.spelling_min_count is not None:
-            facts["respelled"] = 0
         answers: list[str] = []
+        respelled = 0
         if rest:
             per_row = plan.prepare(llm, rest)
             prompts, prompt_facts = method_prompts(
@@ -227,9 +227,9 @@ class _Answerer:
                 llm, self.task, self.mode, prompts, request.batch_size, request.max_new_tokens, request.max_input_tokens, progress,
                 per_row, self.decoding, [q.input for q in rest],
             )  # fmt: skip
-            answers, respelled = respell(store, self.task, method, rest, answers, request.spelling_min_count)
-            if request.spelling_min_count is not None:
-                facts["respelled"] = respelled
+            answers, respelled = respell(self.task, rest, answers, histories, request.spelling_min_count)
+        if request.spelling_min_count is not None:
+            facts["respelled"] = respelled
         generated = iter(answers)
         raw = [answer if answer is not None else next(generated) for answer in reused]
         return Answered(raw, facts, profiles, llm.id)

@@ -32,6 +32,15 @@ MORE_SPELLINGS = {
 """Chat spellings beside CHAT_SPELLINGS (short form -> standard word)."""
 
 
+_WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019][A-Za-z]+)?")
+"""A word as spellings see it: letters and digits, with one apostrophe part (I'm, don't, I’m)."""
+
+
+def _key(word: str) -> str:
+    """How a word is looked up and counted: lowercase, a typographic apostrophe as a plain one."""
+    return word.replace("\u2019", "'").lower()
+
+
 def _spellings() -> dict[str, tuple[str, ...]]:
     """Standard word (lowercase) -> the short spellings of it; one-word standards only."""
     variants: dict[str, list[str]] = {}
@@ -42,15 +51,7 @@ def _spellings() -> dict[str, tuple[str, ...]]:
     return {standard: tuple(shorts) for standard, shorts in variants.items()}
 
 
-_WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
-"""A word as spellings see it: letters and digits, with one apostrophe part (I'm, don't)."""
 SPELLINGS: dict[str, tuple[str, ...]] = _spellings()
-
-
-def check_min_count(value: Optional[int], flag: str = "--user-spellings") -> None:
-    """A spelling's minimum count in the history is a whole number >= 1 (None: no respelling)."""
-    if value is not None and value < 1:
-        raise PersonaError(f"{flag} is how often the history must use a spelling, at least 1, got {value}")
 
 
 def own_words(task: Task, item: Behavior) -> str:
@@ -62,7 +63,7 @@ def own_words(task: Task, item: Behavior) -> str:
 def user_spellings(task: Task, history: list[Behavior], min_count: int) -> dict[str, str]:
     """Standard word -> the short spelling this history uses at least `min_count` times and more
     often than the standard word (the most used short spelling where it has several)."""
-    counts = Counter(word.lower() for item in history for word in _WORD.findall(own_words(task, item).replace("\u2019", "'")))
+    counts = Counter(_key(word) for item in history for word in _WORD.findall(own_words(task, item)))
     adopted = {}
     for standard, shorts in SPELLINGS.items():
         short = max(shorts, key=lambda s: counts[s])
@@ -79,17 +80,18 @@ def respell(text: str, spellings: dict[str, str]) -> str:
 
     def swap(match: re.Match) -> str:
         word = match.group(0)
-        short = spellings.get(word.replace("\u2019", "'").lower())
+        short = spellings.get(_key(word))
         if short is None:
             return word
         return short[0].upper() + short[1:] if word[0].isupper() else short
 
-    return re.sub(r"[A-Za-z0-9]+(?:['\u2019][A-Za-z]+)?", swap, text)
+    return _WORD.sub(swap, text)
 
 
 def check_spellings(task: Task, min_count: Optional[int]) -> None:
-    """Respelling is for generated text: a valid count, on a generation task."""
-    check_min_count(min_count)
+    """Respelling is for generated text: a count of at least 1 (None: no respelling), on a generation task."""
+    if min_count is not None and min_count < 1:
+        raise PersonaError(f"--user-spellings is how often the history must use a spelling, at least 1, got {min_count}")
     if min_count is not None and task.is_classification:
         raise PersonaError(f"--user-spellings respells generated text; {task.name} answers with labels")
 
