@@ -7,6 +7,7 @@ trained adapter is returned as LoraWeights, so one loaded LLM trains many adapte
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -18,9 +19,10 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from recipes import PersonaError
@@ -360,7 +362,7 @@ def train_lora(
 
         def step_loss(step: int) -> StepResult:
             batch = data.batch(plan[step])
-            with autocast_for(llm, settings.precision):
+            with training_autocast(llm, settings.precision):
                 return StepResult(batch_loss(llm, model, batch), len(plan[step]), data.tokens(plan[step]))
 
         dev_data = TokenizedExamples(llm, dev, settings.max_length) if dev else None
@@ -517,6 +519,18 @@ def _cpu_has_bf16() -> bool:
 def autocast_for(llm: LLM, precision: str):
     dtype = autocast_dtype(llm, precision)
     return torch.autocast(llm.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def training_autocast(llm: LLM, precision: str) -> Iterator[None]:
+    """autocast_for a training step's forward pass, with attention's plain (math) kernel where
+    that is bfloat16 on CPU: torch's CPU flash-attention backward is slow there on short rows
+    (a LoRA on LaMP-7 pairs: 1.22x faster at batch 4, 1.09x at batch 8; in float32 no gain,
+    benchmarks/training/attention.py). The kernel chosen in the forward pass is the one its
+    backward runs; GPUs keep their fused kernels."""
+    plain = llm.device.type == "cpu" and autocast_dtype(llm, precision) is not None
+    with autocast_for(llm, precision), (sdpa_kernel(SDPBackend.MATH) if plain else contextlib.nullcontext()):
+        yield
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

@@ -19,7 +19,7 @@ from recipes.kit.hooks import forward_hooks
 from recipes.kit.lora import LoraWeights, check_fits
 from recipes.kit.backbones import LLM
 from recipes.kit.training_loop import (
-    PRECISIONS, Example, StepResult, TokenizedExamples, TrainingLoop, autocast_for, batch_loss, batch_order, refuse_unless,
+    PRECISIONS, Example, StepResult, TokenizedExamples, TrainingLoop, batch_loss, batch_order, refuse_unless, training_autocast,
 )  # fmt: skip
 from recipes.kit.progress import Progress
 
@@ -99,7 +99,7 @@ def train_gates(
     plan = batch_order(len(examples), settings.steps, settings.batch_size, settings.seed, data.lengths)
 
     def step_loss(step: int) -> StepResult:
-        with autocast_for(llm, settings.precision):
+        with training_autocast(llm, settings.precision):
             return StepResult(batch_loss(llm, llm.model, data.batch(plan[step])), len(plan[step]), data.tokens(plan[step]))
 
     llm.model.eval()

@@ -25,7 +25,7 @@ from recipes.kit.training_data import checkpoint_path, split_queries
 from recipes.kit.backbones import LLM, Encoder, load_encoder, loaded
 from recipes.kit.plugins import apply_chain, base_chain
 from recipes.kit.training_loop import (
-    IGNORE, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, causal_batch, causal_loss,
+    IGNORE, Example, StepResult, TrainingLoop, TrainState, autocast_for, batch_order, training_autocast, causal_batch, causal_loss,
     encode_example, eval_cadence, planned_steps, refuse_unless, settings_key, trainable_state, trainer_checks,
 )  # fmt: skip
 from recipes.methods.pplug.model import POOLINGS, EmbedderShape, UserEmbedder, describe, pad_histories, recent
@@ -258,7 +258,7 @@ def train_embedder(
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def step_loss(step: int) -> StepResult:
-        with autocast_for(llm, settings.precision):
+        with training_autocast(llm, settings.precision):
             return example_loss(llm, embedder, [train[i] for i in plan[step]], vectors, settings.max_length)
 
     evaluate = (lambda state: _evaluate(llm, embedder, dev, vectors, settings, state)) if dev else None
