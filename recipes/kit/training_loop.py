@@ -492,8 +492,9 @@ _LIBC = _load_libc()
 
 
 def autocast_dtype(llm: LLM, precision: str) -> Optional[torch.dtype]:
-    """bfloat16 mixed precision where the hardware has it ('auto'), about twice as fast on a CPU
-    with AVX-512/AMX bf16; the LoRA weights and optimizer stay float32 either way. The
+    """bfloat16 mixed precision where the hardware has it ('auto'): on a CPU with AVX-512/AMX
+    bf16, 1.1-1.4x as fast as float32 for a LoRA on LaMP-7 pairs (benchmarks/training/attention.py,
+    with training_autocast's attention kernel); the LoRA weights and optimizer stay float32 either way. The
     environment variable PERSONA_PRECISION (float32|bfloat16) decides what 'auto' means, so a
     figure that must hold on every CPU can be measured in float32 without editing commands."""
     if precision == "auto":
