@@ -330,10 +330,11 @@ class Store(ResultTables, PluginTables, PieceTables):
 
     def ensure_indexes(self) -> list[str]:
         """The scalar indexes every per-user read filters by: user_id on the history, the queries and
-        the users, rebuilt after a write that left rows outside them (a B-tree over ten million
-        ids takes seconds; a per-user read of unindexed rows scans them all). Per-user vector
-        search stays exact: it ranks only the user's own rows, found through the user_id index,
-        so no ANN index is made."""
+        the users (a per-user read of unindexed rows scans them all). A write that left rows
+        outside an index adds them as a delta index of their own (_index_new_rows), so a write's
+        time and memory follow its own rows, not the table; `optimize` merges the deltas. Per-user
+        vector search stays exact: it ranks only the user's own rows, found through the user_id
+        index, so no ANN index is made."""
         from lancedb.index import BTree
 
         made = []
@@ -342,9 +343,12 @@ class Store(ResultTables, PluginTables, PieceTables):
             if table is None or table.count_rows() == 0:
                 continue
             current = [index for index in table.list_indices() if index.columns == ["user_id"]]
-            if not current or any(index.num_unindexed_rows for index in current):
+            if not current:
                 with self.transaction():
-                    table.create_index("user_id", config=BTree(), replace=True)
+                    table.create_index("user_id", config=BTree())
+            elif table.index_stats(current[0].name).num_unindexed_rows:
+                with self.transaction():
+                    _index_new_rows(table, current[0].name)
             made.append(f"{name}.user_id btree")
         return made
 
@@ -606,6 +610,10 @@ class Store(ResultTables, PluginTables, PieceTables):
 
     def _optimize_table(self, name: str, prune_versions: bool, kept: list[str]) -> None:
         table = self._db.open_table(name)
+        for index in table.list_indices():  # the deltas of earlier writes become one index again
+            deltas = table.index_stats(index.name).num_indices
+            if deltas > 1:
+                _lance_dataset(table).optimize.optimize_indices(index_names=[index.name], num_indices_to_merge=deltas)
         if prune_versions and table.tags.list():  # tagged versions (pool-N) must stay readable
             kept.append(name)
             table.optimize()
@@ -631,9 +639,27 @@ PERSONA_METADATA_CACHE_MB change them."""
 def _session() -> Any:
     """A LanceDB session (its caches) of bounded size. One per Store: a session also keeps its
     object-store clients, which must follow each Store's own endpoint and credentials."""
+    return lancedb.Session(**_cache_sizes())
+
+
+def _cache_sizes() -> dict[str, int]:
     index = int(os.environ.get("PERSONA_INDEX_CACHE_MB") or CACHE_MIB["index"])
     metadata = int(os.environ.get("PERSONA_METADATA_CACHE_MB") or CACHE_MIB["metadata"])
-    return lancedb.Session(index_cache_size_bytes=index * 2**20, metadata_cache_size_bytes=metadata * 2**20)
+    return {"index_cache_size_bytes": index * 2**20, "metadata_cache_size_bytes": metadata * 2**20}
+
+
+def _lance_dataset(table: Any) -> Any:
+    """The Lance dataset under a LanceDB table (pylance), at the table's version, with the
+    store's storage options and caches as bounded as LanceDB's (CACHE_MIB)."""
+    return table.to_lance(**_cache_sizes())
+
+
+def _index_new_rows(table: Any, index: str) -> None:
+    """Index the rows outside `index` as a delta index of their own (pylance's optimize_indices
+    with nothing to merge): rebuilding the B-tree after every write grew with the table (over
+    8.5M ids: 3.65 s and 272 MiB above the process), a delta for 500,000 new ids took 0.36 s and
+    95 MiB; 20 deltas searched as fast as one index."""
+    _lance_dataset(table).optimize.optimize_indices(index_names=[index], num_indices_to_merge=0)
 
 
 def _natural_page(ids: pa.ChunkedArray, start: int, end: int | None) -> list[str]:

@@ -282,9 +282,16 @@ def test_per_user_reads_go_through_user_id_indexes_kept_up_to_date(tmp_path):
     store = Store(tmp_path / "s")
     store.ingest([_items("10", 3)], [], {"10": {}}, "enc", 8)
     store.ingest([_items("2", 2), _items("x-1", 1)], [], {"2": {}, "x-1": {}}, "enc", 8)
-    indexes = lancedb.connect(str(tmp_path / "s")).open_table("behaviors").list_indices()
-    assert [(i.columns, i.num_unindexed_rows) for i in indexes] == [(["user_id"], 0)]  # the second write is indexed too
+    table = lancedb.connect(str(tmp_path / "s")).open_table("behaviors")
+    [index] = table.list_indices()
+    stats = table.index_stats(index.name)
+    assert (index.columns, stats.num_unindexed_rows, stats.num_indices) == (["user_id"], 0, 2)  # the second write: a delta of its own
     assert store.ensure_indexes() == ["behaviors.user_id btree", "users.user_id btree"]
+    assert [h.item_id for h in store.histories(["2"])["2"]] == [b.item_id for b in _items("2", 2)]
+    store.optimize()
+    table = lancedb.connect(str(tmp_path / "s")).open_table("behaviors")
+    assert table.index_stats(index.name).num_indices == 1  # optimize merges the deltas
+    assert [h.item_id for h in store.histories(["10"])["10"]] == [b.item_id for b in _items("10", 3)]
     assert [u.user_id for u in store.list_users()] == ["2", "10", "x-1"]  # natural order, not "10" < "2"
     assert [u.user_id for u in store.list_users(limit=1, offset=1)] == ["10"]
     numeric = Store(tmp_path / "n")
