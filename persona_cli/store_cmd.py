@@ -34,7 +34,7 @@ def optimize(
     prune_versions: bool = typer.Option(False, "--prune-versions", help="Also delete old untagged table versions (do not run while another process uses the store)."),
     json_out: bool = JsonOption,
 ) -> None:
-    """Compact small fragments (many ingests leave many) and refresh indices."""
+    """Compact small fragments (many ingests leave many) and merge the indexes each write added to."""
     result = open_store(ctx).optimize(prune_versions=prune_versions)
     if json_out:
         print_json(result)
