@@ -346,7 +346,7 @@ class Store(ResultTables, PluginTables, PieceTables):
             if not current:
                 with self.transaction():
                     table.create_index("user_id", config=BTree())
-            elif table.index_stats(current[0].name).num_unindexed_rows:
+            elif current[0].num_unindexed_rows:
                 with self.transaction():
                     _index_new_rows(table, current[0].name)
             made.append(f"{name}.user_id btree")
@@ -611,9 +611,8 @@ class Store(ResultTables, PluginTables, PieceTables):
     def _optimize_table(self, name: str, prune_versions: bool, kept: list[str]) -> None:
         table = self._db.open_table(name)
         for index in table.list_indices():  # the deltas of earlier writes become one index again
-            deltas = table.index_stats(index.name).num_indices
-            if deltas > 1:
-                _lance_dataset(table).optimize.optimize_indices(index_names=[index.name], num_indices_to_merge=deltas)
+            if index.num_segments > 1:
+                _lance_dataset(table).optimize.optimize_indices(index_names=[index.name], num_indices_to_merge=index.num_segments)
         if prune_versions and table.tags.list():  # tagged versions (pool-N) must stay readable
             kept.append(name)
             table.optimize()
