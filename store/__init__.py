@@ -11,7 +11,7 @@ bound_malloc_arenas()  # before LanceDB is imported and starts its threads
 from store.errors import StoreError  # noqa: E402
 from store.sql import id_sort_key
 from store.db import Store, default_store_path, FORMAT_VERSION
-from store.records import AssemblyRecord, Behavior, HistoryPair, Piece, Plugin, PoolVersion, Prediction, Profile, Query, Run, SearchHit, UserRow
+from store.records import AssemblyRecord, Behavior, BehaviorBatch, HistoryPair, Piece, Plugin, PoolVersion, Prediction, Profile, Query, Run, SearchHit, UserRow
 
 __all__ = [
     "Store",
@@ -20,6 +20,7 @@ __all__ = [
     "default_store_path",
     "id_sort_key",
     "Behavior",
+    "BehaviorBatch",
     "Query",
     "UserRow",
     "SearchHit",

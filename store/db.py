@@ -21,7 +21,7 @@ import platformdirs
 
 from store import schemas
 from store.errors import StoreError
-from store.records import Behavior, Query, SearchHit, UserRow
+from store.records import Behavior, BehaviorBatch, Query, SearchHit, UserRow
 from store.pieces import PieceTables
 from store.plugins import PluginTables
 from store.results import ResultTables
@@ -305,13 +305,14 @@ class Store(ResultTables, PluginTables, PieceTables):
 
     def ingest(
         self,
-        behavior_batches: Iterable[list[Behavior]],
+        behavior_batches: Iterable[list[Behavior] | BehaviorBatch],
         queries: list[Query],
         user_metadata: dict[str, dict[str, Any]],
         encoder_id: str,
         dim: int,
     ) -> dict[str, int]:
-        """Upsert history items (streamed), queries and users in one rollback-safe unit.
+        """Upsert history items (streamed: lists of records, or columns for bulk writers), queries
+        and users in one rollback-safe unit.
 
         Items are keyed by (user, task, item id) and queries by (task, query id), so re-ingesting
         the same ids updates rows instead of duplicating them.
@@ -353,7 +354,7 @@ class Store(ResultTables, PluginTables, PieceTables):
         return made
 
     def _upsert_behaviors(
-        self, batches: Iterable[list[Behavior]], encoder_id: str, dim: int, fresh_users: set[str] | None = None
+        self, batches: Iterable[list[Behavior] | BehaviorBatch], encoder_id: str, dim: int, fresh_users: set[str] | None = None
     ) -> tuple[int, pa.Table | None]:
         """Upsert items; returns how many, and when they were appended, their (user_id, timestamp)
         columns. `fresh_users`, users none of whom has a stored item yet (a first ingest, new
@@ -366,16 +367,17 @@ class Store(ResultTables, PluginTables, PieceTables):
         count = 0
         failure: list[BaseException] = []
         written: list[pa.RecordBatch] = []
+        allowed = pa.array(sorted(fresh_users), pa.string()) if append else None
 
         def arrow_batches() -> Iterator[pa.RecordBatch]:
             nonlocal count
             try:
                 for chunk in batches:
-                    if chunk:
-                        if append and any(b.user_id not in fresh_users for b in chunk):
+                    if len(chunk):
+                        batch = _behaviors_to_arrow(chunk, schema, encoder_id, dim)
+                        if append and not pc.all(pc.is_in(batch.column("user_id"), value_set=allowed)).as_py():
                             raise ValueError("Store.ingest: an item's user is not among the users given in user_metadata")
                         count += len(chunk)
-                        batch = _behaviors_to_arrow(chunk, schema, encoder_id, dim)
                         if append:
                             written.append(batch.select(["user_id", "timestamp"]))
                         yield batch
@@ -694,20 +696,27 @@ def _first_line(exc: BaseException) -> str:
     return text.split(", /")[0].removeprefix("lance error: ")  # drop the library's source location
 
 
-def _behaviors_to_arrow(chunk: list[Behavior], schema: pa.Schema, encoder_id: str, dim: int) -> pa.RecordBatch:
-    vectors = np.stack([np.asarray(b.vector, dtype=np.float32) for b in chunk])
-    if vectors.shape != (len(chunk), dim):
+def _behaviors_to_arrow(chunk: list[Behavior] | BehaviorBatch, schema: pa.Schema, encoder_id: str, dim: int) -> pa.RecordBatch:
+    if not isinstance(chunk, BehaviorBatch):
+        chunk = BehaviorBatch.of(chunk, np.stack([np.asarray(b.vector, dtype=np.float32) for b in chunk]))
+    n = len(chunk)
+    vectors = np.ascontiguousarray(chunk.vectors, dtype=np.float32)
+    if vectors.shape != (n, dim):
         raise StoreError(f"vectors have shape {vectors.shape[1:]} but the store expects ({dim},)")
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    for name in ("user_ids", "tasks", "texts", "fields", "timestamps"):
+        column = getattr(chunk, name)
+        if column is not None and len(column) != n:
+            raise StoreError(f"a batch of {n} items has {len(column)} {name}")
+    fields = ["{}"] * n if chunk.fields is None else [json.dumps(f, ensure_ascii=False) if f else "{}" for f in chunk.fields]
     columns = [
-        pa.array([b.item_id for b in chunk], pa.string()),
-        pa.array([b.user_id for b in chunk], pa.string()),
-        pa.array([b.task for b in chunk], pa.string()),
-        pa.array([b.text for b in chunk], pa.string()),
-        pa.array([json.dumps(b.fields, ensure_ascii=False) if b.fields else "{}" for b in chunk], pa.string()),
-        pa.array([b.timestamp for b in chunk], schemas.TS),
-        pa.FixedSizeListArray.from_arrays(flat, dim),
-        pa.array([encoder_id] * len(chunk), pa.string()),
+        pa.array(chunk.item_ids, pa.string()),
+        pa.array(chunk.user_ids, pa.string()),
+        pa.array(chunk.tasks, pa.string()),
+        pa.array(chunk.texts, pa.string()),
+        pa.array(fields, pa.string()),
+        pa.nulls(n, schemas.TS) if chunk.timestamps is None else pa.array(chunk.timestamps, schemas.TS),
+        pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim),
+        pa.array([encoder_id] * n, pa.string()),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 

@@ -124,7 +124,8 @@ class PieceTables:
         sizes = pc.binary_length(rows.column("tensors")).to_pylist()
         selected = rows.select(columns if with_tensors else _PIECE_LISTED).to_pylist()
         pieces = [_piece(row, size) for row, size in zip(selected, sizes)]
-        return sorted(pieces, key=lambda p: (p.task, id_sort_key(p.sharer_id), id_sort_key(p.module)))
+        keys = {name: id_sort_key(name) for name in {p.sharer_id for p in pieces} | {p.module for p in pieces}}
+        return sorted(pieces, key=lambda p: (p.task, keys[p.sharer_id], keys[p.module]))
 
     # ---------- assemblies ----------
 

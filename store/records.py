@@ -24,6 +24,32 @@ class Behavior:
 
 
 @dataclass
+class BehaviorBatch:
+    """Many history items as columns, for bulk writers (ingest, benchmarks): one record per item
+    costs more Python time than LanceDB takes to write the item. `vectors` is (n, dim); `fields`
+    and `timestamps`, when given, hold one entry per item."""
+
+    item_ids: list[str]
+    user_ids: list[str]
+    tasks: list[str]
+    texts: list[str]
+    vectors: np.ndarray
+    fields: list[dict[str, Any]] | None = None
+    timestamps: list[datetime | None] | None = None
+
+    @classmethod
+    def of(cls, items: list[Behavior], vectors: np.ndarray) -> "BehaviorBatch":
+        """These items (their own vectors ignored) with one row of `vectors` each."""
+        return cls(
+            [b.item_id for b in items], [b.user_id for b in items], [b.task for b in items], [b.text for b in items],
+            vectors, [b.fields for b in items], [b.timestamp for b in items],
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+@dataclass
 class Query:
     """One question a user asked (LaMP: one question), with its gold output when known."""
 

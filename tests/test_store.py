@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from store import Behavior, Query, Store, StoreError
+from store import Behavior, BehaviorBatch, Query, Store, StoreError
 from store import id_sort_key
 from store.db import FORMAT_VERSION
 
@@ -95,6 +95,25 @@ def test_failure_midway_rolls_every_table_back(tmp_path):
     with pytest.raises(RuntimeError, match="encoder crashed"):
         store.ingest(broken(), [Query("q9", "carol", "LaMP-7", "y")], {"carol": {}}, "enc", 8)
     assert _snapshot(store) == before
+
+
+def test_items_written_as_columns_read_back_like_records_and_a_ragged_batch_changes_nothing(tmp_path):
+    records, columns = Store(tmp_path / "records"), Store(tmp_path / "columns")
+    _fill(records)
+    alice, bob = _items("alice", 3), _items("bob", 2)
+    queries = [Query("q1", "alice", "LaMP-7", "rewrite this", "gold", "dev"), Query("q2", "bob", "LaMP-7", "x", None, "test")]
+    batch = BehaviorBatch.of(alice + bob, np.stack([b.vector for b in alice + bob]))
+    columns.ingest([batch], queries, {"alice": {"style": "caps"}, "bob": {}}, "enc", 8)
+    assert _snapshot(columns) == _snapshot(records)
+    for user in ("alice", "bob"):
+        a, b = records.user_history(user, with_vectors=True), columns.user_history(user, with_vectors=True)
+        assert [(x.item_id, x.fields, x.timestamp) for x in a] == [(x.item_id, x.fields, x.timestamp) for x in b]
+        np.testing.assert_array_equal(np.stack([x.vector for x in a]), np.stack([x.vector for x in b]))
+    before = _snapshot(columns)
+    ragged = BehaviorBatch(["i9", "i10"], ["carol", "carol"], ["LaMP-7"], ["a", "b"], np.zeros((2, 8), np.float32))
+    with pytest.raises(StoreError, match="a batch of 2 items has 1 tasks"):
+        columns.ingest([ragged], [], {"carol": {}}, "enc", 8)
+    assert _snapshot(columns) == before
 
 
 def test_failure_on_a_new_store_leaves_no_tables(tmp_path):

@@ -9,10 +9,12 @@ peft-retrieval: three rank-8 pieces mixed, rank 24), `soft` (PPlug: one soft tok
 `steer` (style-vector: a vector added at the middle layer). The per-user parts are random and small
 (the answers stay the base model's, so every kind generates about the same tokens). Also counts
 how many answers are identical to batch 1's. Goal: batch 16 at least 4x the examples/s of batch 1
-for every kind.
+for every kind. Every (kind, batch size) runs --repeats times, interleaved (the order of kinds
+rotates and the batch sizes reverse on each repeat) and its median time is reported: this
+machine's speed drifts by 10-20% within minutes, more than the per-row edits cost.
 
     .venv/bin/python benchmarks/generation/run.py [--questions ../shared/data/lamp7/questions.json]
-        [--n 64] [--batch-sizes 1 4 16] [--kinds bare lora-r8 lora-r24 soft steer] [--out benchmarks/generation/results.json]
+        [--n 64] [--batch-sizes 1 4 16] [--repeats 3] [--kinds bare lora-r8 lora-r24 soft steer] [--out benchmarks/generation/results.json]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="queries (the first N of the file)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every (kind, batch size); medians are reported")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
@@ -51,9 +54,17 @@ def main() -> None:
     prompts = [q["input"] for q in json.loads(args.questions.read_text())[: args.n]]
     llm = load_llm(None, device=args.device)
     generate(llm, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up
+    per_rows = {kind: KINDS[kind](llm, len(prompts)) for kind in args.kinds}
+    runs: dict[tuple[str, int], list[tuple[float, list[str]]]] = {}
+    for repeat in range(args.repeats):
+        order = args.kinds[repeat % len(args.kinds):] + args.kinds[: repeat % len(args.kinds)]
+        for kind in order:
+            for batch_size in args.batch_sizes[:: -1 if repeat % 2 else 1]:
+                runs.setdefault((kind, batch_size), []).append(timed(llm, prompts, task.max_new_tokens, batch_size, per_rows[kind]))
+                print(f"repeat {repeat + 1} {kind} batch {batch_size}: {runs[kind, batch_size][-1][0]:.1f} s", file=sys.stderr, flush=True)
     kinds = {}
     for kind in args.kinds:
-        rows = measure(llm, prompts, task.max_new_tokens, args.batch_sizes, KINDS[kind](llm, len(prompts)), kind)
+        rows = summarize(llm, len(prompts), {b: runs[kind, b] for b in args.batch_sizes})
         kinds[kind] = {"rows": rows, "speedup": rows[-1]["speedup"], "goal_met": rows[-1]["speedup"] >= 4.0}
     result = {
         "benchmark": "generation",
@@ -61,6 +72,7 @@ def main() -> None:
         "model": llm.id,
         "device": str(llm.device),
         "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
         "machine": platform.processor() or platform.machine(),
         "max_new_tokens": task.max_new_tokens,
         "kinds": kinds,
@@ -77,28 +89,37 @@ def main() -> None:
     print(f"written to {args.out}")
 
 
-def measure(llm, prompts: list[str], max_new_tokens: int, batch_sizes: list[int], per_row, kind: str) -> list[dict]:
-    """examples/s of one kind at each batch size, and how many answers equal the first size's."""
+def timed(llm, prompts: list[str], max_new_tokens: int, batch_size: int, per_row) -> tuple[float, list[str]]:
+    """Seconds to answer every prompt at this batch size, and the answers."""
     from recipes.kit.generation import generate
 
-    rows, reference = [], None
-    for batch_size in batch_sizes:
-        started = time.perf_counter()
-        answers = generate(llm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, per_row=per_row)
-        seconds = time.perf_counter() - started
-        reference = reference or answers
+    started = time.perf_counter()
+    answers = generate(llm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, per_row=per_row)
+    return time.perf_counter() - started, answers
+
+
+def summarize(llm, n: int, runs: dict[int, list[tuple[float, list[str]]]]) -> list[dict]:
+    """Per batch size: the median seconds over the repeats, examples/s, speedup over the first
+    size, and how many answers equal the first size's (every repeat's)."""
+    import statistics
+
+    reference = next(iter(runs.values()))[0][1]
+    rows = []
+    for batch_size, measured in runs.items():
+        seconds = statistics.median(t for t, _ in measured)
+        answers = measured[0][1]
         tokens = sum(len(llm.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
         rows.append(
             {
                 "batch_size": batch_size,
-                "examples": len(prompts),
+                "examples": n,
                 "seconds": round(seconds, 2),
-                "examples_per_s": round(len(prompts) / seconds, 3),
+                "seconds_each_repeat": [round(t, 2) for t, _ in measured],
+                "examples_per_s": round(n / seconds, 3),
                 "new_tokens_per_s": round(tokens / seconds, 1),
-                "same_answers_as_first": sum(a == b for a, b in zip(answers, reference)),
+                "same_answers_as_first": min(sum(a == b for a, b in zip(got, reference)) for _, got in measured),
             }
         )
-        print(f"{kind} batch {batch_size}: {rows[-1]['examples_per_s']} examples/s", file=sys.stderr, flush=True)
     base = rows[0]["examples_per_s"]
     for row in rows:
         row["speedup"] = round(row["examples_per_s"] / base, 2)

@@ -18,9 +18,12 @@ model with every module's top-3 pieces chosen by gate, the record written; the r
 same table version with LanceDB, stacks it and assembles with the same code, then writes the same
 record with merge_insert. Each
 figure is reported for both sides with the persona/raw ratio (throughput: persona/raw; times:
-raw/persona, so 1.0 is parity and higher is better for persona either way).
+raw/persona, so 1.0 is parity and higher is better for persona either way). The whole
+measurement runs --rounds times, the sides alternating (and which goes first), from fresh
+stores each time; each figure is the median over the rounds, each peak memory the largest: this
+machine's speed drifts between processes by 10-20%, more than some differences measured.
 
-    .venv/bin/python benchmarks/scale/run.py [--users 100000] [--items 10] [--sharers 1000] [--out FILE]
+    .venv/bin/python benchmarks/scale/run.py [--users 100000] [--items 10] [--sharers 1000] [--rounds 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -82,18 +85,18 @@ def peak_mib() -> float:
 
 
 def persona_write(path: Path, args: argparse.Namespace) -> dict:
-    from store import Behavior, Store
+    from store import BehaviorBatch, Store
 
     store = Store(str(path))
     seconds = 0.0
     for first in range(0, args.users, args.chunk):
         count = min(args.chunk, args.users - first)
         generated = Generated(first, count, args.items, args.seed)
-        started = time.perf_counter()  # generating the data is not timed; making persona's records is
+        started = time.perf_counter()  # generating the data is not timed; making persona's batches is
 
         def batches():
             for user_ids, item_ids, vectors in generated:
-                yield [Behavior(item_id=i, user_id=u, task=TASK, text="", vector=v) for i, u, v in zip(item_ids, user_ids, vectors)]
+                yield BehaviorBatch(item_ids, user_ids, [TASK] * len(item_ids), [""] * len(item_ids), vectors)
 
         store.ingest(batches(), [], {str(u): {} for u in range(first, first + count)}, ENCODER, DIM)
         seconds += time.perf_counter() - started - generated.seconds
@@ -371,6 +374,51 @@ def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def measure_side(side: str, args: argparse.Namespace) -> dict:
+    """One side's figures from fresh stores: write, read, then (with --sharers) a pool and one assembly."""
+    path = args.work / side
+    wrote = run_side(side, "write", path, args)
+    size = disk_bytes(path)
+    read = run_side(side, "read", path, args)
+    items = args.users * args.items
+    figures = {
+        "write_s": round(wrote["write_s"], 2), "items_per_s": round(items / wrote["write_s"]), "write_peak_mib": round(wrote["peak_mib"]),
+        "store_mib": round(size / 2**20, 1), "index_s": round(read["index_s"], 2), "indexes": read["indexes"],
+        "search_p50_ms": round(read["search_p50_ms"], 2), "search_p99_ms": round(read["search_p99_ms"], 2),
+        "hits_per_search": read["hits_per_search"], "list_first_page_s": round(read["list_first_page_s"], 4),
+        "list_middle_page_s": round(read["list_middle_page_s"], 4), "read_peak_mib": round(read["peak_mib"]),
+        **{k: round(v, 4) for k, v in read.items() if k.endswith("storage_order_s")},
+    }  # fmt: skip
+    shutil.rmtree(path, ignore_errors=True)
+    if args.sharers:
+        pool_path = args.work / f"{side}-pool"
+        wrote = run_side(side, "pool", pool_path, args)
+        assembled = run_side(side, "assemble", pool_path, args)
+        figures["pool"] = {
+            "sharers": args.sharers, "pieces": wrote["pieces"], "piece_mib": round(wrote["piece_bytes"] / 2**20, 1),
+            "write_s": round(wrote["write_s"], 2), "store_mib": round(disk_bytes(pool_path) / 2**20, 1),
+            **{k: round(v, 3) for k, v in assembled.items() if k.endswith("_s")}, "assemble_peak_mib": round(assembled["peak_mib"]),
+            "choices": assembled["choices"],
+        }  # fmt: skip
+        shutil.rmtree(pool_path, ignore_errors=True)
+    return figures
+
+
+def median_side(rounds: list[dict]) -> dict:
+    """A side's figures over its rounds: the median of each figure, the largest of each peak
+    memory; every round's figures are kept beside them as measured."""
+
+    def merge(key: str, values: list):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: merge(k, [v[k] for v in values]) for k in first}
+        if isinstance(first, bool) or not isinstance(first, (int, float)):
+            return first
+        return max(values) if key.endswith("peak_mib") else round(float(np.median(values)), 4)
+
+    return {**merge("", rounds), "rounds": rounds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=100_000)
@@ -379,6 +427,7 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=1000)
     parser.add_argument("--sharers", type=int, default=1000, help="sharers in the piece pool one target is assembled from (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="times each side is measured, alternating; medians are reported")
     parser.add_argument("--work", type=Path, default=Path("/tmp/persona-scale"), help="where the two stores are written (removed after)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/scale/results-USERS.json")
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -393,34 +442,12 @@ def main() -> None:
 
     started = time.perf_counter()
     shutil.rmtree(args.work, ignore_errors=True)
-    sides: dict[str, dict] = {}
-    for side in SIDES:
-        path = args.work / side
-        wrote = run_side(side, "write", path, args)
-        size = disk_bytes(path)
-        read = run_side(side, "read", path, args)
-        items = args.users * args.items
-        sides[side] = {
-            "write_s": round(wrote["write_s"], 2), "items_per_s": round(items / wrote["write_s"]), "write_peak_mib": round(wrote["peak_mib"]),
-            "store_mib": round(size / 2**20, 1), "index_s": round(read["index_s"], 2), "indexes": read["indexes"],
-            "search_p50_ms": round(read["search_p50_ms"], 2), "search_p99_ms": round(read["search_p99_ms"], 2),
-            "hits_per_search": read["hits_per_search"], "list_first_page_s": round(read["list_first_page_s"], 4),
-            "list_middle_page_s": round(read["list_middle_page_s"], 4), "read_peak_mib": round(read["peak_mib"]),
-            **{k: round(v, 4) for k, v in read.items() if k.endswith("storage_order_s")},
-        }  # fmt: skip
-        shutil.rmtree(path, ignore_errors=True)
-        if args.sharers:
-            pool_path = args.work / f"{side}-pool"
-            wrote = run_side(side, "pool", pool_path, args)
-            assembled = run_side(side, "assemble", pool_path, args)
-            sides[side]["pool"] = {
-                "sharers": args.sharers, "pieces": wrote["pieces"], "piece_mib": round(wrote["piece_bytes"] / 2**20, 1),
-                "write_s": round(wrote["write_s"], 2), "store_mib": round(disk_bytes(pool_path) / 2**20, 1),
-                **{k: round(v, 3) for k, v in assembled.items() if k.endswith("_s")}, "assemble_peak_mib": round(assembled["peak_mib"]),
-                "choices": assembled["choices"],
-            }  # fmt: skip
-            shutil.rmtree(pool_path, ignore_errors=True)
-        print(side, json.dumps(sides[side]), flush=True)
+    measured: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for round_ in range(args.rounds):  # the sides alternate, who goes first too: this machine drifts between processes
+        for side in list(SIDES)[:: 1 if round_ % 2 == 0 else -1]:
+            measured[side].append(measure_side(side, args))
+            print(side, f"round {round_ + 1}", json.dumps(measured[side][-1]), flush=True)
+    sides = {side: median_side(rounds) for side, rounds in measured.items()}
     p, r = sides["persona"], sides["raw"]
     ratios = {  # persona relative to raw: 1.0 is parity, above is better for persona
         "write throughput": p["items_per_s"] / r["items_per_s"],

@@ -11,12 +11,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
+
 from recipes.kit.backbones import Encoder
 from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.inputs import UserInput, read_lamp_outputs, read_lamp_questions, read_users_jsonl
 from recipes.kit.progress import Progress, report
 from recipes.kit.tasks import Task
-from store import Behavior, Query, Store
+from store import Behavior, BehaviorBatch, Query, Store
 
 EMBED_CHUNK = 4096
 """Texts handed to the encoder at once: large enough for its length sorting to pay off."""
@@ -69,16 +71,14 @@ def ingest(
     else:  # each Ray worker loads its own encoder
         make_embedder = lambda: _embedder(load(), batch_size)  # noqa: E731
 
-    def embedded_batches() -> Iterator[list[Behavior]]:
+    def embedded_batches() -> Iterator[BehaviorBatch]:
         done = 0
         tick("embedding", 0, n_items)
         chunks, texts = _tee_texts(_chunks(_unique_items(source(), repeated, encoder.id), EMBED_CHUNK))
         for vectors, chunk in zip(fan_out(engine, make_embedder, texts, window=RAY_WINDOW), chunks):
-            for behavior, vector in zip(chunk, vectors):
-                behavior.vector = vector
             done += len(chunk)
             tick("embedding", done, n_items)
-            yield chunk
+            yield BehaviorBatch.of(chunk, np.asarray(vectors))
 
     counts = store.ingest(embedded_batches(), queries, metadata, encoder.id, encoder.dim)
     seconds = time.perf_counter() - started
