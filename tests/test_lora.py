@@ -16,7 +16,7 @@ from recipes.kit.lora import LoraWeights, combine, export_peft, find_target_modu
 from recipes.kit.backbones import prepare_llm
 from recipes.kit.decoding import GREEDY, Decoding
 from recipes.kit.generation import generate, label_logprobs, prompt_token_ids
-from recipes.kit.training_loop import Example, LoraSettings, batch_order, train_lora
+from recipes.kit.training_loop import Example, LoraSettings, autocast_for, autocast_weights, batch_order, train_lora
 from recipes.kit.row_edits import PerRow
 from recipes.kit.row_lora import RowLora
 
@@ -102,6 +102,19 @@ def test_dev_loss_picks_the_best_step(tiny_llama):
     assert [p["step"] for p in dev_points] == [2, 4, 6]
     best = min(dev_points, key=lambda p: p["dev_loss"])
     assert trained.best_step == best["step"] and trained.best_dev_loss == best["dev_loss"]
+
+
+def test_weights_cast_once_for_autocast_answer_exactly_as_autocast_and_come_back(tiny_llama):
+    batch = tiny_llama.tokenizer(["a short prompt", "another prompt, a little longer"], return_tensors="pt", padding=True)
+    q_proj = tiny_llama.model.model.layers[0].self_attn.q_proj
+    with torch.inference_mode():
+        with autocast_for(tiny_llama, "bfloat16"):
+            expected = tiny_llama.model(**batch).logits
+        with autocast_weights(tiny_llama, "bfloat16"):
+            assert q_proj.weight.dtype == torch.bfloat16
+            got = tiny_llama.model(**batch).logits
+    assert expected.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert {p.dtype for p in tiny_llama.model.parameters()} == {torch.float32}
 
 
 def test_batches_cover_every_example_before_repeating():

@@ -1,8 +1,8 @@
 """Benchmark: Per-Pcs assembly against OPPU training, per target user, in one run on the same users.
 
 For the same N test users of a store that already holds a task base and a piece pool (see the
-README section): OPPU trains one LoRA per user from scratch (timed per user, its adapter bytes
-counted) and Per-Pcs assembles each user's adapter from the pool (timed per user, its stored
+README section): OPPU trains one LoRA per user from scratch on the examples the pool's assembly
+reads (its pairs recipe; timed per user, its adapter bytes counted) and Per-Pcs assembles each user's adapter from the pool (timed per user, its stored
 bytes counted); then both are evaluated on those users' queries with the same batched path.
 Goals (issue 5): assembly at least 20x faster, storage at least 1000x smaller, quality at
 least 99% of OPPU's (ROUGE-1 for generation tasks).
@@ -56,9 +56,10 @@ def main() -> None:
     group = "bench-oppu-" + task.name
     print(f"{len(users)} {task.name} test users; pool {pool.label} (version {pool.version}, {len(pool.sharers)} sharers) on base {pool.base}")
 
-    # OPPU: the paper's settings and the CLI's defaults, trained again so the time is measured now
+    # OPPU: the paper's settings and the CLI's defaults, trained again so the time is measured now, on
+    # the examples assembly reads (the pool's pairs: plain history items, or task-format pairs of them)
     oppu = train_oppu(store, load_llm(None, args.device), task, users, LoraSettings(learning_rate=1e-3, batch_size=4, epochs=2.0),
-                      group, pool.base, retrain=True)  # fmt: skip
+                      group, pool.base, retrain=True, pairs=pool.pairs)  # fmt: skip
     assembly = assemble_users(
         store, load_llm(None, args.device), task, users, args.top_k, str(pool.version), max_items=args.max_items
     )  # fmt: skip
@@ -81,7 +82,7 @@ def main() -> None:
     ratio = runs["perpcs"][metric] / runs["oppu"][metric] if task.higher_is_better(metric) else runs["oppu"][metric] / runs["perpcs"][metric]
     results = {
         "task": task.name, "store": str(args.store), "users": len(users), "pool": pool.label, "pool_version": pool.version,
-        "sharers": len(pool.sharers), "top_k": args.top_k, "max_items": args.max_items, "base": pool.base,
+        "sharers": len(pool.sharers), "pairs": pool.pairs, "top_k": args.top_k, "max_items": args.max_items, "base": pool.base,
         "per_user": {
             "oppu_train_seconds": round(oppu_s, 3), "assembly_seconds": round(assembly_s, 3),
             "speedup": round(oppu_s / assembly_s, 1), "oppu_adapter_bytes": round(oppu_bytes),

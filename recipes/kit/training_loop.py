@@ -523,6 +523,29 @@ def autocast_for(llm: LLM, precision: str):
 
 
 @contextlib.contextmanager
+def autocast_weights(llm: LLM, precision: str) -> Iterator[None]:
+    """Inference under autocast_for with the frozen linear layers' weights held in the autocast
+    dtype meanwhile: autocast casts a frozen weight again on every call (it caches only weights
+    that take gradients), the same cast every time, so casting once gives identical results
+    faster. Weights shared with the embeddings (a tied output head) are left alone; the
+    float32 weights come back on exit."""
+    dtype = autocast_dtype(llm, precision)
+    kept: dict[torch.nn.Linear, torch.Tensor] = {}
+    embeddings = {id(m.weight) for m in llm.model.modules() if isinstance(m, torch.nn.Embedding)}
+    if dtype is not None:
+        for module in llm.model.modules():
+            if type(module) is torch.nn.Linear and not module.weight.requires_grad and id(module.weight) not in embeddings:
+                kept[module] = module.weight.data
+                module.weight.data = module.weight.data.to(dtype)
+    try:
+        with autocast_for(llm, precision):
+            yield
+    finally:
+        for module, weight in kept.items():
+            module.weight.data = weight
+
+
+@contextlib.contextmanager
 def training_autocast(llm: LLM, precision: str) -> Iterator[None]:
     """autocast_for a training step's forward pass, with attention's plain (math) kernel where
     that is bfloat16 on CPU: torch's CPU flash-attention backward is slow there on short rows

@@ -10,6 +10,7 @@ Weights are averaged over batches; the k heaviest per module, renormalized, are 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.hooks import forward_hooks
 from recipes.kit.lora import mix_pieces
 from recipes.kit.plugins import apply_chain, base_chain
-from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, autocast_for, make_batch
+from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, autocast_weights, make_batch
 from recipes.methods.perpcs.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
 from recipes.kit.progress import Progress
 from recipes.kit.tasks import Task
@@ -109,7 +110,7 @@ def assemble_user(
     assembler = _Assembler(pool, top_k, llm.device)
     llm.model.eval()
     ordered = sorted(examples, key=lambda e: len(e.prompt or "") + len(e.target))
-    with assembler.hooked(llm.model), autocast_for(llm, precision):
+    with assembler.hooked(llm.model), autocast_weights(llm, precision):
         for start in range(0, len(ordered), batch_size):
             batch = _distinct_lengths(llm, make_batch(llm, ordered[start : start + batch_size], max_length))
             assembler.masks = _scored_positions(llm, batch)
@@ -183,12 +184,13 @@ def assemble_users(
     records = []
     config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items}
     assembled = fan_out(engine, make_assembler, work.values(), len(work), progress, "assembling adapters")
-    for (choices, seconds), user in zip(assembled, work):
-        choice = encode_choices(pool, choices, top_k)
-        records.append(
-            AssemblyRecord(task.name, user, pool.version, top_k, pool.llm, choice, pool.base, {**config, "items": len(work[user])}, seconds)
-        )
-        result.assembled[user], result.seconds[user], result.stored_bytes[user] = choices, seconds, len(choice)
+    with autocast_weights(here, precision) if engine.is_local else contextlib.nullcontext():  # weights cast once, not per user
+        for (choices, seconds), user in zip(assembled, work):
+            choice = encode_choices(pool, choices, top_k)
+            records.append(
+                AssemblyRecord(task.name, user, pool.version, top_k, pool.llm, choice, pool.base, {**config, "items": len(work[user])}, seconds)
+            )
+            result.assembled[user], result.seconds[user], result.stored_bytes[user] = choices, seconds, len(choice)
     store.put_assemblies(records)
     return result
 
