@@ -19,12 +19,13 @@ model with every module's top-3 pieces chosen by gate, the record written; the r
 same table version with LanceDB, stacks it and assembles with the same code, then writes the same
 record with merge_insert. Each
 figure is reported for both sides with the persona/raw ratio (throughput: persona/raw; times:
-raw/persona, so 1.0 is parity and higher is better for persona either way). The whole
-measurement runs --rounds times, the sides alternating (and which goes first), from fresh
-stores each time; each figure is the median over the rounds, each peak memory the largest: this
-machine's speed drifts between processes by 10-20%, more than some differences measured.
+raw/persona, so 1.0 is parity and higher is better for persona either way). The store
+measurement runs --rounds times and the pool's --pool-rounds times, the sides alternating (and
+which goes first), from fresh stores each time; each figure is the median over the rounds, each
+peak memory the largest: this machine's speed drifts between processes by 10-20% (a pool read of
+the same data in fresh processes: 2.7-3.3 s on either side), more than some differences measured.
 
-    .venv/bin/python benchmarks/scale/run.py [--users 100000] [--items 10] [--sharers 1000] [--rounds 3] [--out FILE]
+    .venv/bin/python benchmarks/scale/run.py [--users 100000] [--items 10] [--sharers 1000] [--rounds 3] [--pool-rounds 7] [--out FILE]
 """
 
 from __future__ import annotations
@@ -377,8 +378,8 @@ def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def measure_side(side: str, args: argparse.Namespace) -> dict:
-    """One side's figures from fresh stores: write, read, then (with --sharers) a pool and one assembly."""
+def measure_store(side: str, args: argparse.Namespace) -> dict:
+    """One side's store figures from a fresh store: write, then read."""
     path = args.work / side
     wrote = run_side(side, "write", path, args)
     size = disk_bytes(path)
@@ -393,18 +394,33 @@ def measure_side(side: str, args: argparse.Namespace) -> dict:
         **{k: round(v, 4) for k, v in read.items() if k.endswith("storage_order_s")},
     }  # fmt: skip
     shutil.rmtree(path, ignore_errors=True)
-    if args.sharers:
-        pool_path = args.work / f"{side}-pool"
-        wrote = run_side(side, "pool", pool_path, args)
-        assembled = run_side(side, "assemble", pool_path, args)
-        figures["pool"] = {
-            "sharers": args.sharers, "pieces": wrote["pieces"], "piece_mib": round(wrote["piece_bytes"] / 2**20, 1),
-            "write_s": round(wrote["write_s"], 2), "store_mib": round(disk_bytes(pool_path) / 2**20, 1),
-            **{k: round(v, 3) for k, v in assembled.items() if k.endswith("_s")}, "assemble_peak_mib": round(assembled["peak_mib"]),
-            "choices": assembled["choices"],
-        }  # fmt: skip
-        shutil.rmtree(pool_path, ignore_errors=True)
     return figures
+
+
+def measure_pool(side: str, args: argparse.Namespace) -> dict:
+    """One side's pool figures from a fresh pool: its write, then one target's assembly."""
+    pool_path = args.work / f"{side}-pool"
+    wrote = run_side(side, "pool", pool_path, args)
+    assembled = run_side(side, "assemble", pool_path, args)
+    figures = {
+        "sharers": args.sharers, "pieces": wrote["pieces"], "piece_mib": round(wrote["piece_bytes"] / 2**20, 1),
+        "write_s": round(wrote["write_s"], 2), "store_mib": round(disk_bytes(pool_path) / 2**20, 1),
+        **{k: round(v, 3) for k, v in assembled.items() if k.endswith("_s")}, "assemble_peak_mib": round(assembled["peak_mib"]),
+        "choices": assembled["choices"],
+    }  # fmt: skip
+    shutil.rmtree(pool_path, ignore_errors=True)
+    return figures
+
+
+def alternating(measure, rounds: int, args: argparse.Namespace, label: str) -> dict[str, dict]:
+    """Each side measured `rounds` times, the sides alternating (and which goes first: this
+    machine drifts between processes), summarized by median_side."""
+    measured: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for round_ in range(rounds):
+        for side in list(SIDES)[:: 1 if round_ % 2 == 0 else -1]:
+            measured[side].append(measure(side, args))
+            print(side, label, f"round {round_ + 1}", json.dumps(measured[side][-1]), flush=True)
+    return {side: median_side(found) for side, found in measured.items()}
 
 
 def median_side(rounds: list[dict]) -> dict:
@@ -430,7 +446,8 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=1000)
     parser.add_argument("--sharers", type=int, default=1000, help="sharers in the piece pool one target is assembled from (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=3, help="times each side is measured, alternating; medians are reported")
+    parser.add_argument("--rounds", type=int, default=3, help="times each side's store is measured, alternating; medians are reported")
+    parser.add_argument("--pool-rounds", type=int, default=7, help="the same for the pool (a few seconds each, and noisier)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/persona-scale"), help="where the two stores are written (removed after)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/scale/results-USERS.json")
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -445,12 +462,11 @@ def main() -> None:
 
     started = time.perf_counter()
     shutil.rmtree(args.work, ignore_errors=True)
-    measured: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for round_ in range(args.rounds):  # the sides alternate, who goes first too: this machine drifts between processes
-        for side in list(SIDES)[:: 1 if round_ % 2 == 0 else -1]:
-            measured[side].append(measure_side(side, args))
-            print(side, f"round {round_ + 1}", json.dumps(measured[side][-1]), flush=True)
-    sides = {side: median_side(rounds) for side, rounds in measured.items()}
+    sides = alternating(measure_store, args.rounds, args, "store")
+    if args.sharers:
+        pools = alternating(measure_pool, args.pool_rounds, args, "pool")
+        for side, figures in pools.items():
+            sides[side]["pool"] = figures
     p, r = sides["persona"], sides["raw"]
     ratios = {  # persona relative to raw: 1.0 is parity, above is better for persona
         "write throughput": p["items_per_s"] / r["items_per_s"],
@@ -468,7 +484,7 @@ def main() -> None:
     results = {
         "users": args.users, "items": args.users * args.items, "dim": DIM, "chunk_users": args.chunk, "searches": args.searches,
         "sharers": args.sharers,
-        "sides": sides, "persona_over_raw": {k: round(v, 3) for k, v in ratios.items()},
+        "rounds": args.rounds, "pool_rounds": args.pool_rounds if args.sharers else 0, "sides": sides, "persona_over_raw": {k: round(v, 3) for k, v in ratios.items()},
         "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()}, "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     out = args.out or Path(__file__).with_name(f"results-{args.users}.json")
