@@ -3,7 +3,10 @@
 Forward hooks on the adapted modules add B_row·A_row·v_row for each row with two batched
 matrix products; the rows' A and B are stacked once when rows enter the batch and follow them
 as rows leave or join (generation keeps a batch running while its rows change). Ranks differ
-between adapters, so they are zero-padded to the widest one, which changes nothing.
+between adapters, so they are zero-padded to the widest one, which changes nothing. The stacks
+are kept transposed and contiguous: handed transposed views, the CPU's batched product copied
+both stacks on every call (at batch 16, 237-250 us per module instead of 71, about 30 ms of a
+decoding step over q/k/v/o of 30 layers).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from recipes.kit.lora import LoraWeights, check_fits, zero_pad
 from recipes.kit.row_edits import RowEdit, rows_of
 
 Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""Per module path: A of shape (rows, R, in) and B·scale of shape (rows, out, R)."""
+"""Per module path: Aᵀ of shape (rows, in, R) and (B·scale)ᵀ of shape (rows, R, out), contiguous."""
 
 
 class RowLora(RowEdit):
@@ -43,8 +46,8 @@ class RowLora(RowEdit):
             for a, b in parts:
                 if a is None:
                     a, b = torch.zeros(rank, shape[1]), torch.zeros(shape[0], rank)
-                a_rows.append(zero_pad(a, rank, 0))
-                b_rows.append(zero_pad(b, rank, 1))
+                a_rows.append(zero_pad(a, rank, 0).T)
+                b_rows.append(zero_pad(b, rank, 1).T)
             stacked[path] = (
                 torch.stack(a_rows).to(self.device, self.dtype),
                 torch.stack(b_rows).to(self.device, self.dtype),
@@ -71,10 +74,10 @@ class RowLora(RowEdit):
         joined = {}
         for path in first:
             (a1, b1), (a2, b2) = first[path], second[path]
-            rank = max(a1.shape[1], a2.shape[1])
+            rank = max(a1.shape[2], a2.shape[2])
             joined[path] = (
-                torch.cat([zero_pad(a1, rank, 1), zero_pad(a2, rank, 1)]),
-                torch.cat([zero_pad(b1, rank, 2), zero_pad(b2, rank, 2)]),
+                torch.cat([zero_pad(a1, rank, 2), zero_pad(a2, rank, 2)]),
+                torch.cat([zero_pad(b1, rank, 1), zero_pad(b2, rank, 1)]),
             )
         return joined
 
@@ -90,6 +93,6 @@ class RowLora(RowEdit):
                 return output
             x = inputs[0]
             a, b = (rows_of(x, t) for t in self.current[path])
-            return output + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+            return output + torch.bmm(torch.bmm(x, a), b)
 
         return add_rows
