@@ -700,6 +700,8 @@ def _behaviors_to_arrow(chunk: list[Behavior] | BehaviorBatch, schema: pa.Schema
     if not isinstance(chunk, BehaviorBatch):
         chunk = BehaviorBatch.of(chunk, np.stack([np.asarray(b.vector, dtype=np.float32) for b in chunk]))
     n = len(chunk)
+    if chunk.vectors is None:
+        raise StoreError(f"a batch of {n} items has no vectors")
     vectors = np.ascontiguousarray(chunk.vectors, dtype=np.float32)
     if vectors.shape != (n, dim):
         raise StoreError(f"vectors have shape {vectors.shape[1:]} but the store expects ({dim},)")

@@ -139,10 +139,9 @@ def persona_read(path: Path, args: argparse.Namespace) -> dict:
 def raw_write(path: Path, args: argparse.Namespace) -> dict:
     import lancedb
     import pyarrow as pa
+    from lancedb.index import BTree
 
     from store import schemas
-
-    from lancedb.index import BTree
 
     db = lancedb.connect(str(path))
     schema = schemas.behaviors(DIM)
