@@ -367,7 +367,7 @@ class Store(ResultTables, PluginTables, PieceTables):
         count = 0
         failure: list[BaseException] = []
         written: list[pa.RecordBatch] = []
-        allowed = pa.array(sorted(fresh_users), pa.string()) if append else None
+        allowed = pa.array(list(fresh_users), pa.string()) if append else None  # is_in needs no order
 
         def arrow_batches() -> Iterator[pa.RecordBatch]:
             nonlocal count

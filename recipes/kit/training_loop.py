@@ -531,8 +531,8 @@ def autocast_weights(llm: LLM, precision: str) -> Iterator[None]:
     float32 weights come back on exit."""
     dtype = autocast_dtype(llm, precision)
     kept: dict[torch.nn.Linear, torch.Tensor] = {}
-    embeddings = {id(m.weight) for m in llm.model.modules() if isinstance(m, torch.nn.Embedding)}
     if dtype is not None:
+        embeddings = {id(m.weight) for m in llm.model.modules() if isinstance(m, torch.nn.Embedding)}
         for module in llm.model.modules():
             if type(module) is torch.nn.Linear and not module.weight.requires_grad and id(module.weight) not in embeddings:
                 kept[module] = module.weight.data
