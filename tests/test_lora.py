@@ -150,6 +150,32 @@ def test_rows_with_different_adapters_in_one_batch_answer_as_their_merged_models
     assert together == alone
 
 
+@pytest.mark.parametrize("decoding", [GREEDY, Decoding(num_beams=3, no_repeat_ngram_size=2)], ids=["greedy", "beams"])
+def test_rows_mixing_shared_pieces_answer_as_their_mixed_adapters_merged(tiny_llama, decoding):
+    """Per-Pcs serving: every row a different weighting of one pool's pieces (read once per batch)."""
+    from recipes.kit.lora import mix_pieces
+    from recipes.kit.pool_rows import PoolRows
+
+    sharers = [_random_lora(tiny_llama, seed, rank=2, every=1 + seed % 2) for seed in range(1, 5)]
+    pieces = {}
+    for path in sharers[0].modules:
+        a = torch.stack([s.modules[path][0] if path in s.modules else torch.zeros_like(sharers[0].modules[path][0]) for s in sharers])
+        b = torch.stack([s.modules[path][1] * s.scales[path] if path in s.modules else torch.zeros_like(sharers[0].modules[path][1]) for s in sharers])
+        pieces[path] = (a, b)
+    paths = sorted(pieces)
+    picks = [{p: torch.tensor([0.7, 0.3, 0.0, 0.0]) for p in paths}, {}, {p: torch.tensor([0.0, 0.0, 0.5, 0.5]) for p in paths[::2]}, {p: torch.full((4,), 0.25) for p in paths}]
+    alone = []
+    for prompt, mix in zip(PROMPTS, picks):
+        merged = _copy(tiny_llama)
+        if mix:
+            modules = {p: mix_pieces(pieces[p][0], pieces[p][1], w) for p, w in mix.items()}
+            merge_into(merged.model, LoraWeights(modules, {p: 1.0 for p in modules}))
+        alone.append(generate(merged, [prompt], max_new_tokens=8, batch_size=1, decoding=decoding)[0])
+    assert len(set(alone)) > 1
+    rows = PoolRows(tiny_llama.model, pieces, picks)
+    assert generate(tiny_llama, PROMPTS, max_new_tokens=8, batch_size=3, per_row=PerRow(rows), decoding=decoding) == alone
+
+
 def test_label_scores_with_per_row_adapters_match_merged_models(tiny_llama, tiny_t5):
     for llm in (tiny_llama, tiny_t5):
         adapters = [_random_lora(llm, 1), _random_lora(llm, 2)]

@@ -121,14 +121,14 @@ def test_perpcs_ablation_mixes_every_sharer_equally_for_every_user(store, test_u
     plan = plan_serving(Store(store), get_task("LaMP-7"), MethodRequest("perpcs", ablation=True), ["2", "4", "2"])
     assert plan.details["per_user_adapters"] == 1 and plan.details["ablation"].startswith("uniform gates")
     rows = plan.edit(llm, [])
-    adapter = rows.adapters[0]
-    assert rows.adapters[1] is adapter and rows.adapters[2] is adapter
     pool = read_pool(Store(store), "LaMP-7", Store(store).resolve_pool(None))
     path = "model.layers.3.self_attn.v_proj"
     module = pool.modules[path]
-    a, b = adapter.modules[path]
+    weights = rows.stack([0, 1, 2])[path]  # (rows, pieces × rank)
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+    served = (rows.a[path] * weights[0]) @ rows.b[path]  # the update x·A·diag(w)·B of every row, as (in, out)
     expected = sum(module.b[i] @ module.a[i] for i in range(len(module.sharers))) / len(module.sharers)
-    assert len(module.sharers) == 10 and torch.allclose(b @ a * adapter.scales[path], expected, atol=1e-6)
+    assert len(module.sharers) == 10 and torch.allclose(served.T, expected, atol=1e-6)
     (store.parent / "users.txt").write_text("2\n4\n")
     run = cli_json(store, "evaluate", "--task", "LaMP-7", "--method", "perpcs", "--ablation", "--users", str(store.parent / "users.txt"))
     assert run["method"] == "perpcs-ablation" and run["config"]["per_user_adapters"] == 1 and run["n_examples"] == 6

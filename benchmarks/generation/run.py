@@ -4,8 +4,10 @@ for every way a method changes the LLM per user, in mixed-user batches.
 One process, one model load, the same prompts (LaMP-7 inputs, k=0, the task's 64 new tokens)
 for every batch size, so only batching differs. `--kinds` picks what each prompt carries, prompt
 i belonging to user i mod 16: `bare` (prompt methods, task-lora: nothing per row), `lora-r8` (OPPU:
-each user's own rank-8 LoRA on q/k/v/o through per-row hooks), `lora-r24` (Per-Pcs and
-peft-retrieval: three rank-8 pieces mixed, rank 24), `soft` (PPlug: one soft token per prompt),
+each user's own rank-8 LoRA on q/k/v/o through per-row hooks), `pool-k3` (Per-Pcs and
+peft-retrieval: each user mixes 3 of a 19-sharer pool's rank-8 pieces per module, served from
+the shared pool once per batch), `lora-r24` (the same mixes served as each row's own rank-24
+adapter, how Per-Pcs was served before), `soft` (PPlug: one soft token per prompt),
 `steer` (style-vector: a vector added at the middle layer). The per-user parts are random and small
 (the answers stay the base model's, so every kind generates about the same tokens). Also counts
 how many answers are identical to batch 1's. Goal: batch 16 at least 4x the examples/s of batch 1
@@ -14,7 +16,7 @@ rotates and the batch sizes reverse on each repeat) and its median time is repor
 machine's speed drifts by 10-20% within minutes, more than the per-row edits cost.
 
     .venv/bin/python benchmarks/generation/run.py [--questions ../shared/data/lamp7/questions.json]
-        [--n 64] [--batch-sizes 1 4 16] [--repeats 3] [--kinds bare lora-r8 lora-r24 soft steer] [--out benchmarks/generation/results.json]
+        [--n 64] [--batch-sizes 1 4 16] [--repeats 3] [--kinds bare lora-r8 pool-k3 lora-r24 soft steer] [--out benchmarks/generation/results.json]
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def main() -> None:
     kinds = {}
     for kind in args.kinds:
         rows = summarize(llm, len(prompts), {b: runs[kind, b] for b in args.batch_sizes})
-        kinds[kind] = {"rows": rows, "speedup": rows[-1]["speedup"], "goal_met": rows[-1]["speedup"] >= 4.0}
+        kinds[kind] = {"rows": rows, "speedup": rows[-1]["speedup"], "goal_met": rows[-1]["speedup"] >= 4.0, "serves_a_method": kind not in REFERENCE}
     result = {
         "benchmark": "generation",
         "data": f"{args.questions} (first {len(prompts)} LaMP-7 queries, k=0 prompts, 16 users per batch)",
@@ -76,8 +78,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "max_new_tokens": task.max_new_tokens,
         "kinds": kinds,
-        "goal": f"batch {args.batch_sizes[-1]} >= 4x batch {args.batch_sizes[0]} for every kind",
-        "goal_met": all(k["goal_met"] for k in kinds.values()),
+        "goal": f"batch {args.batch_sizes[-1]} >= 4x batch {args.batch_sizes[0]} for every kind a method serves with",
+        "goal_met": all(k["goal_met"] for k in kinds.values() if k["serves_a_method"]),
     }
     print(f"\nLaMP-7, {len(prompts)} queries, {llm.id} on {llm.device} ({torch.get_num_threads()} threads), greedy, max {task.max_new_tokens} new tokens")
     print(f"{'kind':>9} {'batch':>5} {'seconds':>8} {'examples/s':>11} {'tokens/s':>9} {'speedup':>8} {'same answers':>13}")
@@ -155,6 +157,52 @@ def _loras(rank: int):
     return make
 
 
+SHARERS, RANK, TOP_K = 19, 8, 3
+
+
+def _pool_mixes(llm):
+    """A pool of SHARERS random rank-RANK pieces per q/k/v/o module, and per user a softmax-weighted
+    choice of TOP_K of them per module (as Per-Pcs stores an assembly)."""
+    generator = torch.Generator().manual_seed(0)
+    pieces = {}
+    for path, module in llm.model.named_modules():
+        if path.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) and isinstance(module, torch.nn.Linear):
+            out_f, in_f = module.weight.shape
+            pieces[path] = (torch.randn(SHARERS, RANK, in_f, generator=generator) * 1e-3, torch.randn(SHARERS, out_f, RANK, generator=generator) * 1e-3)
+    mixes = []
+    for _ in range(USERS):
+        mix = {}
+        for path in pieces:
+            chosen = torch.randperm(SHARERS, generator=generator)[:TOP_K]
+            mix[path] = torch.zeros(SHARERS).index_put_((chosen,), torch.softmax(torch.randn(TOP_K, generator=generator), 0))
+        mixes.append(mix)
+    return pieces, mixes
+
+
+def _pool_k3(llm, n: int):
+    from recipes.kit.pool_rows import PoolRows
+    from recipes.kit.row_edits import PerRow
+
+    pieces, mixes = _pool_mixes(llm)
+    return PerRow(edit=PoolRows(llm.model, pieces, [mixes[i % USERS] for i in range(n)]))
+
+
+def _pool_as_row_loras(llm, n: int):
+    from recipes.kit.lora import LoraWeights, mix_pieces
+    from recipes.kit.row_edits import PerRow
+    from recipes.kit.row_lora import RowLora
+
+    pieces, mixes = _pool_mixes(llm)
+    adapters = []
+    for mix in mixes:
+        modules = {}
+        for path, weights in mix.items():
+            chosen = weights.nonzero().flatten()
+            modules[path] = mix_pieces(pieces[path][0][chosen], pieces[path][1][chosen], weights[chosen])
+        adapters.append(LoraWeights(modules, {path: 1.0 for path in modules}))
+    return PerRow(edit=RowLora(llm.model, [adapters[i % USERS] for i in range(n)]))
+
+
 def _soft(llm, n: int):
     from recipes.kit.row_edits import PerRow
     from recipes.kit.soft_prompts import SoftTokens, token_norm
@@ -172,7 +220,8 @@ def _steer(llm, n: int):
     return PerRow(edit=RowSteering(llm.model, steered_layer(llm, -1), vectors[[i % USERS for i in range(n)]]))
 
 
-KINDS = {"bare": _bare, "lora-r8": _loras(8), "lora-r24": _loras(24), "soft": _soft, "steer": _steer}
+REFERENCE = {"lora-r24"}  # no method serves this way any more: measured for comparison
+KINDS = {"bare": _bare, "lora-r8": _loras(8), "pool-k3": _pool_k3, "lora-r24": _pool_as_row_loras, "soft": _soft, "steer": _steer}
 
 
 if __name__ == "__main__":

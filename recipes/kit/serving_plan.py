@@ -48,9 +48,14 @@ def per_prompt_loras(keys: list[str], load: Callable[[], dict[str, LoraWeights]]
     """An edit giving prompt i the adapter `load()[keys[i]]`; the adapters were made for LLM `made_for`."""
 
     def make(llm: LLM, queries: list[Query]) -> RowEdit:
-        if made_for != llm.id:
-            raise PersonaError(f"the per-user adapters were made for LLM '{made_for}', not '{llm.id}' (pass --llm {made_for})")
+        require_llm(made_for, llm)
         adapters = load()
         return RowLora(llm.model, [adapters[key] for key in keys])
 
     return make
+
+
+def require_llm(made_for: Optional[str], llm: LLM) -> None:
+    """Per-user adapters serve only the LLM they were made for."""
+    if made_for != llm.id:
+        raise PersonaError(f"the per-user adapters were made for LLM '{made_for}', not '{llm.id}' (pass --llm {made_for})")

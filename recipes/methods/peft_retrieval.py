@@ -11,7 +11,7 @@ from recipes import PersonaError
 from recipes.kit.retrieval import user_embedding
 from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.tasks import Task
-from recipes.methods.perpcs.pool import Choices, Pool, load_pool, mixed_lora, pool_plan
+from recipes.methods.perpcs.pool import Choices, Pool, load_pool, pool_plan
 from recipes.methods.registry import Method, MethodOptions, register
 from store import Store
 
@@ -47,7 +47,7 @@ def serve_peft_retrieval(store: Store, task: Task, user_ids: list[str], options:
     if missing:
         raise PersonaError(f"user '{missing[0]}' has no {task.name} history to compare with the sharers")
     sharers = {s: embeddings[s] for s in pool.sharers if s in embeddings}
-    load = lambda: {u: mixed_lora(pool, retrieval_choices(pool, embeddings[u], sharers, top_k)) for u in set(user_ids)}  # noqa: E731
+    load = lambda: {u: retrieval_choices(pool, embeddings[u], sharers, top_k) for u in set(user_ids)}  # noqa: E731
     return pool_plan(store, pool, list(user_ids), load, {"top_k": top_k})
 
 

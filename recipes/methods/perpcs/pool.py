@@ -14,9 +14,11 @@ from safetensors.torch import save as save_safetensors
 
 from recipes import PersonaError
 from recipes.kit.lora import LoraWeights, mix_pieces, zero_pad
+from recipes.kit.backbones import LLM
 from recipes.kit.plugins import base_chain
-from recipes.kit.serving_plan import ServingPlan, per_prompt_loras
-from store import Piece, PoolVersion, Store, id_sort_key
+from recipes.kit.pool_rows import Mix, PoolRows
+from recipes.kit.serving_plan import EditMaker, ServingPlan, require_llm
+from store import Piece, PoolVersion, Query, Store, id_sort_key
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -159,13 +161,37 @@ def mixed_lora(pool: Pool, choices: Choices) -> LoraWeights:
     return LoraWeights(modules, {path: 1.0 for path in modules})
 
 
-def pool_plan(store: Store, pool: Pool, keys: list[str], load: Callable[[], dict[str, LoraWeights]], details: dict) -> ServingPlan:
-    """Serving mixes of the pool's pieces: prompt i through adapter `load()[keys[i]]`, over the
+def mix_weights(pool: Pool, choices: Choices) -> Mix:
+    """Per module, one weight per piece of the pool (zero where not chosen)."""
+    mix = {}
+    for path, picked in choices.items():
+        sharers = pool.modules[path].sharers
+        weights = torch.zeros(len(sharers))
+        for sharer, weight in picked:
+            weights[sharers.index(sharer)] += weight
+        mix[path] = weights
+    return mix
+
+
+def pool_plan(store: Store, pool: Pool, keys: list[str], load: Callable[[], dict[str, Choices]], details: dict) -> ServingPlan:
+    """Serving mixes of the pool's pieces: prompt i through the mix `load()[keys[i]]`, over the
     pool's base (Per-Pcs's assemblies and uniform gates, PEFT retrieval's nearest sharers)."""
     return ServingPlan(
-        chain=base_chain(store, pool.base), edit=per_prompt_loras(keys, load, pool.llm),
+        chain=base_chain(store, pool.base), edit=_pool_mixes(pool, keys, load),
         details={"pool": pool.label, "pool_version": pool.version, "per_user_adapters": len(set(keys)), **details},
     )  # fmt: skip
+
+
+def _pool_mixes(pool: Pool, keys: list[str], load: Callable[[], dict[str, Choices]]) -> EditMaker:
+    """An edit giving prompt i the mix `load()[keys[i]]`, with the pool's pieces read once per batch."""
+
+    def make(llm: LLM, queries: list[Query]) -> PoolRows:
+        require_llm(pool.llm, llm)
+        mixes = {key: mix_weights(pool, choices) for key, choices in load().items()}
+        pieces = {path: (module.a, module.b) for path, module in pool.modules.items()}
+        return PoolRows(llm.model, pieces, [mixes[key] for key in keys])
+
+    return make
 
 
 def sharer_mass(choices: Choices) -> dict[str, float]:

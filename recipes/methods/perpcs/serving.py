@@ -6,7 +6,7 @@ from __future__ import annotations
 from recipes import PersonaError
 from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.tasks import Task
-from recipes.methods.perpcs.pool import decode_choices, mixed_lora, pool_label, pool_plan, read_pool
+from recipes.methods.perpcs.pool import decode_choices, pool_label, pool_plan, read_pool
 from recipes.methods.registry import Method, MethodOptions, register
 from store import Store
 
@@ -19,7 +19,7 @@ def serve_perpcs(store: Store, task: Task, user_ids: list[str], options: MethodO
     pool = read_pool(store, task.name, version)
     if options.ablation:
         uniform = {path: [(s, 1 / len(m.sharers)) for s in m.sharers] for path, m in pool.modules.items()}
-        return pool_plan(store, pool, [UNIFORM] * len(user_ids), lambda: {UNIFORM: mixed_lora(pool, uniform)}, {"ablation": ABLATION})
+        return pool_plan(store, pool, [UNIFORM] * len(user_ids), lambda: {UNIFORM: uniform}, {"ablation": ABLATION})
     wanted = sorted(set(user_ids))
     records = store.get_assemblies(task.name, wanted, version.version)
     missing = [u for u in wanted if u not in records]
@@ -32,7 +32,7 @@ def serve_perpcs(store: Store, task: Task, user_ids: list[str], options: MethodO
     ks = {r.top_k for r in records.values()}
     if options.top_k is not None and ks != {options.top_k}:
         raise PersonaError(f"the stored assemblies use top-k {sorted(ks)}; assemble again with --top-k {options.top_k}")
-    load = lambda: {u: mixed_lora(pool, decode_choices(pool, r.choice)) for u, r in records.items()}  # noqa: E731
+    load = lambda: {u: decode_choices(pool, r.choice) for u, r in records.items()}  # noqa: E731
     return pool_plan(store, pool, list(user_ids), load, {"top_k": sorted(ks)})
 
 
