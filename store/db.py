@@ -177,8 +177,18 @@ class Store(ResultTables, PluginTables, PieceTables):
         now, writes = time.monotonic(), _writes.get(key, 0)
         if self._snapshot is None or now - self._snapshot[0] > READ_REFRESH_S or self._snapshot[1] != writes:
             names = self._all_tables()
-            self._snapshot = (now, writes, set(names), self._committed(names), {})
+            committed = self._committed(names)
+            self._snapshot = (now, writes, set(names), committed, self._unchanged_handles(committed))
         return self._snapshot
+
+    def _unchanged_handles(self, committed: dict[str, int] | None) -> dict[str, Any]:
+        """The open handles whose committed version has not changed since the last lookup: kept,
+        with the caches they have filled (a committed table is never dropped, so a name and
+        version are always the same content)."""
+        if self._snapshot is None or committed is None or self._snapshot[3] is None:
+            return {}
+        before, handles = self._snapshot[3], self._snapshot[4]
+        return {n: h for n, h in handles.items() if h is not None and n in committed and before.get(n) == committed[n]}
 
     def _open_at(self, name: str, version: int):
         """A handle of its own on an older version of a table (the shared handle stays at the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -186,6 +187,28 @@ print(len(store.search_history("bob", target.vector, k=2)))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "2", "")
+
+
+def test_a_reader_sees_another_process_commit_after_the_refresh_interval(tmp_path):
+    """A reader keeps its open tables (and their caches) while their committed version stays,
+    and sees another process's commit once READ_REFRESH_S has passed."""
+    from store import db
+
+    reader = Store(tmp_path / "s")
+    _fill(reader)
+    queries = reader._open("queries")
+    assert reader.count("users") == 2 and len(reader.search_history("alice", _unit(1, 8), k=5)) == 3
+    script = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from store import Store
+from test_store import _items
+Store({str(tmp_path / "s")!r}).ingest([_items("alice", 5)], [], {{"alice": {{}}}}, "enc", 8)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    time.sleep(db.READ_REFRESH_S + 0.1)
+    assert len(reader.search_history("alice", _unit(1, 8), k=9)) == 5 and reader.get_user("alice").n_items == 5
+    assert reader._open("queries") is queries  # not written: the same handle
 
 
 def test_info_and_optimize(tmp_path):

@@ -83,6 +83,16 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mib() -> float | None:
+    """Resident memory now (Linux), traced after every write: a peak that stops rising while the
+    table keeps growing is bounded; one rising with every write is not."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(round(int(line.split()[1]) / 1024) for line in status if line.startswith("VmRSS"))
+    except (OSError, StopIteration):
+        return None
+
+
 # ---------- persona's side ----------
 
 
@@ -90,7 +100,7 @@ def persona_write(path: Path, args: argparse.Namespace) -> dict:
     from store import BehaviorBatch, Store
 
     store = Store(str(path))
-    seconds = 0.0
+    seconds, trace = 0.0, []
     for first in range(0, args.users, args.chunk):
         count = min(args.chunk, args.users - first)
         generated = Generated(first, count, args.items, args.seed)
@@ -102,7 +112,8 @@ def persona_write(path: Path, args: argparse.Namespace) -> dict:
 
         store.ingest(batches(), [], {str(u): {} for u in range(first, first + count)}, ENCODER, DIM)
         seconds += time.perf_counter() - started - generated.seconds
-    return {"write_s": seconds}
+        trace.append(rss_mib())
+    return {"write_s": seconds, "rss_after_each_write_mib": trace}
 
 
 def persona_read(path: Path, args: argparse.Namespace) -> dict:
@@ -146,7 +157,7 @@ def raw_write(path: Path, args: argparse.Namespace) -> dict:
     db = lancedb.connect(str(path))
     schema = schemas.behaviors(DIM)
     behaviors = users_table = None
-    seconds = 0.0
+    seconds, trace = 0.0, []
     for first in range(0, args.users, args.chunk):
         count = min(args.chunk, args.users - first)
         generated = Generated(first, count, args.items, args.seed)
@@ -176,10 +187,11 @@ def raw_write(path: Path, args: argparse.Namespace) -> dict:
             users_table = db.create_table("users", schema=schemas.USERS)
         users_table.merge_insert(schemas.USER_KEY).when_matched_update_all().when_not_matched_insert_all().execute(rows)
         seconds += time.perf_counter() - started - generated.seconds
+        trace.append(rss_mib())
     started = time.perf_counter()  # like persona's writes, the write phase leaves the table indexed (and both reads start cold)
     behaviors.create_index("user_id", config=BTree())
     index_s = time.perf_counter() - started
-    return {"write_s": seconds + index_s, "index_s": index_s}
+    return {"write_s": seconds + index_s, "index_s": index_s, "rss_after_each_write_mib": trace}
 
 
 def raw_read(path: Path, args: argparse.Namespace) -> dict:
@@ -386,6 +398,7 @@ def measure_store(side: str, args: argparse.Namespace) -> dict:
     items = args.users * args.items
     figures = {
         "write_s": round(wrote["write_s"], 2), "items_per_s": round(items / wrote["write_s"]), "write_peak_mib": round(wrote["peak_mib"]),
+        "rss_after_each_write_mib": wrote["rss_after_each_write_mib"],
         "store_mib": round(size / 2**20, 1), "index_s": round(wrote.get("index_s", 0.0) + read.get("index_s", 0.0), 2), "indexes": read["indexes"],
         "search_p50_ms": round(read["search_p50_ms"], 2), "search_p99_ms": round(read["search_p99_ms"], 2),
         "hits_per_search": read["hits_per_search"], "list_first_page_s": round(read["list_first_page_s"], 4),
