@@ -13,8 +13,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from recipes import PersonaError
-from recipes.kit.lora import LoraWeights, mix_pieces, zero_pad
 from recipes.kit.backbones import LLM
+from recipes.kit.lora import LoraWeights, mix_pieces, zero_pad
 from recipes.kit.plugins import base_chain
 from recipes.kit.pool_rows import Mix, PoolRows
 from recipes.kit.serving_plan import EditMaker, ServingPlan, require_llm
