@@ -174,6 +174,9 @@ def test_rows_mixing_shared_pieces_answer_as_their_mixed_adapters_merged(tiny_ll
     assert len(set(alone)) > 1
     rows = PoolRows(tiny_llama.model, pieces, picks)
     assert generate(tiny_llama, PROMPTS, max_new_tokens=8, batch_size=3, per_row=PerRow(rows), decoding=decoding) == alone
+    one_user = PoolRows(tiny_llama.model, pieces, [picks[0]])  # reads only the pieces that user weights: 2 of 4, rank 2 each
+    assert one_user.a[paths[0]].shape[1] == 2 * 2
+    assert generate(tiny_llama, PROMPTS[:1], max_new_tokens=8, batch_size=1, per_row=PerRow(one_user), decoding=decoding) == alone[:1]
 
 
 def test_label_scores_with_per_row_adapters_match_merged_models(tiny_llama, tiny_t5):

@@ -4,8 +4,8 @@ Per-Pcs and PEFT retrieval give every user a weighted mix of the same pool's pie
 (sum_s w_s·B_s·A_s). Serving each row its own mixed adapter (`RowLora`) reads every row's A and B
 at every decoding step: 16 rows of rank 24 move ~2.5x the bytes of the 19-sharer pool itself,
 and the uniform-gates ablation (every sharer, rank S·r on every row) 16x. Here a module's pieces
-are read once per batch: x·A_pool for all pieces, scaled per row by that row's piece weights
-(zero for pieces it did not choose), then ·B_pool. The same sum, so the same answers.
+are read once per batch: x·A_pool for all pieces some row uses, scaled per row by that row's
+piece weights (zero for pieces it did not choose), then ·B_pool. The same sum, so the same answers.
 """
 
 from __future__ import annotations
@@ -36,21 +36,24 @@ class PoolRows(RowEdit):
         shapes = module_shapes(model, self.paths)
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
+        self.used: dict[str, torch.Tensor] = {}  # the pieces some row weights: one user's generate reads only theirs
         self.rank: dict[str, int] = {}
         for path in self.paths:
             a, b = pieces[path]
             if a.shape[2] != shapes[path][1] or b.shape[1] != shapes[path][0]:
                 raise PersonaError(f"pool module '{path}' is {b.shape[1]}×{a.shape[2]} but the LLM's is {shapes[path][0]}×{shapes[path][1]}")
+            weighted = torch.stack([mix[path] != 0 for mix in mixes if path in mix]).any(0)
+            self.used[path] = used = weighted.nonzero().flatten()
             self.rank[path] = a.shape[1]
-            self.a[path] = a.flatten(0, 1).T.contiguous().to(self.device, self.dtype)  # (in, S·r)
-            self.b[path] = b.permute(0, 2, 1).flatten(0, 1).contiguous().to(self.device, self.dtype)  # (S·r, out)
+            self.a[path] = a[used].flatten(0, 1).T.contiguous().to(self.device, self.dtype)  # (in, S·r)
+            self.b[path] = b[used].permute(0, 2, 1).flatten(0, 1).contiguous().to(self.device, self.dtype)  # (S·r, out)
         self.mixes = mixes
 
     def stack(self, prompts: list[int]) -> Stack:
         stacked: Stack = {}
         for path in self.paths:
-            pieces = self.a[path].shape[1] // self.rank[path]
-            rows = [self.mixes[i].get(path, torch.zeros(pieces)) for i in prompts]
+            used = self.used[path]
+            rows = [self.mixes[i][path][used] if path in self.mixes[i] else torch.zeros(len(used)) for i in prompts]
             stacked[path] = torch.stack(rows).float().repeat_interleave(self.rank[path], 1).to(self.device, self.dtype)
         return stacked
 
