@@ -124,9 +124,9 @@ def test_perpcs_ablation_mixes_every_sharer_equally_for_every_user(store, test_u
     pool = read_pool(Store(store), "LaMP-7", Store(store).resolve_pool(None))
     path = "model.layers.3.self_attn.v_proj"
     module = pool.modules[path]
-    weights = rows.stack([0, 1, 2])[path]  # (rows, pieces × rank)
+    weights = rows.stack([0, 1, 2])[path].weights  # (rows, pieces × rank)
     assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
-    served = (rows.a[path] * weights[0]) @ rows.b[path]  # the update x·A·diag(w)·B of every row, as (in, out)
+    served = (rows.a[path].T * weights[0]) @ rows.b[path]  # the update x·A·diag(w)·B of every row, as (in, out)
     expected = sum(module.b[i] @ module.a[i] for i in range(len(module.sharers))) / len(module.sharers)
     assert len(module.sharers) == 10 and torch.allclose(served.T, expected, atol=1e-6)
     (store.parent / "users.txt").write_text("2\n4\n")
