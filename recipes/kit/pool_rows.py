@@ -85,10 +85,14 @@ class PoolRows(RowEdit):
             rows = [self.mixes[i][path][used] if path in self.mixes[i] else torch.zeros(len(used)) for i in prompts]
             weights = torch.stack(rows).float().repeat_interleave(self.rank[path], 1).to(self.device, self.dtype)
             state = RowsState(weights)
-            if len(prompts) * self.width[path] < CROSSOVER * self.a[path].shape[0]:
+            if self._per_row(path, len(prompts)):
                 state.a, state.b = self._own_columns(path, weights)
             stacked[path] = state
         return stacked
+
+    def _per_row(self, path: str, rows: int) -> bool:
+        """Whether these many rows are served their own pieces rather than the pool once (CROSSOVER)."""
+        return rows * self.width[path] < CROSSOVER * self.a[path].shape[0]
 
     def _own_columns(self, path: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's own k·r columns of the pool (a row weighting fewer also takes zero-weight
@@ -106,13 +110,17 @@ class PoolRows(RowEdit):
         for path, one in first.items():
             two = second[path]
             state = RowsState(torch.cat([one.weights, two.weights]))
-            if one.a is not None and two.a is not None and len(state.weights) * self.width[path] < CROSSOVER * self.a[path].shape[0]:
+            if one.a is not None and two.a is not None and self._per_row(path, len(state.weights)):
                 state.a, state.b = torch.cat([one.a, two.a]), torch.cat([one.b, two.b])
             joined[path] = state
         return joined
 
     def repeat(self, stack: Stack, times: int) -> Stack:
-        return {path: state.rows(torch.arange(len(state.weights), device=state.weights.device).repeat_interleave(times)) for path, state in stack.items()}
+        repeated = {}
+        for path, state in stack.items():
+            rows = len(state.weights)
+            repeated[path] = state.rows(torch.arange(rows, device=state.weights.device).repeat_interleave(times))
+        return repeated
 
     def hooks(self) -> dict[str, Hook]:
         return {path: self._hook(path) for path in self.paths}
