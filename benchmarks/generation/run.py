@@ -1,20 +1,21 @@
 """Benchmark: batched greedy generation, examples/s at batch 1, 4 and 16 on the same LaMP-7 queries,
 for every way a method changes the LLM per user, in mixed-user batches.
 
-One process, one model load, the same prompts (LaMP-7 inputs, k=0, the task's 64 new tokens)
-for every batch size, so only batching differs. `--kinds` picks what each prompt carries, prompt
-i belonging to user i mod 16: `bare` (prompt methods, task-lora: nothing per row), `lora-r8` (OPPU:
+One process, one model load, the same prompts (LaMP-7 inputs, k=0, the task's 64 new tokens) for
+every batch size, so only batching differs. `--kinds` picks what each prompt carries, prompt i
+belonging to user i mod 16: `bare` (prompt methods, task-lora: nothing per row), `lora-r8` (OPPU:
 each user's own rank-8 LoRA on q/k/v/o through per-row hooks), `pool-k3` (Per-Pcs and
 peft-retrieval: each user mixes 3 of a 19-sharer pool's rank-8 pieces per module, served by
 `PoolRows` from the shared pool), `lora-r24` (the same mixes served as each row's own rank-24
-adapter by `RowLora`, how Per-Pcs was served before; a reference, outside the goal), `soft` (PPlug: one soft token per prompt),
-`steer` (style-vector: a vector added at the middle layer). The per-user parts are random and small
-(the answers stay the base model's, so every kind generates about the same tokens). Also counts
-how many answers are identical to batch 1's. Goal: batch 16 at least 4x the examples/s of batch 1
-for every kind a method serves with. Every (kind, batch size) runs --repeats times, interleaved (the order of kinds
-rotates and the batch sizes reverse on each repeat) and its median time is reported, with each
-repeat's own speedup (its two batch sizes ran back to back): this machine's speed drifts by 10-20%
-within minutes, more than the per-row edits cost.
+adapter by `RowLora`, how Per-Pcs was served before; a reference, outside the goal), `soft`
+(PPlug: one soft token per prompt), `steer` (style-vector: a vector added at the middle layer).
+The per-user parts are random and small (the answers stay the base model's, so every kind
+generates about the same tokens). Also counts how many answers are identical to batch 1's. Goal:
+batch 16 at least 4x the examples/s of batch 1 for every kind a method serves with. Every (kind,
+batch size) runs --repeats times, interleaved (the order of kinds rotates and the batch sizes
+reverse on each repeat) and its median time is reported, with each repeat's own speedup (its two
+batch sizes ran back to back): this machine's speed drifts by 10-20% within minutes, more than the
+per-row edits cost.
 
     .venv/bin/python benchmarks/generation/run.py [--questions ../shared/data/lamp7/questions.json]
         [--n 64] [--batch-sizes 1 4 16] [--repeats 3] [--kinds bare lora-r8 pool-k3 lora-r24 soft steer] [--out benchmarks/generation/results.json]

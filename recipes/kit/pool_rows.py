@@ -70,10 +70,10 @@ class PoolRows(RowEdit):
             a, b = pieces[path]
             if a.shape[2] != shapes[path][1] or b.shape[1] != shapes[path][0]:
                 raise PersonaError(f"pool module '{path}' is {b.shape[1]}×{a.shape[2]} but the LLM's is {shapes[path][0]}×{shapes[path][1]}")
-            weighted = torch.stack([mix[path] != 0 for mix in mixes if path in mix]).any(0)
-            self.used[path] = used = weighted.nonzero().flatten()
+            weighted = torch.stack([mix[path] != 0 for mix in mixes if path in mix])  # (mixes, S)
+            self.used[path] = used = weighted.any(0).nonzero().flatten()
             self.rank[path] = a.shape[1]
-            self.width[path] = a.shape[1] * max(int((mix[path] != 0).sum()) for mix in mixes if path in mix)
+            self.width[path] = a.shape[1] * int(weighted.sum(1).max())
             self.a[path] = a[used].flatten(0, 1).contiguous().to(self.device, self.dtype)  # (S·r, in)
             self.b[path] = b[used].permute(0, 2, 1).flatten(0, 1).contiguous().to(self.device, self.dtype)  # (S·r, out)
         self.mixes = mixes
