@@ -16,7 +16,7 @@ import pytest
 
 from store import Behavior, BehaviorBatch, Query, Store, StoreError
 from store import id_sort_key
-from store.db import FORMAT_VERSION
+from store.db import FORMAT_VERSION, segments_to_merge
 
 
 def _unit(seed: int, dim: int = 8) -> np.ndarray:
@@ -320,14 +320,18 @@ def test_a_writer_killed_between_table_writes_is_invisible_and_undone_by_the_nex
     assert "pieces" not in lancedb.connect(str(tmp_path / "s")).list_tables().tables
 
 
-def test_per_user_reads_go_through_user_id_indexes_kept_up_to_date(tmp_path):
+def test_per_user_reads_go_through_user_id_indexes_kept_up_to_date(tmp_path, monkeypatch):
     store = Store(tmp_path / "s")
     store.ingest([_items("10", 3)], [], {"10": {}}, "enc", 8)
-    store.ingest([_items("2", 2), _items("x-1", 1)], [], {"2": {}, "x-1": {}}, "enc", 8)
+    store.ingest([_items("2", 2)], [], {"2": {}}, "enc", 8)
     table = lancedb.connect(str(tmp_path / "s")).open_table("behaviors")
     [index] = table.list_indices()
     stats = table.index_stats(index.name)
-    assert (index.columns, stats.num_unindexed_rows, stats.num_indices) == (["user_id"], 0, 2)  # the second write: a delta of its own
+    assert (index.columns, stats.num_unindexed_rows, stats.num_indices) == (["user_id"], 0, 1)  # two equal writes: merged
+    monkeypatch.setattr("store.db.MERGE_CAP_ROWS", 0)  # nothing may be merged: the next write is a delta of its own
+    store.ingest([_items("x-1", 1)], [], {"x-1": {}}, "enc", 8)
+    stats = lancedb.connect(str(tmp_path / "s")).open_table("behaviors").index_stats(index.name)
+    assert (stats.num_unindexed_rows, stats.num_indices) == (0, 2)
     assert store.ensure_indexes() == ["behaviors.user_id btree", "users.user_id btree"]
     assert [h.item_id for h in store.histories(["2"])["2"]] == [b.item_id for b in _items("2", 2)]
     store.optimize()
@@ -347,3 +351,18 @@ def test_a_reader_sees_a_commit_of_its_own_process_at_once(tmp_path):
     assert reader.count("users") == 2  # its snapshot of committed versions is refreshed by the write
     writer.ingest([_items("carol", 1)], [], {"carol": {}}, "enc", 8)
     assert reader.count("users") == 3 and reader.get_user("carol").n_items == 1
+
+
+def test_index_segments_merge_as_a_binary_counter_up_to_the_cap():
+    """Equal writes merge pairwise (N writes leave about log2(N) segments, so a lookup probes few),
+    a small write beside large segments stays a segment of its own (a write costs its own rows),
+    and no merge makes a segment past the cap (merge memory stays bounded)."""
+    pages: list[float] = []
+    for _ in range(8):
+        merge = segments_to_merge(pages, 10, cap_pages=1000)
+        pages = pages[: len(pages) - merge] + [10 + sum(pages[len(pages) - merge :])]
+    assert pages == [80]
+    assert segments_to_merge([80, 40], 5, cap_pages=1000) == 0
+    assert segments_to_merge([80, 40, 10], 10, cap_pages=1000) == 1
+    assert segments_to_merge([40, 20, 10], 10, cap_pages=1000) == 3
+    assert segments_to_merge([40, 20, 10], 10, cap_pages=45) == 2
