@@ -682,20 +682,18 @@ def _index_new_rows(table: Any, index: str) -> None:
     segment: over 10M rows, counting a user's rows took 1.9-2.8 ms through 20 deltas against
     1.4-1.8 ms through one index (and 1.5-1.7 ms through the 4 segments this leaves)."""
     dataset = _lance_dataset(table)
-    stats = table.index_stats(index)
-    pages = [int(s["num_pages"]) for s in dataset.stats.index_stats(index)["segments"]]
-    rows_per_page = max(1.0, stats.num_indexed_rows / max(1, sum(pages)))  # an index of no rows yet: any size will do
-    merge = segments_to_merge(pages, stats.num_unindexed_rows / rows_per_page, MERGE_CAP_ROWS / rows_per_page)
+    stats = dataset.stats.index_stats(index)
+    merge = segments_to_merge(stats["num_indexed_rows_per_delta"], stats["num_unindexed_rows"], MERGE_CAP_ROWS)
     dataset.optimize.optimize_indices(index_names=[index], num_indices_to_merge=merge)
 
 
-def segments_to_merge(pages: list[float], new_pages: float, cap_pages: float) -> int:
-    """How many of the newest index segments (sizes oldest first) to merge with `new_pages` of new
+def segments_to_merge(sizes: list[float], new: float, cap: float) -> int:
+    """How many of the newest index segments (rows in each, oldest first) to merge with `new` new
     rows: each next-newest one while it is at most 1.5x the run merged so far (equal writes
-    merge pairwise) and the run stays within cap_pages."""
-    run, count = new_pages, 0
-    for size in reversed(pages):
-        if size > 1.5 * run or run + size > cap_pages:
+    merge pairwise) and the run stays within `cap` rows."""
+    run, count = new, 0
+    for size in reversed(sizes):
+        if size > 1.5 * run or run + size > cap:
             break
         run, count = run + size, count + 1
     return count

@@ -357,12 +357,12 @@ def test_index_segments_merge_as_a_binary_counter_up_to_the_cap():
     """Equal writes merge pairwise (N writes leave about log2(N) segments, so a lookup probes few),
     a small write beside large segments stays a segment of its own (a write costs its own rows),
     and no merge makes a segment past the cap (merge memory stays bounded)."""
-    pages: list[float] = []
+    sizes: list[float] = []
     for _ in range(8):
-        merge = segments_to_merge(pages, 10, cap_pages=1000)
-        pages = pages[: len(pages) - merge] + [10 + sum(pages[len(pages) - merge :])]
-    assert pages == [80]
-    assert segments_to_merge([80, 40], 5, cap_pages=1000) == 0
-    assert segments_to_merge([80, 40, 10], 10, cap_pages=1000) == 1
-    assert segments_to_merge([40, 20, 10], 10, cap_pages=1000) == 3
-    assert segments_to_merge([40, 20, 10], 10, cap_pages=45) == 2
+        merge = segments_to_merge(sizes, 10, cap=1000)
+        sizes = sizes[: len(sizes) - merge] + [10 + sum(sizes[len(sizes) - merge :])]
+    assert sizes == [80]
+    assert segments_to_merge([80, 40], 5, cap=1000) == 0
+    assert segments_to_merge([80, 40, 10], 10, cap=1000) == 1
+    assert segments_to_merge([40, 20, 10], 10, cap=1000) == 3
+    assert segments_to_merge([40, 20, 10], 10, cap=45) == 2
