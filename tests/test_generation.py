@@ -105,3 +105,32 @@ def test_a_growing_cache_layer_holds_what_concatenation_would_and_writes_steps_i
             layer.batch_select_indices(torch.tensor([2, 0]))
             keys, values = keys[[2, 0]], values[[2, 0]]
             assert torch.equal(layer.keys, keys)
+
+
+def test_packed_linear_layers_compute_what_the_unpacked_ones_do_and_leave_the_model_trainable(tiny_llama):
+    """Generation runs the linear layers with prepacked oneDNN weights on a CPU; logits at the row
+    counts decoding uses must match the plain layers', nested blocks pack once, and afterwards every
+    layer is the trainable module it was (a later adapt or OPPU step needs its gradient)."""
+    from recipes.kit.packed_linear import packed_linears, packing_applies
+
+    model = tiny_llama.model
+    if not packing_applies(model):
+        pytest.skip("this torch build has no oneDNN")
+    ids = torch.tensor([prompt_token_ids(tiny_llama, p)[:3] for p in PROMPTS[:5]])
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        with packed_linears(model, batched=True):
+            with packed_linears(model, batched=True):
+                assert "forward" in vars(model.lm_head)
+            assert "forward" in vars(model.lm_head), "an inner block must not unpack the outer one"
+            packed = model(input_ids=ids).logits
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+    weight = model.lm_head.weight
+    weight.requires_grad_(True)
+    try:
+        model(input_ids=ids).logits.sum().backward()
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+    finally:
+        weight.requires_grad_(False)
+        weight.grad = None

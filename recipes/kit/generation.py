@@ -5,7 +5,8 @@ caller's order. Greedy decoding of causal LMs is a loop of our own over a left-p
 a KV cache that grows in place, dropping rows from the batch as soon as they finish, so one long answer does not keep
 a whole batch of finished rows busy. Beam search, and every seq2seq LM, use transformers'
 generate batch by batch. Either way a Decoding's repetition controls see only the answer's own
-tokens, and each row may have its own token limit.
+tokens, and each row may have its own token limit. On a CPU the linear layers run with prepacked
+weights while decoding (`packed_linear`): at 2-16 rows MKL's products are up to 3x slower.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from recipes.kit.backbones import LLM
 from recipes.kit.decoding import GREEDY, Decoding, GeneratedOnly
 from recipes.kit.progress import Progress, report
 from recipes.kit.lora import zero_pad
+from recipes.kit.packed_linear import packed_linears
 from recipes.kit.prompt_tokens import prompt_token_ids, stop_token_ids
 from recipes.kit.row_edits import NOTHING, PerRow
 from recipes.kit.soft_prompts import SoftTokens, embed_with_soft, soft_prompt_ids, soft_start
@@ -75,7 +77,8 @@ def generate(
         tick(stage, done, len(prompts))
 
     order = [i for batch in _length_sorted_batches([len(e) for e in encoded], len(encoded) or 1) for i in batch]
-    with per_row.hooked():
+    batched = (batch_size > 1 and len(prompts) > 1) or decoding.num_beams > 1
+    with per_row.hooked(), packed_linears(llm.model, batched):
         if llm.is_seq2seq or decoding.num_beams > 1:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
