@@ -134,3 +134,18 @@ def test_packed_linear_layers_compute_what_the_unpacked_ones_do_and_leave_the_mo
     finally:
         weight.requires_grad_(False)
         weight.grad = None
+
+
+def test_generation_hands_the_kv_cache_over_by_the_name_this_transformers_release_takes(tiny_llama):
+    """transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns and is
+    gone from 5.40): generation must pass the cache without a deprecation warning."""
+    import warnings
+
+    from recipes.kit.backbones import with_cache
+
+    assert set(with_cache(tiny_llama.model, None)) <= {"cache", "past_key_values"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert generate(tiny_llama, PROMPTS[:3], max_new_tokens=4, batch_size=2) == [
+            generate(tiny_llama, [p], max_new_tokens=4, batch_size=1)[0] for p in PROMPTS[:3]
+        ]

@@ -6,14 +6,15 @@ loads take a fraction of a second. Ids recorded in the store say which weights m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 import sys
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,9 +32,19 @@ _LLM_ALIASES = {DEFAULT_LLM, "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _cache_lock = threading.Lock()
 
-# transformers 5.2x renames forward's `past_key_values` to `cache` and warns on every process; the old
-# name works through 5.39 and is the only one older 5.x releases know, so we keep it and stay quiet.
-warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+
+
+def with_cache(model: Any, cache: Any) -> dict[str, Any]:
+    """The forward keyword argument that hands `model` a KV cache: `cache` where its forward takes
+    that name (transformers 5.2x renamed it; `past_key_values` is gone from 5.40), else
+    `past_key_values` (older 5.x releases, and models not yet renamed)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes keywords through
+    return {_cache_keyword(type(base)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _quiet_transformers() -> None:

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from recipes.kit.backbones import LLM
+from recipes.kit.backbones import LLM, with_cache
 from recipes.kit.decoding import GREEDY, Decoding, GeneratedOnly
 from recipes.kit.progress import Progress, report
 from recipes.kit.lora import zero_pad
@@ -141,7 +141,7 @@ class _Rows:
         self._use_edit()
         self.logits = llm.model(
             **_inputs(llm, input_ids, self.mask, soft), attention_mask=self.mask, position_ids=positions,
-            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+            **with_cache(llm.model, self.cache), use_cache=True, logits_to_keep=1,
         ).logits[:, -1]  # fmt: skip
         self.next_position = positions[:, -1] + 1
 
@@ -187,7 +187,7 @@ class _Rows:
         self._use_edit()
         self.logits = self.llm.model(
             input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
-            past_key_values=self.cache, use_cache=True,
+            **with_cache(self.llm.model, self.cache), use_cache=True,
         ).logits[:, -1]  # fmt: skip
         self.next_position = self.next_position + 1
 

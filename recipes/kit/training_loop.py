@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from recipes import PersonaError
 from recipes.kit.lora import LoraWeights, check_target_modules, find_target_modules, from_peft_model
-from recipes.kit.backbones import LLM
+from recipes.kit.backbones import LLM, with_cache
 from recipes.kit.prompt_tokens import prompt_token_ids
 from recipes.kit.progress import Progress, report
 
@@ -206,7 +206,7 @@ def prefix_cache(model: Any, prefix_ids: torch.Tensor, rows: int) -> DynamicCach
     """The KV cache of a prefix every row shares, computed once (with gradients when training)
     and broadcast to `rows` rows."""
     cache = DynamicCache(config=model.config)
-    model(input_ids=prefix_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=prefix_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
     return cache
@@ -227,7 +227,7 @@ def causal_loss(model: Any, batch: dict[str, torch.Tensor], inputs_embeds: Optio
     else:
         inputs["inputs_embeds"] = inputs_embeds
     if "prefix_ids" in batch:
-        inputs.update(past_key_values=prefix_cache(model, batch["prefix_ids"], labels.shape[0]), use_cache=True)
+        inputs.update(with_cache(model, prefix_cache(model, batch["prefix_ids"], labels.shape[0])), use_cache=True)
     logits = model(**inputs, logits_to_keep=keep).logits
     targets = torch.cat([labels[:, width - keep + 1 :], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
