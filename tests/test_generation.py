@@ -123,7 +123,9 @@ def test_packed_linear_layers_compute_what_the_unpacked_ones_do_and_leave_the_mo
             with packed_linears(model, batched=True):
                 assert "forward" in vars(model.lm_head)
             assert "forward" in vars(model.lm_head), "an inner block must not unpack the outer one"
-            packed = model(input_ids=ids).logits
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                packed = model(input_ids=ids).logits
+    assert any("_linear_pointwise" in event.key for event in profile.key_averages()), "the packed path did not run"
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-5)
     assert not any("forward" in vars(m) for m in model.modules())
     weight = model.lm_head.weight

@@ -33,7 +33,6 @@ _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _cache_lock = threading.Lock()
 
 
-
 def with_cache(model: Any, cache: Any) -> dict[str, Any]:
     """The forward keyword argument that hands `model` a KV cache: `cache` where its forward takes
     that name (transformers 5.2x renamed it; `past_key_values` is gone from 5.40), else

@@ -53,8 +53,8 @@ def packed_linears(model: torch.nn.Module, batched: bool) -> Iterator[None]:
     `batched`: whether calls will see several rows (batches, beams); if not, only the layers that
     gain at one row are packed, since packing every weight costs about 0.4 s for 135M parameters.
     The weights are packed on entry (so what was merged into them before counts) and dropped on
-    exit; nested or concurrent blocks on one model pack once. Meant for inference only: the packed
-    path has no gradient."""
+    exit; nested or concurrent blocks on one model pack once. Where gradients are on (training in
+    another thread), a call takes F.linear: the packed path has none."""
     if not packing_applies(model):
         yield
         return
@@ -72,6 +72,8 @@ def packed_linears(model: torch.nn.Module, batched: bool) -> Iterator[None]:
     finally:
         with _lock:
             _depth[model] -= 1
+            if not _depth[model]:
+                del _depth[model]
             for module in swapped:
                 module.__dict__.pop("forward", None)  # the class's forward again
 
@@ -83,7 +85,7 @@ def _packed_forward(module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.T
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > PACKED_MAX_ROWS or (rows == 1 and not large) or x.dtype != torch.float32 or x.requires_grad:
+        if rows > PACKED_MAX_ROWS or (rows == 1 and not large) or x.dtype != torch.float32 or torch.is_grad_enabled():
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
