@@ -17,15 +17,12 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
-DEFAULT_QUESTIONS = ROOT.parent / "shared" / "data" / "lamp7" / "questions.json"
+from run import DEFAULT_QUESTIONS, KINDS, timed  # noqa: E402  (run.py puts the project on the path)
 
 
 def main() -> None:
@@ -43,7 +40,6 @@ def main() -> None:
     import recipes.kit.generation as generation
     from recipes.kit.backbones import load_llm
     from recipes.kit.tasks import get_task
-    from run import KINDS
 
     unknown = set(args.kinds) - set(KINDS)
     if unknown:
@@ -63,9 +59,7 @@ def main() -> None:
                 for way in order:
                     generation.packed_linears = ways[way]
                     try:
-                        started = time.perf_counter()
-                        answers = generation.generate(llm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, per_row=per_row)
-                        seconds = time.perf_counter() - started
+                        seconds, answers = timed(llm, prompts, max_new_tokens, batch_size, per_row)
                     finally:
                         generation.packed_linears = packed
                     runs.setdefault((kind, batch_size, way), []).append((seconds, answers))

@@ -138,10 +138,11 @@ class _Rows:
         self.edit_rows = self.edit.stack(self.rows) if self.edit is not None else None
         soft = _Soft.of(per_row.soft, starts or [], self.rows)
         self.cache = _growing_cache(llm)
+        self.cache_argument = with_cache(llm.model, self.cache)  # the same cache object for this batch's life
         self._use_edit()
         self.logits = llm.model(
             **_inputs(llm, input_ids, self.mask, soft), attention_mask=self.mask, position_ids=positions,
-            **with_cache(llm.model, self.cache), use_cache=True, logits_to_keep=1,
+            **self.cache_argument, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]  # fmt: skip
         self.next_position = positions[:, -1] + 1
 
@@ -187,7 +188,7 @@ class _Rows:
         self._use_edit()
         self.logits = self.llm.model(
             input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
-            **with_cache(self.llm.model, self.cache), use_cache=True,
+            **self.cache_argument, use_cache=True,
         ).logits[:, -1]  # fmt: skip
         self.next_position = self.next_position + 1
 

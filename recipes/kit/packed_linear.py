@@ -21,7 +21,6 @@ unpacked ones only where two tokens' logits tie to float32 rounding.
 from __future__ import annotations
 
 import threading
-import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -34,7 +33,6 @@ ALWAYS_PACKED = 1 << 22
 """Weights of at least this many elements take the packed path for one row too."""
 
 _lock = threading.Lock()
-_depth: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
 def packing_applies(model: torch.nn.Module) -> bool:
@@ -53,27 +51,25 @@ def packed_linears(model: torch.nn.Module, batched: bool) -> Iterator[None]:
     `batched`: whether calls will see several rows (batches, beams); if not, only the layers that
     gain at one row are packed, since packing every weight costs about 0.4 s for 135M parameters.
     The weights are packed on entry (so what was merged into them before counts) and dropped on
-    exit; nested or concurrent blocks on one model pack once. Where gradients are on (training in
-    another thread), a call takes F.linear: the packed path has none."""
+    exit. A layer that already has a forward of its own (an enclosing or concurrent block's, or
+    another library's hook) is left as it is, so blocks nest and each restores only what it
+    swapped. Where gradients are on (training in another thread), a call takes F.linear: the
+    packed path has none."""
     if not packing_applies(model):
         yield
         return
     with _lock:
-        outermost = _depth.get(model, 0) == 0
-        _depth[model] = _depth.get(model, 0) + 1
-        swapped = []
-        if outermost:
-            for module in model.modules():
-                if type(module) is torch.nn.Linear and (batched or module.weight.numel() >= ALWAYS_PACKED):
-                    module.forward = _packed_forward(module)
-                    swapped.append(module)
+        swapped = [
+            module for module in model.modules()
+            if type(module) is torch.nn.Linear and "forward" not in vars(module)
+            and (batched or module.weight.numel() >= ALWAYS_PACKED)
+        ]  # fmt: skip
+        for module in swapped:
+            module.forward = _packed_forward(module)
     try:
         yield
     finally:
         with _lock:
-            _depth[model] -= 1
-            if not _depth[model]:
-                del _depth[model]
             for module in swapped:
                 module.__dict__.pop("forward", None)  # the class's forward again
 
