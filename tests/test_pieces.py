@@ -133,6 +133,29 @@ def test_assembly_scores_each_module_on_inputs_the_earlier_pieces_already_change
     assert not torch.allclose(input_of_last(True), input_of_last(False))
 
 
+def test_assembly_reads_batched_examples_with_the_instruction_they_share(tiny_llama):
+    """Examples batched together share the chat turn and the task's instruction; each must still be
+    read whole, as it is alone (a shared prefix left out of the forward pass shifts every later
+    layer's scored inputs: assembly ran that way, unnoticed, from 2026-12-03 to 12-07)."""
+    pool = _pool(tiny_llama)
+    for module in pool.modules.values():
+        module.b.zero_()  # pieces that add nothing: every batching sees the plain model's inputs
+    last = tiny_llama.model.get_submodule(pool.module_order[-1])  # layer 1: its inputs depend on the context
+
+    def last_token_inputs(batch_size: int) -> torch.Tensor:
+        seen = []
+        handle = last.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, -1].clone()))
+        try:
+            assemble_user(tiny_llama, pool, EXAMPLES[:3], top_k=1, batch_size=batch_size, precision="float32")
+        finally:
+            handle.remove()
+        return torch.cat(seen)
+
+    alone, together = last_token_inputs(1), last_token_inputs(3)
+    assert alone.shape == together.shape == (3, tiny_llama.model.config.hidden_size)
+    assert torch.allclose(alone, together, atol=1e-5), (alone - together).abs().max()
+
+
 def test_the_stored_choice_is_indices_and_weights_only(tiny_llama):
     pool = _pool(tiny_llama)
     choices = {path: [("12", 0.6), ("7", 0.4)] for path in pool.module_order}

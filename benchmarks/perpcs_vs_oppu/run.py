@@ -5,10 +5,13 @@ README section): OPPU trains one LoRA per user from scratch on the examples the 
 reads (its pairs recipe; timed per user, its adapter bytes counted) and Per-Pcs assembles each user's adapter from the pool (timed per user, its stored
 bytes counted); then both are evaluated on those users' queries with the same batched path.
 Goals (issue 5): assembly at least 20x faster, storage at least 1000x smaller, quality at
-least 99% of OPPU's (ROUGE-1 for generation tasks).
+least 99% of OPPU's (ROUGE-1 for generation tasks). With `--max-items N ...` the same users are
+also assembled from their N most recent items only, in the same run: seconds, quality, and how
+far the choices agree with the full history's (the share of modules that pick the same pieces,
+and the weight both assign alike).
 
     .venv/bin/python benchmarks/perpcs_vs_oppu/run.py --store STORE [--task LaMP-7] [--users 32]
-        [--pool TAG] [--top-k 3] [--max-items N] [--out benchmarks/perpcs_vs_oppu/results.json]
+        [--pool TAG] [--top-k 3] [--max-items N ...] [--out benchmarks/perpcs_vs_oppu/results.json]
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=32, help="the first N test-split users")
     parser.add_argument("--pool", default=None, help="pool tag or version (default: the newest)")
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--max-items", type=int, default=None, help="assemble from each user's N most recent items (default: all)")
+    parser.add_argument("--max-items", type=int, nargs="+", default=[],
+                        help="also assemble from each user's N most recent items, for each N (the full history always runs)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
@@ -60,18 +64,24 @@ def main() -> None:
     # the examples assembly reads (the pool's pairs: plain history items, or task-format pairs of them)
     oppu = train_oppu(store, load_llm(None, args.device), task, users, LoraSettings(learning_rate=1e-3, batch_size=4, epochs=2.0),
                       group, pool.base, retrain=True, pairs=pool.pairs)  # fmt: skip
-    assembly = assemble_users(
-        store, load_llm(None, args.device), task, users, args.top_k, str(pool.version), max_items=args.max_items
-    )  # fmt: skip
 
     def quality(method: str, **extra) -> dict:
         request = EvalRequest(task=task.name, method=method, split="test", users=users, **extra)
         run, _ = evaluate(store, request, lambda: load_llm(None, args.device))
         return {"run_id": run.run_id, "method": run.method, **run.metrics, "examples_per_s": run.examples_per_s}
 
+    def assembled(max_items: int | None) -> tuple:
+        """Assemble every user (stored, replacing the last assembly) and evaluate it right away."""
+        report = assemble_users(store, llm, task, users, args.top_k, str(pool.version), max_items=max_items)
+        return report, quality("perpcs", pool=str(pool.version))
+
+    llm = load_llm(None, args.device)
+    # the shorter histories first, the full one last: the store keeps the full-history assemblies
+    shorter = {n: assembled(n) for n in sorted(set(args.max_items), reverse=True)}
+    assembly, perpcs = assembled(None)
     runs = {
         "oppu": quality("oppu", plugin=group),
-        "perpcs": quality("perpcs", pool=str(pool.version)),
+        "perpcs": perpcs,
         "task-lora (base)": quality("task-lora", plugin=pool.base) if pool.base else None,
     }
     oppu_s = statistics.fmean(oppu.train_seconds)
@@ -82,13 +92,19 @@ def main() -> None:
     ratio = runs["perpcs"][metric] / runs["oppu"][metric] if task.higher_is_better(metric) else runs["oppu"][metric] / runs["perpcs"][metric]
     results = {
         "task": task.name, "store": str(args.store), "users": len(users), "pool": pool.label, "pool_version": pool.version,
-        "sharers": len(pool.sharers), "pairs": pool.pairs, "top_k": args.top_k, "max_items": args.max_items, "base": pool.base,
+        "sharers": len(pool.sharers), "pairs": pool.pairs, "top_k": args.top_k, "base": pool.base,
         "per_user": {
             "oppu_train_seconds": round(oppu_s, 3), "assembly_seconds": round(assembly_s, 3),
             "speedup": round(oppu_s / assembly_s, 1), "oppu_adapter_bytes": round(oppu_bytes),
             "assembly_stored_bytes": round(stored), "storage_ratio": round(oppu_bytes / stored, 1),
         },
         "quality": {k: v for k, v in runs.items() if v}, "quality_ratio": round(ratio, 4),
+        "shorter_histories": [
+            {"max_items": n, "assembly_seconds": round(statistics.fmean(report.seconds.values()), 3),
+             "speedup": round(oppu_s / statistics.fmean(report.seconds.values()), 1),
+             **choice_agreement(assembly.assembled, report.assembled), "quality": row}
+            for n, (report, row) in sorted(shorter.items())
+        ],
         "goals": {"speedup >= 20": oppu_s / assembly_s >= 20, "storage_ratio >= 1000": oppu_bytes / stored >= 1000,
                   "quality >= 0.99 of OPPU": ratio >= 0.99},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device},
@@ -97,6 +113,19 @@ def main() -> None:
     _print(results, metric)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def choice_agreement(full: dict, other: dict) -> dict:
+    """How far `other`'s choices match `full`'s, over every user and module: the share that picks
+    the same set of pieces, and the weight both give alike (sum of the smaller weight per piece)."""
+    same, overlap, modules = 0, 0.0, 0
+    for user, choices in full.items():
+        for path, picked in choices.items():
+            mine, theirs = dict(picked), dict(other[user][path])
+            same += set(mine) == set(theirs)
+            overlap += sum(min(w, theirs.get(s, 0.0)) for s, w in mine.items())
+            modules += 1
+    return {"same_pieces": round(same / modules, 4), "weight_overlap": round(overlap / modules, 4)}
 
 
 def _print(results: dict, metric: str) -> None:
@@ -109,6 +138,10 @@ def _print(results: dict, metric: str) -> None:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("run_id", "method", "examples_per_s"))
         print(f"  {name:<18} {scores}  ({row['examples_per_s']} examples/s, run {row['run_id']})")
     print(f"  Per-Pcs / OPPU {metric}: {results['quality_ratio']:.4f}")
+    for row in results["shorter_histories"]:
+        print(f"\nPer-Pcs from the {row['max_items']} most recent items: {row['assembly_seconds']:.3f} s per user "
+              f"({row['speedup']:.1f}x), same pieces as the full history in {row['same_pieces']:.1%} of modules "
+              f"(weight overlap {row['weight_overlap']:.3f}), {metric} {row['quality'][metric]:.4f}")
     print("\ngoals: " + ", ".join(f"{goal}: {'met' if ok else 'NOT met'}" for goal, ok in results["goals"].items()))
 
 

@@ -112,7 +112,8 @@ def assemble_user(
     ordered = sorted(examples, key=lambda e: len(e.prompt or "") + len(e.target))
     with assembler.hooked(llm.model), autocast_weights(llm, precision):
         for start in range(0, len(ordered), batch_size):
-            batch = _distinct_lengths(llm, make_batch(llm, ordered[start : start + batch_size], max_length))
+            # every row whole: the model call below has no place for a prefix shared as a KV cache
+            batch = _distinct_lengths(llm, make_batch(llm, ordered[start : start + batch_size], max_length, share_prefix=False))
             assembler.masks = _scored_positions(llm, batch)
             inputs = {k: v for k, v in batch.items() if k != "labels"} if not llm.is_seq2seq else batch
             extra = {} if llm.is_seq2seq else {"logits_to_keep": 1}
