@@ -26,7 +26,7 @@ PROMPT = "Paraphrase the following tweet without any explanation before or after
 STYLES = {json.loads(line)["user_id"]: json.loads(line)["style"] for line in EXAMPLES.read_text().splitlines()}
 # one non-test sharer for each of the ten planted styles
 SHARERS = ["0", "1", "12", "3", "14", "5", "6", "7", "18", "9"]
-MASS_FLOOR, TOP3_FLOOR = 0.12, 7  # chance: 0.10 and 3.9 of 13 (p=0.3 each; 7 or more by chance: 6%); measured (float32) 0.174 and 9 of 13
+MASS_FLOOR, TOP3_FLOOR = 0.12, 7  # chance: 0.10 and 3.9 of 13 (p=0.3 each; 7 or more by chance: 6%); measured (float32) 0.193 and 9 of 13 (0.174 while assembly dropped the shared instruction)
 TRAINING = ["--steps", "6", "--gate-steps", "6", "--max-length", "128", "--batch-size", "4"]
 
 

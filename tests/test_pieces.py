@@ -12,6 +12,7 @@ import torch
 from recipes import PersonaError
 from recipes.kit.lora import LoraWeights, merge_into
 from recipes.methods.peft_retrieval import retrieval_choices
+from recipes.methods.perpcs import assembly
 from recipes.methods.perpcs.assembly import _Assembler, assemble_user
 from recipes.methods.perpcs.gates import GateSettings, gated_lora, train_gates
 from recipes.kit.training_loop import Example
@@ -133,26 +134,41 @@ def test_assembly_scores_each_module_on_inputs_the_earlier_pieces_already_change
     assert not torch.allclose(input_of_last(True), input_of_last(False))
 
 
-def test_assembly_reads_batched_examples_with_the_instruction_they_share(tiny_llama):
-    """Examples batched together share the chat turn and the task's instruction; each must still be
-    read whole, as it is alone (a shared prefix left out of the forward pass shifts every later
-    layer's scored inputs: assembly ran that way, unnoticed, from 2026-12-03 to 12-07)."""
-    pool = _pool(tiny_llama)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_assembly_reads_batched_examples_whole_as_each_alone(tiny_llama, monkeypatch, attention):
+    """Examples batched together share the chat turn and the task's instruction, which assembly
+    packs once per sequence; every scored token must still see what it sees alone (a shared prefix
+    left out of the forward pass shifts every later layer's inputs: assembly ran that way,
+    unnoticed, from 2026-12-03 to 12-07)."""
+    llm = _copy(tiny_llama)
+    llm.model.config._attn_implementation = attention
+    pool = _pool(llm)
     for module in pool.modules.values():
         module.b.zero_()  # pieces that add nothing: every batching sees the plain model's inputs
-    last = tiny_llama.model.get_submodule(pool.module_order[-1])  # layer 1: its inputs depend on the context
+    last = llm.model.get_submodule(pool.module_order[-1])  # layer 1: its inputs depend on the context
+    masks = []
+    scored_positions = assembly._scored_positions
+    monkeypatch.setattr(assembly, "_scored_positions", lambda *args: masks.append(scored_positions(*args)) or masks[-1])
 
-    def last_token_inputs(batch_size: int) -> torch.Tensor:
+    def scored_inputs(batch_size: int, examples: list[Example]) -> torch.Tensor:
         seen = []
-        handle = last.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, -1].clone()))
+        handle = last.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+        masks.clear()
         try:
-            assemble_user(tiny_llama, pool, EXAMPLES[:3], top_k=1, batch_size=batch_size, precision="float32")
+            assemble_user(llm, pool, examples, top_k=1, batch_size=batch_size, precision="float32")
         finally:
             handle.remove()
-        return torch.cat(seen)
+        return torch.cat([x[mask[x.shape[1]]] for x, mask in zip(seen, masks)])
 
-    alone, together = last_token_inputs(1), last_token_inputs(3)
-    assert alone.shape == together.shape == (3, tiny_llama.model.config.hidden_size)
+    examples = EXAMPLES[:3] + [Example("Paraphrase: " + text, text.upper()) for text in ("snow fell all night", "the bus was late")]
+    packed = []
+    pack = assembly.packed_causal_batch
+    monkeypatch.setattr(assembly, "packed_causal_batch", lambda *args: packed.append(pack(*args)) or packed[-1])
+    alone = scored_inputs(1, examples)
+    assert packed == [None] * 5  # one row alone: nothing to share
+    together = scored_inputs(5, examples)
+    assert packed[-1]["input_ids"].shape[0] == 2  # packed: four rows behind one prefix, then one
+    assert alone.shape == together.shape and alone.shape[0] > 5 * 3
     assert torch.allclose(alone, together, atol=1e-5), (alone - together).abs().max()
 
 

@@ -26,7 +26,8 @@ from recipes.kit.engine import LOCAL, Engine, fan_out
 from recipes.kit.hooks import forward_hooks
 from recipes.kit.lora import mix_pieces
 from recipes.kit.plugins import apply_chain, base_chain
-from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, autocast_weights, make_batch
+from recipes.kit.packed_rows import packed_causal_batch
+from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, autocast_weights, encode_example, make_batch
 from recipes.methods.perpcs.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
 from recipes.kit.progress import Progress
 from recipes.kit.tasks import Task
@@ -95,6 +96,17 @@ def _distinct_lengths(llm: LLM, batch: dict[str, torch.Tensor]) -> dict[str, tor
     return batch
 
 
+def _assembly_batch(llm: LLM, examples: list[Example], max_length: int) -> dict[str, torch.Tensor]:
+    """Every example read whole. Causal rows that share their opening (chat turn, instruction) are
+    packed behind one copy of it, which the batch's chosen pieces change like every other token
+    (a prefix computed ahead as a KV cache could not be); otherwise rows are padded side by side."""
+    if not llm.is_seq2seq:
+        packed = packed_causal_batch(llm, [encode_example(llm, e, max_length) for e in examples])
+        if packed is not None:
+            return packed
+    return _distinct_lengths(llm, make_batch(llm, examples, max_length, share_prefix=False))
+
+
 @torch.inference_mode()
 def assemble_user(
     llm: LLM, pool: Pool, examples: list[Example], top_k: int = 3, batch_size: int = 16, max_length: int = 256,
@@ -112,8 +124,7 @@ def assemble_user(
     ordered = sorted(examples, key=lambda e: len(e.prompt or "") + len(e.target))
     with assembler.hooked(llm.model), autocast_weights(llm, precision):
         for start in range(0, len(ordered), batch_size):
-            # every row whole: the model call below has no place for a prefix shared as a KV cache
-            batch = _distinct_lengths(llm, make_batch(llm, ordered[start : start + batch_size], max_length, share_prefix=False))
+            batch = _assembly_batch(llm, ordered[start : start + batch_size], max_length)
             assembler.masks = _scored_positions(llm, batch)
             inputs = {k: v for k, v in batch.items() if k != "labels"} if not llm.is_seq2seq else batch
             extra = {} if llm.is_seq2seq else {"logits_to_keep": 1}
