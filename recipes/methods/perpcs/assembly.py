@@ -194,7 +194,9 @@ def assemble_users(
         else:
             result.skipped[user] = f"no {task.name} history"
     records = []
-    config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items}
+    # whole_examples: assemblies stored before 2026-12-07 read batched examples without the
+    # instruction they share (and lack this key)
+    config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items, "whole_examples": True}
     assembled = fan_out(engine, make_assembler, work.values(), len(work), progress, "assembling adapters")
     with autocast_weights(here, precision) if engine.is_local else contextlib.nullcontext():  # weights cast once, not per user
         for (choices, seconds), user in zip(assembled, work):
