@@ -38,19 +38,12 @@ def main() -> None:
 
     from recipes.kit.backbones import load_llm
     from recipes.kit.history_pairs import paired_histories
-    from recipes.kit.splits import split_users
-    from recipes.kit.tasks import get_task
     from recipes.kit.training_loop import encode_example
     from recipes.kit.training_data import history_examples
     from recipes.methods.perpcs import assembly
-    from recipes.methods.perpcs.pool import load_pool
-    from run import choice_agreement
-    from store import Store
+    from run import choice_agreement, opened
 
-    store = Store(args.store)
-    task = get_task(args.task)
-    users = split_users(store, task, "test")[: args.users]
-    pool = load_pool(store, task.name, args.pool)
+    store, task, users, pool = opened(args)
     llm = assembly._pool_llm(load_llm(None, "cpu"), store, pool)
     histories = paired_histories(store, task, store.histories(users, task.name), pool.pairs, pool.pair_seed)
     work = {user: history_examples(task, histories[user]) for user in users if histories.get(user)}

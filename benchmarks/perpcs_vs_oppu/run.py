@@ -43,20 +43,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
 
-    from recipes.kit.splits import split_users
     from recipes.methods.oppu import train_oppu
     from recipes.methods.perpcs.assembly import assemble_users
     from recipes.kit.backbones import load_llm
     from recipes.flows.evaluate import EvalRequest, evaluate
     from recipes.kit.training_loop import LoraSettings
-    from recipes.methods.perpcs.pool import load_pool
-    from recipes.kit.tasks import get_task
-    from store import Store
 
-    store = Store(args.store)
-    task = get_task(args.task)
-    users = split_users(store, task, "test")[: args.users]
-    pool = load_pool(store, task.name, args.pool)
+    store, task, users, pool = opened(args)
     group = "bench-oppu-" + task.name
     print(f"{len(users)} {task.name} test users; pool {pool.label} (version {pool.version}, {len(pool.sharers)} sharers) on base {pool.base}")
 
@@ -113,6 +106,18 @@ def main() -> None:
     _print(results, metric)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def opened(args: argparse.Namespace) -> tuple:
+    """The store, task, first N test-split users and pool version the arguments name."""
+    from recipes.kit.splits import split_users
+    from recipes.kit.tasks import get_task
+    from recipes.methods.perpcs.pool import load_pool
+    from store import Store
+
+    store = Store(args.store)
+    task = get_task(args.task)
+    return store, task, split_users(store, task, "test")[: args.users], load_pool(store, task.name, args.pool)
 
 
 def choice_agreement(full: dict, other: dict) -> dict:
