@@ -36,7 +36,7 @@ def packed_causal_batch(
     shared = shared_prefix_length(rows)
     if kind is None or shared == 0:
         return None
-    prefix = rows[0][0][:shared]
+    prefix = torch.tensor(rows[0][0][:shared])
     sequences = [rows[i : i + per_sequence] for i in range(0, len(rows), per_sequence)]
     width = max(shared + sum(len(ids) - shared for ids, _ in group) for group in sequences)
     ids = torch.full((len(sequences), width), llm.tokenizer.pad_token_id, dtype=torch.long)
@@ -45,7 +45,7 @@ def packed_causal_batch(
     segment = torch.full_like(ids, -1)  # -1: padding, 0: the prefix, n: the n-th row of the sequence
     for s, group in enumerate(sequences):
         start = width - shared - sum(len(row_ids) - shared for row_ids, _ in group)  # left padding
-        ids[s, start : start + shared] = torch.tensor(prefix)
+        ids[s, start : start + shared] = prefix
         positions[s, start : start + shared] = torch.arange(shared)
         segment[s, start : start + shared] = 0
         at = start + shared

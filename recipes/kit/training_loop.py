@@ -247,11 +247,6 @@ def _seq2seq_batch(llm: LLM, examples: list[Example], max_length: int) -> dict[s
     return {**{k: v.to(llm.device) for k, v in inputs.items()}, "labels": labels.to(llm.device)}
 
 
-def make_batch(llm: LLM, examples: list[Example], max_length: int, share_prefix: bool = True) -> dict[str, torch.Tensor]:
-    """Model inputs with labels for a list of examples (loss only on targets)."""
-    return TokenizedExamples(llm, examples, max_length).batch(range(len(examples)), share_prefix)
-
-
 class TokenizedExamples:
     """Examples tokenized once (not again at every step they are drawn), batched on demand."""
 
@@ -271,6 +266,8 @@ class TokenizedExamples:
         return sum(self.lengths[i] for i in indices) if self.rows is not None else 0
 
     def batch(self, indices: Iterable[int], share_prefix: bool = True) -> dict[str, torch.Tensor]:
+        """With `share_prefix` the dict carries `prefix_ids`, which only `causal_loss` reads (a plain
+        model call ignores the keyword and so the prefix): pass False for any other forward pass."""
         chosen = list(indices)
         if self.rows is None:
             return _seq2seq_batch(self.llm, [self.examples[i] for i in chosen], self.max_length)

@@ -27,7 +27,7 @@ from recipes.kit.hooks import forward_hooks
 from recipes.kit.lora import mix_pieces
 from recipes.kit.plugins import apply_chain, base_chain
 from recipes.kit.packed_rows import packed_causal_batch
-from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, autocast_weights, encode_example, make_batch
+from recipes.kit.training_loop import IGNORE, PRECISIONS, Example, TokenizedExamples, autocast_weights
 from recipes.methods.perpcs.pool import Choices, Pool, decode_choices, encode_choices, load_pool, mixed_lora, pool_label, read_pool
 from recipes.kit.progress import Progress
 from recipes.kit.tasks import Task
@@ -100,11 +100,9 @@ def _assembly_batch(llm: LLM, examples: list[Example], max_length: int) -> dict[
     """Every example read whole. Causal rows that share their opening (chat turn, instruction) are
     packed behind one copy of it, which the batch's chosen pieces change like every other token
     (a prefix computed ahead as a KV cache could not be); otherwise rows are padded side by side."""
-    if not llm.is_seq2seq:
-        packed = packed_causal_batch(llm, [encode_example(llm, e, max_length) for e in examples])
-        if packed is not None:
-            return packed
-    return _distinct_lengths(llm, make_batch(llm, examples, max_length, share_prefix=False))
+    data = TokenizedExamples(llm, examples, max_length)  # tokenized once, whichever layout follows
+    packed = None if llm.is_seq2seq else packed_causal_batch(llm, data.rows)
+    return packed if packed is not None else _distinct_lengths(llm, data.batch(range(len(data)), share_prefix=False))
 
 
 @torch.inference_mode()
