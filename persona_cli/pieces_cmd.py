@@ -116,6 +116,9 @@ def assemble_command(
     batch_size: int = typer.Option(16, "--batch-size", help="History items per forward pass."),
     max_length: int = MaxLengthOption,
     max_items: Optional[int] = typer.Option(None, "--max-items", help="Assemble from the user's N most recent items only (default: all)."),
+    history_format: str = typer.Option(
+        "task", "--history-format", help="task: read each item as the sharers trained on it (the pool's pairs); text: as plain text (fewer tokens, faster)."
+    ),
     explain: bool = typer.Option(False, "--explain", help="Show, per layer, the chosen sharers and weights."),
     engine: str = EngineOption,
     ray_address: Optional[str] = RayAddressOption,
@@ -142,7 +145,7 @@ def assemble_command(
     with progress_bar(enabled=not json_out) as tick:
         result = assemble_users(
             store, lambda: load_llm(llm, device), task_spec, user_ids, top_k, pool, batch_size, max_length, tick, precision, max_items,
-            running_on,
+            running_on, history_format,
         )  # fmt: skip
     if json_out:
         print_json({

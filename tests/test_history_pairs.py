@@ -153,3 +153,23 @@ def test_rag_training_shows_a_pair_the_users_other_items_never_its_own(tweet_sto
     assert "--rag-min-similarity is a cosine similarity in [-1, 1], got 2.0" in cli_fails(
         store, "adapt", "--task", "LaMP-7", "--rag-k", "2", "--rag-min-similarity", "2")
     assert "--min-similarity goes with --method rag" in cli_fails(store, "evaluate", "--task", "LaMP-7", "--min-similarity", "0.4")
+
+
+def test_assembly_reads_history_as_the_pool_was_trained_or_as_plain_text(tweet_store, tiny_llm_dir, monkeypatch):
+    """A pool trained on rules pairs is assembled from the target's pairs by default; --history-format
+    text reads each item's text alone (what makes assembly faster), and the stored record says which."""
+    import recipes.methods.perpcs.assembly as assembly
+
+    store, train, test = tweet_store
+    llm = ["--llm", str(tiny_llm_dir), "--precision", "float32"]
+    cli_json(store, "register-sharers", "--task", "LaMP-7", "--sharer", train, "--pairs", "rules", "--steps", "1", "--gate-steps", "1", *llm)
+    read, real = {}, assembly.assemble_user
+    monkeypatch.setattr(assembly, "assemble_user", lambda llm, pool, examples, *rest: read.setdefault(len(read), examples) and real(llm, pool, examples, *rest))
+    for form in ("task", "text"):
+        cli_json(store, "assemble", "--task", "LaMP-7", "--user", test, "--history-format", form, *llm)
+    as_task, as_text = read[0], read[1]
+    assert [e.target for e in as_task] == [e.target for e in as_text] == TWEETS[4:]
+    assert all(e.prompt.startswith("Paraphrase the following tweet") for e in as_task)
+    assert all(e.prompt is None for e in as_text)
+    assert Store(store).list_assemblies("LaMP-7", test)[-1].config["history_format"] == "text"
+    assert "--history-format json: expected one of task, text" in cli_fails(store, "assemble", "--task", "LaMP-7", "--user", test, "--history-format", "json")

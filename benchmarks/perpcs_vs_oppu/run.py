@@ -8,10 +8,12 @@ Goals (issue 5): assembly at least 20x faster, storage at least 1000x smaller, q
 least 99% of OPPU's (ROUGE-1 for generation tasks). With `--max-items N ...` the same users are
 also assembled from their N most recent items only, in the same run: seconds, quality, and how
 far the choices agree with the full history's (the share of modules that pick the same pieces,
-and the weight both assign alike).
+and the weight both assign alike). With `--text` each user is also assembled from their items read
+as plain text (`assemble --history-format text`: no instruction, no synthesized input), whole and at
+each N, compared with the full task-format history the same way.
 
     .venv/bin/python benchmarks/perpcs_vs_oppu/run.py --store STORE [--task LaMP-7] [--users 32]
-        [--pool TAG] [--top-k 3] [--max-items N ...] [--out benchmarks/perpcs_vs_oppu/results.json]
+        [--pool TAG] [--top-k 3] [--max-items N ...] [--text] [--out benchmarks/perpcs_vs_oppu/results.json]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--max-items", type=int, nargs="+", default=[],
                         help="also assemble from each user's N most recent items, for each N (the full history always runs)")
+    parser.add_argument("--text", action="store_true", help="also assemble from the items read as plain text (whole history and each --max-items)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
@@ -63,14 +66,16 @@ def main() -> None:
         run, _ = evaluate(store, request, lambda: load_llm(None, args.device))
         return {"run_id": run.run_id, "method": run.method, **run.metrics, "examples_per_s": run.examples_per_s}
 
-    def assembled(max_items: int | None) -> tuple:
+    def assembled(max_items: int | None, history_format: str = "task") -> tuple:
         """Assemble every user (stored, replacing the last assembly) and evaluate it right away."""
-        report = assemble_users(store, llm, task, users, args.top_k, str(pool.version), max_items=max_items)
+        report = assemble_users(store, llm, task, users, args.top_k, str(pool.version), max_items=max_items, history_format=history_format)
         return report, quality("perpcs", pool=str(pool.version))
 
     llm = load_llm(None, args.device)
-    # the shorter histories first, the full one last: the store keeps the full-history assemblies
-    shorter = {n: assembled(n) for n in sorted(set(args.max_items), reverse=True)}
+    # the other readings first, the full task-format history last: the store keeps its assemblies
+    formats = ["task", "text"] if args.text else ["task"]
+    variants = [(f, n) for f in formats for n in [*sorted(set(args.max_items), reverse=True), None] if (f, n) != ("task", None)]
+    other = {variant: assembled(variant[1], variant[0]) for variant in variants}
     assembly, perpcs = assembled(None)
     runs = {
         "oppu": quality("oppu", plugin=group),
@@ -92,11 +97,11 @@ def main() -> None:
             "assembly_stored_bytes": round(stored), "storage_ratio": round(oppu_bytes / stored, 1),
         },
         "quality": {k: v for k, v in runs.items() if v}, "quality_ratio": round(ratio, 4),
-        "shorter_histories": [
-            {"max_items": n, "assembly_seconds": round(statistics.fmean(report.seconds.values()), 3),
+        "other_readings": [
+            {"history_format": f, "max_items": n, "assembly_seconds": round(statistics.fmean(report.seconds.values()), 3),
              "speedup": round(oppu_s / statistics.fmean(report.seconds.values()), 1),
              **choice_agreement(assembly.assembled, report.assembled), "quality": row}
-            for n, (report, row) in sorted(shorter.items())
+            for (f, n), (report, row) in other.items()
         ],
         "goals": {"speedup >= 20": oppu_s / assembly_s >= 20, "storage_ratio >= 1000": oppu_bytes / stored >= 1000,
                   "quality >= 0.99 of OPPU": ratio >= 0.99},
@@ -143,8 +148,9 @@ def _print(results: dict, metric: str) -> None:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("run_id", "method", "examples_per_s"))
         print(f"  {name:<18} {scores}  ({row['examples_per_s']} examples/s, run {row['run_id']})")
     print(f"  Per-Pcs / OPPU {metric}: {results['quality_ratio']:.4f}")
-    for row in results["shorter_histories"]:
-        print(f"\nPer-Pcs from the {row['max_items']} most recent items: {row['assembly_seconds']:.3f} s per user "
+    for row in results["other_readings"]:
+        items = "all items" if row["max_items"] is None else f"the {row['max_items']} most recent items"
+        print(f"\nPer-Pcs from {items} read as {row['history_format']}: {row['assembly_seconds']:.3f} s per user "
               f"({row['speedup']:.1f}x), same pieces as the full history in {row['same_pieces']:.1%} of modules "
               f"(weight overlap {row['weight_overlap']:.3f}), {metric} {row['quality'][metric]:.4f}")
     print("\ngoals: " + ", ".join(f"{goal}: {'met' if ok else 'NOT met'}" for goal, ok in results["goals"].items()))

@@ -3,7 +3,8 @@
 The target's history runs through the base model in batches. At every pooled module, in
 forward order, each candidate piece is scored by the mean cosine between its gate and the
 module's inputs at the scored positions (the output tokens of task-format items, every token of
-plain texts); the top-k pieces get weights softmax(score/sqrt(n)) and the module adds their
+plain texts: `history_format` 'text' reads every item as plain text, about a quarter of the tokens
+of a LaMP-7 task-format item); the top-k pieces get weights softmax(score/sqrt(n)) and the module adds their
 mixed update, so later layers are scored on activations the earlier assembled layers changed.
 Weights are averaged over batches; the k heaviest per module, renormalized, are the adapter.
 """
@@ -32,6 +33,10 @@ from recipes.methods.perpcs.pool import Choices, Pool, decode_choices, encode_ch
 from recipes.kit.progress import Progress
 from recipes.kit.tasks import Task
 from store import AssemblyRecord, Store
+
+
+HISTORY_FORMATS = ("task", "text")
+"""How assembly reads a history item: as the sharers trained on it, or as plain text."""
 
 
 class _Assembler:
@@ -158,10 +163,13 @@ def assemble_users(
     precision: str = "auto",
     max_items: Optional[int] = None,
     engine: Engine = LOCAL,
+    history_format: str = "task",
 ) -> AssemblyReport:
     """Assemble every user's adapter against one pool version and store (sharer, weight) per
     module for each, in one write. Seconds per user count the history's forward passes only.
     `max_items` assembles from each user's most recent items only (faster, fewer scored tokens).
+    `history_format` 'task' reads each item as the pool's sharers trained on it (task-format pairs
+    where the pool has them), 'text' as its plain text (faster: no instruction, no synthesized input).
     A Ray `engine` assembles on its workers, each of which loads `llm` (a loader) and reads the
     pool and its base chain from the store once; this process writes every record."""
     if top_k < 1:
@@ -172,9 +180,13 @@ def assemble_users(
         raise PersonaError(f"--max-items must be at least 1, got {max_items}")
     if precision not in PRECISIONS:
         raise PersonaError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if history_format not in HISTORY_FORMATS:
+        raise PersonaError(f"--history-format {history_format}: expected one of {', '.join(HISTORY_FORMATS)}")
     store.require_users(user_ids)
     pool = load_pool(store, task.name, pool_ref)
-    histories = paired_histories(store, task, store.histories(user_ids, task.name), pool.pairs, pool.pair_seed)
+    histories = store.histories(user_ids, task.name)
+    if history_format == "task":
+        histories = paired_histories(store, task, histories, pool.pairs, pool.pair_seed)
     settings = (top_k, batch_size, max_length, precision)
     if engine.is_local:
         here = _pool_llm(llm, store, pool)
@@ -186,7 +198,8 @@ def assemble_users(
     work: dict[str, list[Example]] = {}
     for user in user_ids:
         items = histories.get(user, [])
-        examples = history_examples(task, items[-max_items:] if max_items else items)
+        items = items[-max_items:] if max_items else items
+        examples = history_examples(task, items) if history_format == "task" else [Example(None, item.text) for item in items]
         if examples:
             work[user] = examples
         else:
@@ -194,7 +207,8 @@ def assemble_users(
     records = []
     # whole_examples: assemblies stored before 2026-12-07 read batched examples without the
     # instruction they share (and lack this key)
-    config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items, "whole_examples": True}
+    config = {"batch_size": batch_size, "max_length": max_length, "precision": precision, "max_items": max_items, "whole_examples": True,
+              "history_format": history_format}  # fmt: skip
     assembled = fan_out(engine, make_assembler, work.values(), len(work), progress, "assembling adapters")
     with autocast_weights(here, precision) if engine.is_local else contextlib.nullcontext():  # weights cast once, not per user
         for (choices, seconds), user in zip(assembled, work):
