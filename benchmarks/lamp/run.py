@@ -36,6 +36,7 @@ baseline, and Per-Pcs assembly seconds per user against OPPU training seconds pe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import random
@@ -123,7 +124,8 @@ def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs
             cli(store, "register-sharers", "--task", task, "--strategy", "history-cluster", "--k", str(size["sharers"]),
                 "--base", names["task_lora"], "--steps", str(size["sharer_steps"]), "--gate-steps", str(size["sharer_steps"]),
                 "--tag", names["pool"], "--pairs", pairs)  # fmt: skip
-        assembled = cli(store, "assemble", "--task", task, "--users", str(test_ids), "--pool", names["pool"], "--top-k", "3")
+        assembled = cli(store, "assemble", "--task", task, "--users", str(test_ids), "--pool", names["pool"], "--top-k", "3",
+                        "--history-format", names["perpcs_history_format"])  # fmt: skip
         seconds = [entry["seconds"] for entry in assembled["users"].values()]
         timings["perpcs_assembly_s_per_user"] = round(statistics.mean(seconds), 3) if seconds else None
     if "pplug" in groups and not has_plugin(store, names["pplug"]):
@@ -290,19 +292,36 @@ def plans(names: dict, rag_k: int | None, groups: set[str]) -> dict[str, list[st
     return rows
 
 
+def assembly_fingerprint(store: Path, task: str, users: list[str]) -> str:
+    """A digest of the users' stored Per-Pcs assemblies (pool version, pieces and weights): a
+    Per-Pcs evaluation is reused only while the assemblies it served are the same ones."""
+    from store import Store
+
+    digest = hashlib.sha256()
+    for user in sorted(users):
+        for record in Store(str(store)).list_assemblies(task, user):
+            digest.update(f"{user}\t{record.pool_version}\t{record.top_k}\t".encode() + record.choice)
+    return digest.hexdigest()[:16]
+
+
 def evaluate_all(store: Path, task: str, test_ids: Path, rows: dict[str, list[str]], decode: list[str], done: Path) -> dict[str, str]:
     """Every row's run on the test users; returns label -> run id. Each finished run is recorded in
-    `done` (its evaluate arguments and test users -> run id), so a stopped benchmark resumes
-    where it was and a rerun with more rows evaluates only those (delete the file to start over)."""
+    `done` (its evaluate arguments, test users and, for Per-Pcs rows, the assemblies served -> run
+    id), so a stopped benchmark resumes where it was and a rerun with more rows evaluates only those
+    (delete the file to start over, e.g. after changing a method's code)."""
     from store import Store
 
     finished = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
     stored = {run.run_id for run in Store(str(store)).list_runs(task)}
     users = test_ids.read_text(encoding="utf-8")
+    assemblies = None
     runs = {}
     for label, args in rows.items():
         argv = ["evaluate", "--task", task, "--users", str(test_ids), *args, *decode]
         key = json.dumps([argv, users])
+        if any(arg.startswith("perpcs") for arg in args):
+            assemblies = assemblies or assembly_fingerprint(store, task, users.split())
+            key = json.dumps([argv, users, assemblies])
         if finished.get(key) not in stored:
             finished[key] = cli(store, *argv)["run_id"]
             done.write_text(json.dumps(finished, indent=1), encoding="utf-8")
@@ -424,6 +443,7 @@ def main() -> None:
     parser.add_argument("--decode", default="", help='decoding options of every evaluation, e.g. "--beams 4 --repetition-penalty 1.2" (chosen on dev users by benchmarks/decoding)')
     parser.add_argument("--reuse-history", default=None, help="also run each personal row with evaluate --reuse-history THRESHOLD, or 'auto': chosen on the training-split users against copying the input")
     parser.add_argument("--user-spellings", default=None, help="also run each personal row with evaluate --user-spellings MIN_COUNT (with --reuse-history too, when given), or 'auto': chosen on the training-split users against copying the input")
+    parser.add_argument("--perpcs-history-format", default="task", choices=["task", "text"], help="how Per-Pcs assembly reads the test users' history (assemble --history-format)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/lamp/results-TASK[-quick]")
     args = parser.parse_args()
@@ -438,7 +458,8 @@ def main() -> None:
     similarity_suffix = f"-sim{args.rag_train_min_similarity:g}" if args.rag_train_min_similarity is not None else ""
     names = {"task_lora": args.task_lora or f"{prefix}-task-lora", "oppu": f"{prefix}-oppu", "pool": f"{prefix}-pool", "pplug": f"{prefix}-pplug",
              "task_lora_rag": args.task_lora_rag or f"{prefix}-task-lora-rag{args.rag_train_k}" + similarity_suffix,
-             "rag_train_k": args.rag_train_k, "rag_train_min_similarity": args.rag_train_min_similarity, "rag_min_similarity": None}  # fmt: skip
+             "rag_train_k": args.rag_train_k, "rag_train_min_similarity": args.rag_train_min_similarity, "rag_min_similarity": None,
+             "perpcs_history_format": args.perpcs_history_format}  # fmt: skip
     ingest(args.store, args.data, args.task)
     test_ids = split_ids(args.store, args.task, "test", args.users, args.seed, out)
     tune_ids = split_ids(args.store, args.task, "train", size["tune_users"], args.seed, out)
