@@ -385,9 +385,12 @@ def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str
         differences["task LoRA+RAG - task LoRA"] = paired("task LoRA+RAG", "task LoRA")
     for label in [label for label in scores if " + " in label and "ablation" not in label]:  # a row with history stages
         differences[f"{label} - {label.split(' + ')[0]}"] = paired(label, label.split(" + ")[0])
+    if "perpcs" in scores and "task LoRA" in scores:  # Per-Pcs should beat the base it starts from
+        differences["perpcs - task LoRA"] = paired("perpcs", "task LoRA")
     differences[f"{best} - {baseline}"] = paired(best, baseline)
+    ratios = {"perpcs / oppu": round(methods["perpcs"][0] / methods["oppu"][0], 4)} if "perpcs" in scores and "oppu" in scores else {}
     return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "other_measures": others,
-            "differences": differences, "best": best}  # fmt: skip
+            "differences": differences, "ratios": ratios, "best": best}  # fmt: skip
 
 
 def markdown(summary: dict, header: str) -> str:
@@ -401,6 +404,8 @@ def markdown(summary: dict, header: str) -> str:
     for label, (mean, low, high) in summary["differences"].items():
         verdict = "ahead" if low > 0 else "behind" if high < 0 else "not separable"
         lines.append(f"- {label}: {mean:+.4f} [{low:+.4f}, {high:+.4f}]: {verdict}")
+    for label, ratio in summary.get("ratios", {}).items():
+        lines.append(f"- {label} ({summary['measure']}): {ratio:.4f}")
     return "\n".join(lines) + "\n"
 
 
