@@ -125,7 +125,8 @@ def train(store: Path, task: str, size: dict, test_ids: Path, names: dict, pairs
                 "--base", names["task_lora"], "--steps", str(size["sharer_steps"]), "--gate-steps", str(size["sharer_steps"]),
                 "--tag", names["pool"], "--pairs", pairs)  # fmt: skip
         assembled = cli(store, "assemble", "--task", task, "--users", str(test_ids), "--pool", names["pool"], "--top-k", "3",
-                        "--history-format", names["perpcs_history_format"])  # fmt: skip
+                        "--history-format", names["perpcs_history_format"],
+                        *(["--max-items", str(names["perpcs_max_items"])] if names["perpcs_max_items"] else []))  # fmt: skip
         seconds = [entry["seconds"] for entry in assembled["users"].values()]
         timings["perpcs_assembly_s_per_user"] = round(statistics.mean(seconds), 3) if seconds else None
     if "pplug" in groups and not has_plugin(store, names["pplug"]):
@@ -449,6 +450,7 @@ def main() -> None:
     parser.add_argument("--reuse-history", default=None, help="also run each personal row with evaluate --reuse-history THRESHOLD, or 'auto': chosen on the training-split users against copying the input")
     parser.add_argument("--user-spellings", default=None, help="also run each personal row with evaluate --user-spellings MIN_COUNT (with --reuse-history too, when given), or 'auto': chosen on the training-split users against copying the input")
     parser.add_argument("--perpcs-history-format", default="task", choices=["task", "text"], help="how Per-Pcs assembly reads the test users' history (assemble --history-format)")
+    parser.add_argument("--perpcs-max-items", type=int, default=None, help="Per-Pcs assembles from each test user's N most recent items (assemble --max-items; default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/lamp/results-TASK[-quick]")
     args = parser.parse_args()
@@ -464,7 +466,7 @@ def main() -> None:
     names = {"task_lora": args.task_lora or f"{prefix}-task-lora", "oppu": f"{prefix}-oppu", "pool": f"{prefix}-pool", "pplug": f"{prefix}-pplug",
              "task_lora_rag": args.task_lora_rag or f"{prefix}-task-lora-rag{args.rag_train_k}" + similarity_suffix,
              "rag_train_k": args.rag_train_k, "rag_train_min_similarity": args.rag_train_min_similarity, "rag_min_similarity": None,
-             "perpcs_history_format": args.perpcs_history_format}  # fmt: skip
+             "perpcs_history_format": args.perpcs_history_format, "perpcs_max_items": args.perpcs_max_items}  # fmt: skip
     ingest(args.store, args.data, args.task)
     test_ids = split_ids(args.store, args.task, "test", args.users, args.seed, out)
     tune_ids = split_ids(args.store, args.task, "train", size["tune_users"], args.seed, out)
