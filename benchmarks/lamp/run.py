@@ -307,7 +307,7 @@ def assembly_fingerprint(store: Path, task: str, users: list[str]) -> str:
 
 def evaluate_all(store: Path, task: str, test_ids: Path, rows: dict[str, list[str]], decode: list[str], done: Path) -> dict[str, str]:
     """Every row's run on the test users; returns label -> run id. Each finished run is recorded in
-    `done` (its evaluate arguments, test users and, for Per-Pcs rows, the assemblies served -> run
+    `done` (its evaluate arguments, the test users (not their file's path) and, for Per-Pcs rows, the assemblies served -> run
     id), so a stopped benchmark resumes where it was and a rerun with more rows evaluates only those
     (delete the file to start over, e.g. after changing a method's code)."""
     from store import Store
@@ -319,10 +319,11 @@ def evaluate_all(store: Path, task: str, test_ids: Path, rows: dict[str, list[st
     runs = {}
     for label, args in rows.items():
         argv = ["evaluate", "--task", task, "--users", str(test_ids), *args, *decode]
-        key = json.dumps([argv, users])
+        served = []
         if any(arg.startswith("perpcs") for arg in args):
             assemblies = assemblies or assembly_fingerprint(store, task, users.split())
-            key = json.dumps([argv, users, assemblies])
+            served = [assemblies]
+        key = json.dumps([[arg for arg in argv if arg != str(test_ids)], users, *served])  # the users themselves, wherever their file is
         if finished.get(key) not in stored:
             finished[key] = cli(store, *argv)["run_id"]
             done.write_text(json.dumps(finished, indent=1), encoding="utf-8")
