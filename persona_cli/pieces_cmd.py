@@ -117,7 +117,7 @@ def assemble_command(
     max_length: int = MaxLengthOption,
     max_items: Optional[int] = typer.Option(None, "--max-items", help="Assemble from the user's N most recent items only (default: all)."),
     history_format: str = typer.Option(
-        "task", "--history-format", help="task: read each item as the sharers trained on it (the pool's pairs); text: as plain text (fewer tokens, faster)."
+        "task", "--history-format", help="task: read each item as the sharers trained on it (the pool's pairs); text: as plain text (faster, but the gates choose other pieces)."
     ),
     explain: bool = typer.Option(False, "--explain", help="Show, per layer, the chosen sharers and weights."),
     engine: str = EngineOption,

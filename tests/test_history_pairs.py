@@ -163,11 +163,16 @@ def test_assembly_reads_history_as_the_pool_was_trained_or_as_plain_text(tweet_s
     store, train, test = tweet_store
     llm = ["--llm", str(tiny_llm_dir), "--precision", "float32"]
     cli_json(store, "register-sharers", "--task", "LaMP-7", "--sharer", train, "--pairs", "rules", "--steps", "1", "--gate-steps", "1", *llm)
-    read, real = {}, assembly.assemble_user
-    monkeypatch.setattr(assembly, "assemble_user", lambda llm, pool, examples, *rest: read.setdefault(len(read), examples) and real(llm, pool, examples, *rest))
+    read, real = [], assembly.assemble_user
+
+    def reading(llm, pool, examples, *rest):
+        read.append(examples)
+        return real(llm, pool, examples, *rest)
+
+    monkeypatch.setattr(assembly, "assemble_user", reading)
     for form in ("task", "text"):
         cli_json(store, "assemble", "--task", "LaMP-7", "--user", test, "--history-format", form, *llm)
-    as_task, as_text = read[0], read[1]
+    as_task, as_text = read
     assert [e.target for e in as_task] == [e.target for e in as_text] == TWEETS[4:]
     assert all(e.prompt.startswith("Paraphrase the following tweet") for e in as_task)
     assert all(e.prompt is None for e in as_text)

@@ -298,18 +298,19 @@ def assembly_fingerprint(store: Path, task: str, users: list[str]) -> str:
     Per-Pcs evaluation is reused only while the assemblies it served are the same ones."""
     from store import Store
 
+    wanted = set(users)
+    records = sorted((r for r in Store(str(store)).list_assemblies(task) if r.user_id in wanted), key=lambda r: (r.user_id, r.pool_version, r.top_k))
     digest = hashlib.sha256()
-    for user in sorted(users):
-        for record in Store(str(store)).list_assemblies(task, user):
-            digest.update(f"{user}\t{record.pool_version}\t{record.top_k}\t".encode() + record.choice)
+    for record in records:
+        digest.update(f"{record.user_id}\t{record.pool_version}\t{record.top_k}\t".encode() + record.choice)
     return digest.hexdigest()[:16]
 
 
 def evaluate_all(store: Path, task: str, test_ids: Path, rows: dict[str, list[str]], decode: list[str], done: Path) -> dict[str, str]:
     """Every row's run on the test users; returns label -> run id. Each finished run is recorded in
-    `done` (its evaluate arguments, the test users (not their file's path) and, for Per-Pcs rows, the assemblies served -> run
-    id), so a stopped benchmark resumes where it was and a rerun with more rows evaluates only those
-    (delete the file to start over, e.g. after changing a method's code)."""
+    `done` (its evaluate arguments, the test users themselves and, for Per-Pcs rows, the assemblies
+    served -> run id), so a stopped benchmark resumes where it was and a rerun with more rows
+    evaluates only those (delete the file to start over, e.g. after changing a method's code)."""
     from store import Store
 
     finished = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
@@ -517,6 +518,8 @@ def main() -> None:
               + (f"; user spellings of at least {spelling_count} uses" if spelling_count is not None else "")
               + (f" (chosen on {spelling_choice['queries']} training-split queries against copying the input; cross-validated gain "
                  f"{spelling_choice['cross_validated']['held_out_gain_over_copy']:+.4f})" if spelling_choice else "")
+              + (f"; Per-Pcs assembled from the {args.perpcs_max_items} most recent items" if "perpcs" in groups and args.perpcs_max_items else "")
+              + (f", read as {args.perpcs_history_format}" if "perpcs" in groups and args.perpcs_history_format != "task" else "")
               + (f"; timings {timings}" if timings else ""))  # fmt: skip
     (out / "results.md").write_text(markdown(summary, header), encoding="utf-8")
     chart(summary, out / "results.png")

@@ -169,7 +169,8 @@ def assemble_users(
     module for each, in one write. Seconds per user count the history's forward passes only.
     `max_items` assembles from each user's most recent items only (faster, fewer scored tokens).
     `history_format` 'task' reads each item as the pool's sharers trained on it (task-format pairs
-    where the pool has them), 'text' as its plain text (faster: no instruction, no synthesized input).
+    where the pool has them), 'text' as its plain text (faster: no instruction, no synthesized input;
+    but the gates, trained on the pool's format, then choose other pieces for most modules).
     A Ray `engine` assembles on its workers, each of which loads `llm` (a loader) and reads the
     pool and its base chain from the store once; this process writes every record."""
     if top_k < 1:
