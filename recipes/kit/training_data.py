@@ -26,12 +26,13 @@ def query_examples(queries: list[Query]) -> list[Example]:
     return [Example(q.input, q.output) for q in queries if q.output is not None]
 
 
-def history_examples(task: Task, history: list[Behavior]) -> list[Example]:
+def history_examples(task: Task, history: list[Behavior], as_text: bool = False) -> list[Example]:
     """A user's history as training examples: in task format when an item has an input (its
-    text being the user's output), else language modelling on the item's text."""
+    text being the user's output), else (and for every item `as_text`) language modelling on the
+    item's text."""
     examples = []
     for item in history:
-        given = given_pair(task, item)
+        given = None if as_text else given_pair(task, item)
         examples.append(Example(*given) if given else Example(None, item.text))
     return examples
 

@@ -200,7 +200,7 @@ def assemble_users(
     for user in user_ids:
         items = histories.get(user, [])
         items = items[-max_items:] if max_items else items
-        examples = history_examples(task, items) if history_format == "task" else [Example(None, item.text) for item in items]
+        examples = history_examples(task, items, as_text=history_format == "text")
         if examples:
             work[user] = examples
         else:
