@@ -54,7 +54,7 @@ def main() -> None:
 
     store, task, users, pool = opened(args)
     group = "bench-oppu-" + task.name
-    print(f"{len(users)} {task.name} test users; pool {pool.label} (version {pool.version}, {len(pool.sharers)} sharers) on base {pool.base}")
+    print(f"{len(users)} {task.name} test users; pool {', '.join(pool.tags) or pool.label} (version {pool.version}, {len(pool.sharers)} sharers) on base {pool.base}")
 
     # OPPU: the paper's settings and the CLI's defaults, trained again so the time is measured now, on
     # the examples assembly reads (the pool's pairs: plain history items, or task-format pairs of them)
@@ -89,7 +89,7 @@ def main() -> None:
     metric = task.metric_names[0]
     ratio = runs["perpcs"][metric] / runs["oppu"][metric] if task.higher_is_better(metric) else runs["oppu"][metric] / runs["perpcs"][metric]
     results = {
-        "task": task.name, "store": str(args.store), "users": len(users), "pool": pool.label, "pool_version": pool.version,
+        "task": task.name, "store": str(args.store), "users": len(users), "pool": pool.label, "pool_tags": pool.tags, "pool_version": pool.version,
         "sharers": len(pool.sharers), "pairs": pool.pairs, "top_k": args.top_k, "base": pool.base,
         "per_user": {
             "oppu_train_seconds": round(oppu_s, 3), "assembly_seconds": round(assembly_s, 3),
