@@ -37,27 +37,20 @@ def main() -> None:
     args = parser.parse_args()
 
     from recipes.kit.backbones import load_llm
-    from recipes.kit.history_pairs import paired_histories
     from recipes.kit.training_loop import encode_example
-    from recipes.kit.training_data import history_examples
-    from recipes.methods.perpcs import assembly
+    from recipes.methods.perpcs.assembly import assemble_user, assembly_examples, pool_llm
     from run import choice_agreement, opened
 
     store, task, users, pool = opened(args)
-    llm = assembly._pool_llm(load_llm(None, "cpu"), store, pool)
-    histories = paired_histories(store, task, store.histories(users, task.name), pool.pairs, pool.pair_seed)
-    work = {user: history_examples(task, histories[user]) for user in users if histories.get(user)}
-    pack = assembly.packed_causal_batch
+    llm = pool_llm(load_llm(None, "cpu"), store, pool)
+    work = {user: examples for user, examples in assembly_examples(store, task, pool, users).items() if examples}
 
     def assemble_all(packed: bool) -> tuple[dict, list[float]]:
-        assembly.packed_causal_batch = pack if packed else (lambda *args, **kwargs: None)
         choices, seconds = {}, []
-        try:
-            for user, examples in work.items():
-                choices[user], spent = assembly._timed_assembly(llm, pool, examples, args.top_k, 16, 256, "auto")
-                seconds.append(spent)
-        finally:
-            assembly.packed_causal_batch = pack
+        for user, examples in work.items():
+            started = time.perf_counter()
+            choices[user] = assemble_user(llm, pool, examples, args.top_k, 16, 256, "auto", pack=packed)
+            seconds.append(time.perf_counter() - started)
         return choices, seconds
 
     rounds, chosen = [], {}

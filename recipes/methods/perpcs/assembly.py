@@ -101,23 +101,26 @@ def _distinct_lengths(llm: LLM, batch: dict[str, torch.Tensor]) -> dict[str, tor
     return batch
 
 
-def _assembly_batch(llm: LLM, examples: list[Example], max_length: int) -> dict[str, torch.Tensor]:
+def _assembly_batch(llm: LLM, examples: list[Example], max_length: int, pack: bool = True) -> dict[str, torch.Tensor]:
     """Every example read whole. Causal rows that share their opening (chat turn, instruction) are
     packed behind one copy of it, which the batch's chosen pieces change like every other token
-    (a prefix computed ahead as a KV cache could not be); otherwise rows are padded side by side."""
+    (a prefix computed ahead as a KV cache could not be); otherwise (or without `pack`) rows are
+    padded side by side."""
     data = TokenizedExamples(llm, examples, max_length)  # tokenized once, whichever layout follows
-    packed = None if llm.is_seq2seq else packed_causal_batch(llm, data.rows)
+    packed = packed_causal_batch(llm, data.rows) if pack and not llm.is_seq2seq else None
     return packed if packed is not None else _distinct_lengths(llm, data.batch(range(len(data)), share_prefix=False))
 
 
 @torch.inference_mode()
 def assemble_user(
     llm: LLM, pool: Pool, examples: list[Example], top_k: int = 3, batch_size: int = 16, max_length: int = 256,
-    precision: str = "auto",
+    precision: str = "auto", pack: bool = True,
 ) -> Choices:  # fmt: skip
     """The chosen pieces and weights of one target user, from their history examples, over the
     LLM as loaded (the pool's base already merged into it). Examples are batched by length (less
-    padding); `precision` 'auto' runs in bfloat16 where the hardware has it, like training."""
+    padding); `precision` 'auto' runs in bfloat16 where the hardware has it, like training.
+    `pack` False pads rows side by side instead of packing them behind their shared opening (the
+    same choices, slower: benchmarks/perpcs_vs_oppu/packing.py compares the two)."""
     if top_k < 1:
         raise PersonaError(f"--top-k must be at least 1, got {top_k}")
     if not examples:
@@ -127,7 +130,7 @@ def assemble_user(
     ordered = sorted(examples, key=lambda e: len(e.prompt or "") + len(e.target))
     with assembler.hooked(llm.model), autocast_weights(llm, precision):
         for start in range(0, len(ordered), batch_size):
-            batch = _assembly_batch(llm, ordered[start : start + batch_size], max_length)
+            batch = _assembly_batch(llm, ordered[start : start + batch_size], max_length, pack)
             assembler.masks = _scored_positions(llm, batch)
             inputs = {k: v for k, v in batch.items() if k != "labels"} if not llm.is_seq2seq else batch
             extra = {} if llm.is_seq2seq else {"logits_to_keep": 1}
@@ -185,26 +188,17 @@ def assemble_users(
         raise PersonaError(f"--history-format {history_format}: expected one of {', '.join(HISTORY_FORMATS)}")
     store.require_users(user_ids)
     pool = load_pool(store, task.name, pool_ref)
-    histories = store.histories(user_ids, task.name)
-    if history_format == "task":
-        histories = paired_histories(store, task, histories, pool.pairs, pool.pair_seed)
+    readings = assembly_examples(store, task, pool, user_ids, max_items, history_format)
     settings = (top_k, batch_size, max_length, precision)
     if engine.is_local:
-        here = _pool_llm(llm, store, pool)
+        here = pool_llm(llm, store, pool)
         make_assembler = lambda: lambda examples: _timed_assembly(here, pool, examples, *settings)  # noqa: E731
     else:
         where, version = (store.uri, store.storage_options), str(pool.version)
         make_assembler = lambda: _ray_assembler(where, task.name, version, llm, settings)  # noqa: E731
     result = AssemblyReport(pool.label, pool.version, top_k)
-    work: dict[str, list[Example]] = {}
-    for user in user_ids:
-        items = histories.get(user, [])
-        items = items[-max_items:] if max_items else items
-        examples = history_examples(task, items, as_text=history_format == "text")
-        if examples:
-            work[user] = examples
-        else:
-            result.skipped[user] = f"no {task.name} history"
+    work = {user: readings[user] for user in user_ids if readings[user]}
+    result.skipped = {user: f"no {task.name} history" for user in user_ids if not readings[user]}
     records = []
     # whole_examples: assemblies stored before 2026-12-07 read batched examples without the
     # instruction they share (and lack this key)
@@ -222,7 +216,21 @@ def assemble_users(
     return result
 
 
-def _pool_llm(llm: LLM | Callable[[], LLM], store: Store, pool: Pool) -> LLM:
+def assembly_examples(
+    store: Store, task: Task, pool: Pool, user_ids: list[str], max_items: Optional[int] = None, history_format: str = "task"
+) -> dict[str, list[Example]]:
+    """What assembly reads of each user (empty for a user without history): their most recent
+    `max_items` items (all without it), in the pool's pair format or as plain text."""
+    histories = store.histories(user_ids, task.name)
+    if history_format == "task":
+        histories = paired_histories(store, task, histories, pool.pairs, pool.pair_seed)
+    return {
+        user: history_examples(task, items[-max_items:] if max_items else items, as_text=history_format == "text")
+        for user, items in ((user, histories.get(user, [])) for user in user_ids)
+    }
+
+
+def pool_llm(llm: LLM | Callable[[], LLM], store: Store, pool: Pool) -> LLM:
     """The LLM the pool was made for, with the pool's base chain merged in."""
     chain = base_chain(store, pool.base)
     llm = loaded(llm)
@@ -242,7 +250,7 @@ def _ray_assembler(where: tuple[str, dict], task: str, version: str, load_llm: C
     """A Ray worker's assembler: the store opened by URI, the pool read and the LLM loaded once."""
     store = Store(*where)
     pool = load_pool(store, task, version)
-    llm = _pool_llm(load_llm, store, pool)
+    llm = pool_llm(load_llm, store, pool)
     return lambda examples: _timed_assembly(llm, pool, examples, *settings)
 
 
