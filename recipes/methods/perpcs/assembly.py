@@ -224,10 +224,11 @@ def assembly_examples(
     histories = store.histories(user_ids, task.name)
     if history_format == "task":
         histories = paired_histories(store, task, histories, pool.pairs, pool.pair_seed)
-    return {
-        user: history_examples(task, items[-max_items:] if max_items else items, as_text=history_format == "text")
-        for user, items in ((user, histories.get(user, [])) for user in user_ids)
-    }
+    examples = {}
+    for user in user_ids:
+        items = histories.get(user, [])
+        examples[user] = history_examples(task, items[-max_items:] if max_items else items, as_text=history_format == "text")
+    return examples
 
 
 def pool_llm(llm: LLM | Callable[[], LLM], store: Store, pool: Pool) -> LLM:
