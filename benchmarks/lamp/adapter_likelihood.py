@@ -67,7 +67,7 @@ def personal_adapters(store, task, users: list[str], group: str | None, pool_ref
     """Each user's adapter (OPPU group `group`, or their Per-Pcs assembly against `pool_ref`), the
     base it sits on, and the method's non-personal adapter where it has one (Per-Pcs's uniform gates)."""
     from recipes.kit.plugins import lora_weights
-    from recipes.methods.perpcs.pool import decode_choices, mixed_lora, read_pool
+    from recipes.methods.perpcs.pool import decode_choices, mixed_lora, read_pool, uniform_choices
 
     if group:
         plugins = store.get_plugins([f"{group}/{u}" for u in users])
@@ -82,8 +82,7 @@ def personal_adapters(store, task, users: list[str], group: str | None, pool_ref
     records = store.get_assemblies(task.name, users, version.version)
     if len(records) < len(users):
         sys.exit(f"{len(users) - len(records)} users have no assembly against pool {pool.label}")
-    uniform = {path: [(s, 1 / len(m.sharers)) for s in m.sharers] for path, m in pool.modules.items()}
-    return {u: mixed_lora(pool, decode_choices(pool, records[u].choice)) for u in users}, pool.base, mixed_lora(pool, uniform)
+    return {u: mixed_lora(pool, decode_choices(pool, records[u].choice)) for u in users}, pool.base, mixed_lora(pool, uniform_choices(pool))
 
 
 def gold_nll(llm, prompt: str, gold: str) -> float:

@@ -161,6 +161,11 @@ def mixed_lora(pool: Pool, choices: Choices) -> LoraWeights:
     return LoraWeights(modules, {path: 1.0 for path in modules})
 
 
+def uniform_choices(pool: Pool) -> Choices:
+    """Every sharer's pieces with equal weight in every module: Per-Pcs's non-personal ablation."""
+    return {path: [(sharer, 1 / len(module.sharers)) for sharer in module.sharers] for path, module in pool.modules.items()}
+
+
 def mix_weights(pool: Pool, choices: Choices) -> Mix:
     """Per module, one weight per piece of the pool (zero where not chosen)."""
     mix = {}

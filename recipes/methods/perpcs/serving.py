@@ -6,7 +6,7 @@ from __future__ import annotations
 from recipes import PersonaError
 from recipes.kit.serving_plan import ServingPlan
 from recipes.kit.tasks import Task
-from recipes.methods.perpcs.pool import decode_choices, pool_label, pool_plan, read_pool
+from recipes.methods.perpcs.pool import decode_choices, pool_label, pool_plan, read_pool, uniform_choices
 from recipes.methods.registry import Method, MethodOptions, register
 from store import Store
 
@@ -18,7 +18,7 @@ def serve_perpcs(store: Store, task: Task, user_ids: list[str], options: MethodO
     version = store.resolve_pool(options.pool)
     pool = read_pool(store, task.name, version)
     if options.ablation:
-        uniform = {path: [(s, 1 / len(m.sharers)) for s in m.sharers] for path, m in pool.modules.items()}
+        uniform = uniform_choices(pool)
         return pool_plan(store, pool, [UNIFORM] * len(user_ids), lambda: {UNIFORM: uniform}, {"ablation": ABLATION})
     wanted = sorted(set(user_ids))
     records = store.get_assemblies(task.name, wanted, version.version)
