@@ -120,7 +120,8 @@ def main() -> None:
     started = time.perf_counter()
     store, task = Store(args.store), get_task(args.task)
     users = [line.strip() for line in args.users.read_text(encoding="utf-8").splitlines() if line.strip()]
-    queries = {q.user_id: q for q in store.task_queries(task.name) if q.user_id in set(users) and query_split(q.split, q.user_id) == args.split and q.output}
+    wanted = set(users)
+    queries = {q.user_id: q for q in store.task_queries(task.name) if q.user_id in wanted and query_split(q.split, q.user_id) == args.split and q.output}
     missing = [u for u in users if u not in queries]
     if missing:
         sys.exit(f"{len(missing)} users have no {args.split} query with a gold answer, e.g. '{missing[0]}'")
