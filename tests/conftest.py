@@ -169,3 +169,16 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"fault suite: {tally['kills']} kill -9s of 5 writing commands, {tally['states_checked']} stores checked "
             f"(each exactly as before or after the command), {tally['reruns_completed']} reruns completed"
         )
+
+
+# The files that train on the embedded SmolLM2 in their module fixtures, longest first (seconds of
+# one worker, `pytest --durations` on the 2-core AVX2 machine): PPlug's CLI store 542, Per-Pcs's pool
+# 471, adaptation 151, the fault suite 118, evaluation 85. `make test` runs files on two workers in
+# this order (--no-loadscope-reorder), so the two longest start at once instead of one of them being
+# handed out late, when the other worker has little left to do.
+LONGEST_FILES = ("test_pplug_cli.py", "test_perpcs.py", "test_adaptation.py", "test_faults.py", "test_evaluation.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: n for n, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
