@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -101,6 +102,19 @@ def _user_filter(user_id: str, task: str | None) -> str:
     return where + f" AND task = {_sql_str(task)}" if task else where
 
 
+@dataclass
+class _ReadSnapshot:
+    """What a Store's reads see until it is refreshed: when it was taken, this process's write count
+    then, the tables that existed, their committed versions (None: a store from before commit
+    records) and the handles opened at those versions."""
+
+    taken_at: float
+    writes: int
+    names: set[str]
+    committed: dict[str, int] | None
+    handles: dict[str, Any]
+
+
 class Store(ResultTables, PluginTables, PieceTables):
     """One LanceDB directory or object-store URI (s3://, gs://, az://) holding everything persona keeps.
 
@@ -112,7 +126,7 @@ class Store(ResultTables, PluginTables, PieceTables):
         self.uri = str(uri) if uri is not None else default_store_path()
         self.storage_options = dict(storage_options or {})
         self._commit_cache: tuple[int, dict[str, int]] | None = None
-        self._snapshot: tuple[float, int, set[str], dict[str, int] | None, dict[str, Any]] | None = None
+        self._snapshot: _ReadSnapshot | None = None
         try:
             self._db = lancedb.connect(self.uri, storage_options=self.storage_options or None, session=_session())
             self._check_format()
@@ -161,7 +175,8 @@ class Store(ResultTables, PluginTables, PieceTables):
         inside a transaction, its latest version."""
         if self._writing():
             return self._db.open_table(name) if name in self._all_tables() else None
-        _, _, names, committed, handles = self._read_snapshot()
+        snapshot = self._read_snapshot()
+        names, committed, handles = snapshot.names, snapshot.committed, snapshot.handles
         if name not in handles:
             table = None
             if name in names and (committed is None or name in committed):
@@ -171,23 +186,23 @@ class Store(ResultTables, PluginTables, PieceTables):
             handles[name] = table
         return handles[name]
 
-    def _read_snapshot(self) -> tuple[float, int, set[str], dict[str, int] | None, dict[str, Any]]:
+    def _read_snapshot(self) -> _ReadSnapshot:
         """Which tables and versions readers see, with the handles opened at them (see READ_REFRESH_S)."""
         key = _lock_key(self.uri)
         now, writes = time.monotonic(), _writes.get(key, 0)
-        if self._snapshot is None or now - self._snapshot[0] > READ_REFRESH_S or self._snapshot[1] != writes:
+        if self._snapshot is None or now - self._snapshot.taken_at > READ_REFRESH_S or self._snapshot.writes != writes:
             names = self._all_tables()
             committed = self._committed(names)
-            self._snapshot = (now, writes, set(names), committed, self._unchanged_handles(committed))
+            self._snapshot = _ReadSnapshot(now, writes, set(names), committed, self._unchanged_handles(committed))
         return self._snapshot
 
     def _unchanged_handles(self, committed: dict[str, int] | None) -> dict[str, Any]:
         """The open handles whose committed version has not changed since the last lookup: kept,
         with the caches they have filled (a committed table is never dropped, so a name and
         version are always the same content)."""
-        if self._snapshot is None or committed is None or self._snapshot[3] is None:
+        if self._snapshot is None or committed is None or self._snapshot.committed is None:
             return {}
-        before, handles = self._snapshot[3], self._snapshot[4]
+        before, handles = self._snapshot.committed, self._snapshot.handles
         return {n: h for n, h in handles.items() if h is not None and n in committed and before.get(n) == committed[n]}
 
     def _open_at(self, name: str, version: int):
