@@ -434,13 +434,16 @@ def chart(summary: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from recipes.kit.history_pairs import PAIR_RECIPES
+    from recipes.methods.perpcs.assembly import HISTORY_FORMATS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a LaMP folder with questions.json and outputs.json")
     parser.add_argument("--task", default="LaMP-7")
     parser.add_argument("--store", type=Path, required=True, help="the benchmark's store (ingested once, reused)")
     parser.add_argument("--users", type=int, default=None, help="a seeded sample of N test users (default: all)")
     parser.add_argument("--quick", action="store_true", help="small training for a smoke run")
-    parser.add_argument("--pairs", default="rules", help="history pairs recipe every trainer uses (none or rules)")
+    parser.add_argument("--pairs", default="rules", choices=PAIR_RECIPES, help="history pairs recipe every trainer uses")
     parser.add_argument("--task-lora", default=None, help="use this stored task LoRA instead of training bench-task-lora")
     parser.add_argument("--rag-ks", default="1,2,4", help="the k values RAG chooses from on training users")
     parser.add_argument("--rag-train-k", type=int, default=2, help="k of the task LoRA trained on RAG prompts (adapt --rag-k), served with the same k (a stored --task-lora-rag adapter's own k wins)")
@@ -451,7 +454,7 @@ def main() -> None:
     parser.add_argument("--decode", default="", help='decoding options of every evaluation, e.g. "--beams 4 --repetition-penalty 1.2" (chosen on dev users by benchmarks/decoding)')
     parser.add_argument("--reuse-history", default=None, help="also run each personal row with evaluate --reuse-history THRESHOLD, or 'auto': chosen on the training-split users against copying the input")
     parser.add_argument("--user-spellings", default=None, help="also run each personal row with evaluate --user-spellings MIN_COUNT (with --reuse-history too, when given), or 'auto': chosen on the training-split users against copying the input")
-    parser.add_argument("--perpcs-history-format", default="task", choices=["task", "text"], help="how Per-Pcs assembly reads the test users' history (assemble --history-format)")
+    parser.add_argument("--perpcs-history-format", default="task", choices=HISTORY_FORMATS, help="how Per-Pcs assembly reads the test users' history (assemble --history-format)")
     parser.add_argument("--perpcs-max-items", type=int, default=None, help="Per-Pcs assembles from each test user's N most recent items (assemble --max-items; default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/lamp/results-TASK[-quick]")
