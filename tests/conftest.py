@@ -174,9 +174,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
 # The longest test files, longest first (about this many seconds of one worker, from `pytest
 # --durations` on the 2-core AVX2 machine): the PPlug CLI tests 542 (their fixture trains a task LoRA
 # and the embedder), Per-Pcs 471 (ten sharers registered), adaptation 151, the fault suite 118,
-# evaluation 85. `make test` runs files on two workers in
-# this order (--no-loadscope-reorder), so the two longest start at once instead of one of them being
-# handed out late, when the other worker has little left to do.
+# evaluation 85. `make test` runs files on two workers in this order (--no-loadscope-reorder), so
+# the two longest start at once instead of one of them being handed out late, when the other worker
+# has little left to do.
 LONGEST_FILES = ("test_pplug_cli.py", "test_perpcs.py", "test_adaptation.py", "test_faults.py", "test_evaluation.py")
 
 
