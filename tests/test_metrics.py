@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from recipes.kit.metrics import classification_metrics, generation_metrics, per_example_rouge, rating_metrics
+from recipes.kit.metrics import classification_metrics, generation_metrics, per_example_cased_rouge1, per_example_rouge, rating_metrics
 
 LABELS = ["a", "b", "c"]
 RATINGS = ["1", "2", "3", "4", "5"]
@@ -121,6 +121,16 @@ def test_rouge_is_mean_over_queries_not_corpus_level():
     assert result["rouge-L"] == pytest.approx(7 / 12)
 
 
+def test_cased_rouge1_counts_the_capitals_and_punctuation_that_rouge_drops():
+    preds = ["The CAT", "hey :)", "hey!!", "i cant wait!!"]
+    golds = ["the cat", "hey :)", "hey", "I can't wait!"]
+    # ROUGE scores all four as a full match or close: it lowercases and keeps letters and digits only
+    assert [row["rouge-1"] for row in per_example_rouge(preds[:3], golds[:3])] == pytest.approx([1.0, 1.0, 1.0])
+    # cased: "The"/"the", "CAT"/"cat" differ -> 0; ":" and ")" match -> 1; "hey ! !" vs "hey": P=1/3, R=1 -> F=1/2;
+    # "i cant wait ! !" vs "I can ' t wait !": overlap wait, ! -> P=2/5, R=2/6 -> F=2*(2/5)(1/3)/(2/5+1/3)=4/11
+    assert per_example_cased_rouge1(preds, golds) == pytest.approx([0.0, 1.0, 0.5, 4 / 11])
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -128,8 +138,9 @@ def test_rouge_is_mean_over_queries_not_corpus_level():
         lambda p, g: rating_metrics(p, g, RATINGS),
         generation_metrics,
         per_example_rouge,
+        per_example_cased_rouge1,
     ],
-    ids=["classification", "rating", "generation", "per_example_rouge"],
+    ids=["classification", "rating", "generation", "per_example_rouge", "per_example_cased_rouge1"],
 )
 def test_empty_and_mismatched_inputs_raise(call):
     with pytest.raises(ValueError, match="no predictions to score"):

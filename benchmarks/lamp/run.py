@@ -333,36 +333,44 @@ def evaluate_all(store: Path, task: str, test_ids: Path, rows: dict[str, list[st
 
 
 def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per-query scores of every run, by measure (ROUGE-1 and ROUGE-L, or 1/0 accuracy for label
-    tasks; the first is the primary), plus the copy or most-frequent-label baseline on the same queries."""
-    from recipes.kit.metrics import per_example_rouge
+    """Per-query scores of every run, by measure (ROUGE-1, ROUGE-L and the supplementary cased
+    ROUGE-1, or 1/0 accuracy for label tasks; the first is the primary), plus the copy or
+    most-frequent-label baseline on the same queries."""
     from recipes.kit.splits import query_split
     from recipes.kit.tasks import get_task
     from store import Store
 
     spec, opened = get_task(task), Store(str(store))
     generation = not spec.is_classification
-    measures = ("rouge-1", "rouge-L") if generation else ("accuracy",)
-    scores: dict[str, dict[str, dict[str, float]]] = {m: {} for m in measures}
+    scores: dict[str, dict[str, dict[str, float]]] = {}
     for label, run_id in runs.items():
         predictions = opened.run_predictions(run_id)
+        ids = [p.query_id for p in predictions]
         if generation:
-            rows = per_example_rouge([p.output for p in predictions], [p.gold or "" for p in predictions])
-            for m in measures:
-                scores[m][label] = {p.query_id: r[m] for p, r in zip(predictions, rows)}
+            for m, values in generation_scores([p.output for p in predictions], [p.gold or "" for p in predictions]).items():
+                scores.setdefault(m, {})[label] = dict(zip(ids, values))
         else:
-            scores["accuracy"][label] = {p.query_id: float(p.output == p.gold) for p in predictions}
+            scores.setdefault("accuracy", {})[label] = {p.query_id: float(p.output == p.gold) for p in predictions}
     queries = {q.query_id: q for q in opened.task_queries(task)}
-    ids = sorted(set.intersection(*(set(s) for s in scores[measures[0]].values())))
+    ids = sorted(set.intersection(*(set(s) for s in next(iter(scores.values())).values())))
     if generation:
-        rows = per_example_rouge([spec.query_text(queries[i].input) for i in ids], [queries[i].output or "" for i in ids])
-        for m in measures:
-            scores[m] = {"copy the input": dict(zip(ids, (r[m] for r in rows))), **scores[m]}
+        copies = generation_scores([spec.query_text(queries[i].input) for i in ids], [queries[i].output or "" for i in ids])
+        for m, values in copies.items():
+            scores[m] = {"copy the input": dict(zip(ids, values)), **scores[m]}
     else:
         train_golds = [q.output for q in queries.values() if q.output and query_split(q.split, q.user_id) == "train"]
         frequent = Counter(train_golds).most_common(1)[0][0]
         scores["accuracy"] = {f"most frequent label ({frequent})": {i: float(queries[i].output == frequent) for i in ids}, **scores["accuracy"]}
     return {m: {label: {i: s[i] for i in ids} for label, s in by_label.items()} for m, by_label in scores.items()}
+
+
+def generation_scores(outputs: list[str], golds: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1 and ROUGE-L per answer (LaMP's), then the cased ROUGE-1 beside them: LaMP-7's
+    personal style is largely capitals and punctuation, which LaMP's ROUGE does not count."""
+    from recipes.kit.metrics import CASED_ROUGE_1, per_example_cased_rouge1, per_example_rouge
+
+    rows = per_example_rouge(outputs, golds)
+    return {"rouge-1": [r["rouge-1"] for r in rows], "rouge-L": [r["rouge-L"] for r in rows], CASED_ROUGE_1: per_example_cased_rouge1(outputs, golds)}
 
 
 def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str | None) -> dict:
@@ -373,8 +381,9 @@ def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str
         low, high = bootstrap_interval(values)
         return [round(sum(values) / len(values), 4), round(low, 4), round(high, 4)]
 
-    def paired(a: str, b: str) -> list[float]:
-        return interval([scores[a][i] - scores[b][i] for i in scores[a]])
+    def paired(a: str, b: str, among: dict[str, dict[str, float]] | None = None) -> list[float]:
+        among = among or scores
+        return interval([among[a][i] - among[b][i] for i in among[a]])
 
     measure, scores = next(iter(by_measure.items()))
     methods = {label: interval(list(values.values())) for label, values in scores.items()}
@@ -391,9 +400,13 @@ def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str
     if "perpcs" in scores and "task LoRA" in scores:  # Per-Pcs should beat the base it starts from
         differences["perpcs - task LoRA"] = paired("perpcs", "task LoRA")
     differences[f"{best} - {baseline}"] = paired(best, baseline)
+    other_differences = {  # personal against non-personal in every other measure too
+        m: {f"{label} - {label} ablation": paired(label, f"{label} ablation", s) for label in s if f"{label} ablation" in s}
+        for m, s in list(by_measure.items())[1:]
+    }  # fmt: skip
     ratios = {"perpcs / oppu": round(methods["perpcs"][0] / methods["oppu"][0], 4)} if "perpcs" in scores and "oppu" in scores else {}
     return {"measure": measure, "n_queries": len(scores[baseline]), "methods": methods, "other_measures": others,
-            "differences": differences, "ratios": ratios, "best": best}  # fmt: skip
+            "differences": differences, "other_differences": other_differences, "ratios": ratios, "best": best}  # fmt: skip
 
 
 def markdown(summary: dict, header: str) -> str:
@@ -404,12 +417,20 @@ def markdown(summary: dict, header: str) -> str:
         cells = [f"{mean:.4f} [{low:.3f}, {high:.3f}]"] + [f"{o[label][0]:.4f} [{o[label][1]:.3f}, {o[label][2]:.3f}]" for o in others.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences over the same queries (bootstrap 95%):", ""]
-    for label, (mean, low, high) in summary["differences"].items():
-        verdict = "ahead" if low > 0 else "behind" if high < 0 else "not separable"
-        lines.append(f"- {label}: {mean:+.4f} [{low:+.4f}, {high:+.4f}]: {verdict}")
+    lines += [difference_line(label, values) for label, values in summary["differences"].items()]
     for label, ratio in summary.get("ratios", {}).items():
         lines.append(f"- {label} ({summary['measure']}): {ratio:.4f}")
+    for measure, differences in summary.get("other_differences", {}).items():
+        if differences:
+            lines += ["", f"The same personal rows against their ablations in {measure}:", ""]
+            lines += [difference_line(label, values) for label, values in differences.items()]
     return "\n".join(lines) + "\n"
+
+
+def difference_line(label: str, values: list[float]) -> str:
+    mean, low, high = values
+    verdict = "ahead" if low > 0 else "behind" if high < 0 else "not separable"
+    return f"- {label}: {mean:+.4f} [{low:+.4f}, {high:+.4f}]: {verdict}"
 
 
 def chart(summary: dict, path: Path) -> None:
