@@ -124,7 +124,7 @@ def test_rouge_is_mean_over_queries_not_corpus_level():
 def test_cased_rouge1_counts_the_capitals_and_punctuation_that_rouge_drops():
     preds = ["The CAT", "hey :)", "hey!!", "i cant wait!!"]
     golds = ["the cat", "hey :)", "hey", "I can't wait!"]
-    # ROUGE scores all four as a full match or close: it lowercases and keeps letters and digits only
+    # ROUGE scores the first three as full matches: it lowercases and keeps letters and digits only
     assert [row["rouge-1"] for row in per_example_rouge(preds[:3], golds[:3])] == pytest.approx([1.0, 1.0, 1.0])
     # cased: "The"/"the", "CAT"/"cat" differ -> 0; ":" and ")" match -> 1; "hey ! !" vs "hey": P=1/3, R=1 -> F=1/2;
     # "i cant wait ! !" vs "I can ' t wait !": overlap wait, ! -> P=2/5, R=2/6 -> F=2*(2/5)(1/3)/(2/5+1/3)=4/11

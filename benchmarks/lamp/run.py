@@ -345,10 +345,10 @@ def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> dict[str, 
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for label, run_id in runs.items():
         predictions = opened.run_predictions(run_id)
-        ids = [p.query_id for p in predictions]
         if generation:
+            answered = [p.query_id for p in predictions]
             for m, values in generation_scores([p.output for p in predictions], [p.gold or "" for p in predictions]).items():
-                scores.setdefault(m, {})[label] = dict(zip(ids, values))
+                scores.setdefault(m, {})[label] = dict(zip(answered, values))
         else:
             scores.setdefault("accuracy", {})[label] = {p.query_id: float(p.output == p.gold) for p in predictions}
     queries = {q.query_id: q for q in opened.task_queries(task)}
@@ -374,7 +374,8 @@ def generation_scores(outputs: list[str], golds: list[str]) -> dict[str, list[fl
 
 
 def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str | None) -> dict:
-    """Means with bootstrap intervals for every measure; paired differences on the primary one."""
+    """Means with bootstrap intervals for every measure; paired differences on the primary one,
+    and each personal row against its ablation in the others too."""
     from recipes.kit.metrics import bootstrap_interval
 
     def interval(values: list[float]) -> list[float]:
