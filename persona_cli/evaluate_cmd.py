@@ -63,7 +63,7 @@ def evaluate(
     outputs: Optional[Path] = typer.Option(None, "--outputs", help="LaMP outputs.json with the golds (with --predictions)."),
     json_out: bool = JsonOption,
 ) -> None:
-    """Score a method on the task's queries with LaMP's metrics; the run and its predictions are stored."""
+    """Score a method on the task's queries with LaMP's metrics (and, for generation, a cased ROUGE-1 beside them); the run and its predictions are stored."""
     if predictions is not None or outputs is not None:
         _score_file(task, predictions, outputs, json_out)
         return

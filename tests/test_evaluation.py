@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import EXAMPLES, cli_fails, cli_json, shared
 from persona_cli.main import app
+from recipes.kit.metrics import per_example_cased_rouge1
 from recipes.kit.splits import user_split
 from recipes.kit.tasks import NEWS_CATEGORIES
 from store import Store
@@ -48,7 +49,7 @@ def runs(store) -> dict:
 def test_a_run_is_stored_with_metrics_timing_and_predictions(store, runs):
     none = runs["none"]
     assert none["run_id"] == "1" and none["task"] == "LaMP-7" and none["split"] == "test" and none["n_examples"] == 4
-    assert set(none["metrics"]) == {"rouge-1", "rouge-L", "rouge-1-exact", "rouge-L-exact"}
+    assert set(none["metrics"]) == {"rouge-1", "rouge-L", "rouge-1-cased", "rouge-1-exact", "rouge-L-exact"}
     assert 0 <= none["metrics"]["rouge-L"] <= none["metrics"]["rouge-1"] <= 1 and none["config"]["scoring"] == "cleaned"
     assert none["wall_s"] > 0 and none["examples_per_s"] > 0 and none["config"]["answer"] == "generate"
     shown = _cli(store, "runs", "show", "1", "--examples", "10")
@@ -57,9 +58,12 @@ def test_a_run_is_stored_with_metrics_timing_and_predictions(store, runs):
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
     direct = sum(scorer.score(p["gold"], p["output"])["rouge1"].fmeasure for p in shown["predictions"]) / 4
     assert none["metrics"]["rouge-1"] == pytest.approx(direct)
+    # beside LaMP's ROUGE, the cased ROUGE-1 of the same answers (case and punctuation counted)
+    cased = per_example_cased_rouge1([p["output"] for p in shown["predictions"]], [p["gold"] for p in shown["predictions"]])
+    assert none["metrics"]["rouge-1-cased"] == pytest.approx(sum(cased) / 4)
     # LaMP's own scoring: the answers as generated; a cleaned run reports it beside its own
     exact = runs["exact"]
-    assert exact["method"] == "none@exact" and exact["config"]["scoring"] == "exact" and set(exact["metrics"]) == {"rouge-1", "rouge-L"}
+    assert exact["method"] == "none@exact" and exact["config"]["scoring"] == "exact" and set(exact["metrics"]) == {"rouge-1", "rouge-L", "rouge-1-cased"}
     assert exact["metrics"]["rouge-1"] == pytest.approx(none["metrics"]["rouge-1-exact"])
     assert all(p["output"] == p["raw"].strip() for p in _cli(store, "runs", "show", exact["run_id"], "--examples", "10")["predictions"])
 
@@ -70,6 +74,7 @@ def test_runs_list_and_compare_on_shared_queries(store, runs):
     more = _cli(store, "evaluate", "--task", "LaMP-7", "--limit", "2", "--max-new-tokens", "24")
     compared = _cli(store, "runs", "compare", runs["none"]["run_id"], runs["rag"]["run_id"], more["run_id"])
     assert compared["shared_queries"] == 2 and [r["run_id"] for r in compared["runs"]] == ["1", "2", more["run_id"]]
+    assert compared["metric_names"] == ["rouge-1", "rouge-L", "rouge-1-cased"]
     # the same greedy method on the same two queries scores the same
     assert compared["runs"][0]["metrics"] == compared["runs"][2]["metrics"]
     table = runner.invoke(app, ["--store", str(store), "runs", "compare", "1", "2"])

@@ -39,6 +39,10 @@ def test_every_lamp_task_is_registered_with_its_metrics():
     assert len(TASKS["LaMP-2"].labels) == 15 and len(NEWS.labels) == 15
     assert NEWS.metric_names == ("accuracy", "f1") and TASKS["LaMP-3"].metric_names == ("mae", "rmse")
     assert TWEETS.metric_names == ("rouge-1", "rouge-L") and get_task("my-task").metric_names == ("rouge-1", "rouge-L")
+    # the cased ROUGE-1 is reported beside LaMP's ROUGE, never among its metric names
+    assert TWEETS.supplementary_metric_names == ("rouge-1-cased",) and NEWS.supplementary_metric_names == ()
+    # cased: only "am" of I am HERE ! ! (5 tokens) is in i am here (3): F = 2 (1/5)(1/3) / (1/5 + 1/3) = 0.25
+    assert TWEETS.score(["I am HERE!!"], ["i am here"]) == {"rouge-1": 1.0, "rouge-L": 1.0, "rouge-1-cased": pytest.approx(0.25)}
     assert get_task("lamp_2n") is NEWS and NEWS.lamp_name == "LaMP_2N"
 
 

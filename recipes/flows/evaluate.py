@@ -268,14 +268,15 @@ def merge_facts(shard_facts: list[dict]) -> dict:
 
 def score_answers(task: Task, raw: list[str], golds: list[str], scoring: str) -> tuple[list[str], dict[str, float]]:
     """The answers as scored and their metrics (see SCORINGS); cleaned generation also reports
-    each metric on the exact answers, so the effect of cleaning is always on record."""
+    each of LaMP's metrics on the exact answers, so the effect of cleaning is always on record."""
     exact = [r.strip() for r in raw]
     if scoring == "exact":
         return exact, task.score(exact, golds)
     outputs = [task.normalize(r) for r in raw]
     metrics = task.score(outputs, golds)
     if task.kind == GENERATION:
-        metrics.update({f"{name}-exact": value for name, value in task.score(exact, golds).items()})
+        exact_metrics = task.score(exact, golds)
+        metrics.update({f"{name}-exact": exact_metrics[name] for name in task.metric_names})
     return outputs, metrics
 
 
@@ -352,4 +353,5 @@ def compare_runs(store: Store, run_ids: list[str]) -> dict:
                 "metrics": task.score([p.output for p in preds], [p.gold for p in preds]),
             }
         )
-    return {"task": task.name, "shared_queries": len(ordered), "metric_names": list(task.metric_names), "runs": rows}
+    names = [*task.metric_names, *task.supplementary_metric_names]
+    return {"task": task.name, "shared_queries": len(ordered), "metric_names": names, "runs": rows}

@@ -99,6 +99,12 @@ class Task:
     def metric_names(self) -> tuple[str, ...]:
         return {CLASSIFICATION: ("accuracy", "f1"), RATING: ("mae", "rmse")}.get(self.kind, ("rouge-1", "rouge-L"))
 
+    @property
+    def supplementary_metric_names(self) -> tuple[str, ...]:
+        """Measures reported beside LaMP's, never instead of them: for generation the cased ROUGE-1
+        (LaMP's ROUGE cannot see case and punctuation, much of a tweet's personal style)."""
+        return () if self.is_classification else (lamp_metrics.CASED_ROUGE_1,)
+
     def normalize(self, output: str) -> str:
         """Map a free-form answer onto the task's label set where that is unambiguous.
 
@@ -129,12 +135,13 @@ class Task:
         return [self.rank_template.format(label=label) for label in self.labels]
 
     def score(self, predictions: list[str], golds: list[str]) -> dict[str, float]:
-        """LaMP's metrics of this task over (prediction, gold) pairs."""
+        """LaMP's metrics of this task over (prediction, gold) pairs, then the supplementary ones."""
         if self.kind == CLASSIFICATION:
             return lamp_metrics.classification_metrics(predictions, golds, list(self.labels))
         if self.kind == RATING:
             return lamp_metrics.rating_metrics(predictions, golds, list(self.labels))
-        return lamp_metrics.generation_metrics(predictions, golds)
+        cased = lamp_metrics.per_example_cased_rouge1(predictions, golds)
+        return {**lamp_metrics.generation_metrics(predictions, golds), lamp_metrics.CASED_ROUGE_1: sum(cased) / len(cased)}
 
     def check_golds(self, golds: list[tuple[str, str]]) -> None:
         """(query id, gold) pairs that the task's metric can read, checked before any model loads: a
