@@ -12,8 +12,9 @@ import math
 import re
 
 import numpy as np
-from rouge_score import rouge_scorer, tokenizers
-from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
+
+# rouge-score (which loads nltk, 1.4 s) and scikit-learn are imported where they score, so that
+# every `persona` command does not pay for them at start-up.
 
 
 def _check(predictions: list[str], golds: list[str]) -> None:
@@ -26,6 +27,8 @@ def _check(predictions: list[str], golds: list[str]) -> None:
 
 def classification_metrics(predictions: list[str], golds: list[str], labels: list[str]) -> dict[str, float]:
     """Accuracy and macro-F1; an answer outside `labels` is always wrong, absent labels count as F1 0."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     _check(predictions, golds)
     index = {label.strip(): i for i, label in enumerate(labels)}
     gold_idx = []
@@ -40,6 +43,8 @@ def classification_metrics(predictions: list[str], golds: list[str], labels: lis
 
 def rating_metrics(predictions: list[str], golds: list[str], labels: list[str]) -> dict[str, float]:
     """MAE and RMSE; an unparseable answer takes the rating farthest from its gold, so it is never rewarded."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
     _check(predictions, golds)
     lo, hi = min(float(label) for label in labels), max(float(label) for label in labels)
     gold_vals, pred_vals = [], []
@@ -62,6 +67,8 @@ def rating_metrics(predictions: list[str], golds: list[str], labels: list[str]) 
 
 def per_example_rouge(predictions: list[str], golds: list[str]) -> list[dict[str, float]]:
     """ROUGE-1 and ROUGE-L F-measure of each query (no stemming), kept per query for paired comparisons."""
+    from rouge_score import rouge_scorer
+
     _check(predictions, golds)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
     out = []
@@ -75,8 +82,9 @@ CASED_ROUGE_1 = "rouge-1-cased"
 _CASED_TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
-class _CasedTokenizer(tokenizers.Tokenizer):
-    """Words and numbers as they are written, and every punctuation mark or emoticon character as a token of its own."""
+class _CasedTokenizer:
+    """Words and numbers as they are written, and every punctuation mark or emoticon character as a
+    token of its own (rouge-score takes any object with a tokenize method)."""
 
     def tokenize(self, text: str) -> list[str]:
         return _CASED_TOKEN.findall(text)
@@ -87,6 +95,8 @@ def per_example_cased_rouge1(predictions: list[str], golds: list[str]) -> list[f
     drops everything but letters and digits, so much of what makes a tweet its writer's (capitals
     or none, "!!", "...", ":)") counts for nothing there; this counts it. A supplementary measure,
     not LaMP's: reported beside ROUGE, never instead of it."""
+    from rouge_score import rouge_scorer
+
     _check(predictions, golds)
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False, tokenizer=_CasedTokenizer())
     return [float(scorer.score(target=gold, prediction=pred)["rouge1"].fmeasure) for pred, gold in zip(predictions, golds)]

@@ -14,14 +14,15 @@ history (the derangement every ablation uses), so what it adds is the user's own
 
 from __future__ import annotations
 
-from typing import Optional
-
-from rouge_score import rouge_scorer
+from typing import TYPE_CHECKING, Optional
 
 from recipes import PersonaError
 from recipes.kit.history_pairs import item_sides
 from recipes.kit.tasks import Task
 from store import Behavior, Query
+
+if TYPE_CHECKING:
+    from rouge_score import rouge_scorer
 
 
 def check_min_overlap(value: Optional[float], flag: str = "--reuse-history") -> None:
@@ -59,6 +60,8 @@ def reused_answers(task: Task, queries: list[Query], histories: dict[str, list[B
     """Per query, the answer of its user's closest history item when that overlaps the query by at
     least `min_overlap`, else None (the method answers it). `histories` maps each query's user to
     the history to reuse (their own, or a donor's for the ablation)."""
+    from rouge_score import rouge_scorer  # loads nltk: only where reuse runs
+
     check_min_overlap(min_overlap)
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
     answers: list[Optional[str]] = []
