@@ -337,6 +337,7 @@ def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> dict[str, 
     """Per-query scores of every run, by measure (ROUGE-1, ROUGE-L and the supplementary cased
     ROUGE-1, or 1/0 accuracy for label tasks; the first is the primary), plus the copy or
     most-frequent-label baseline on the same queries."""
+    from recipes.kit.metrics import per_example_generation_scores
     from recipes.kit.splits import query_split
     from recipes.kit.tasks import get_task
     from store import Store
@@ -348,14 +349,14 @@ def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> dict[str, 
         predictions = opened.run_predictions(run_id)
         if generation:
             answered = [p.query_id for p in predictions]
-            for m, values in generation_scores([p.output for p in predictions], [p.gold or "" for p in predictions]).items():
+            for m, values in per_example_generation_scores([p.output for p in predictions], [p.gold or "" for p in predictions]).items():
                 scores.setdefault(m, {})[label] = dict(zip(answered, values))
         else:
             scores.setdefault("accuracy", {})[label] = {p.query_id: float(p.output == p.gold) for p in predictions}
     queries = {q.query_id: q for q in opened.task_queries(task)}
     ids = sorted(set.intersection(*(set(s) for s in next(iter(scores.values())).values())))
     if generation:
-        copies = generation_scores([spec.query_text(queries[i].input) for i in ids], [queries[i].output or "" for i in ids])
+        copies = per_example_generation_scores([spec.query_text(queries[i].input) for i in ids], [queries[i].output or "" for i in ids])
         for m, values in copies.items():
             scores[m] = {"copy the input": dict(zip(ids, values)), **scores[m]}
     else:
@@ -363,15 +364,6 @@ def per_query_scores(store: Path, task: str, runs: dict[str, str]) -> dict[str, 
         frequent = Counter(train_golds).most_common(1)[0][0]
         scores["accuracy"] = {f"most frequent label ({frequent})": {i: float(queries[i].output == frequent) for i in ids}, **scores["accuracy"]}
     return {m: {label: {i: s[i] for i in ids} for label, s in by_label.items()} for m, by_label in scores.items()}
-
-
-def generation_scores(outputs: list[str], golds: list[str]) -> dict[str, list[float]]:
-    """ROUGE-1 and ROUGE-L per answer (LaMP's), then the cased ROUGE-1 beside them: LaMP-7's
-    personal style is largely capitals and punctuation, which LaMP's ROUGE does not count."""
-    from recipes.kit.metrics import CASED_ROUGE_1, per_example_cased_rouge1, per_example_rouge
-
-    rows = per_example_rouge(outputs, golds)
-    return {"rouge-1": [r["rouge-1"] for r in rows], "rouge-L": [r["rouge-L"] for r in rows], CASED_ROUGE_1: per_example_cased_rouge1(outputs, golds)}
 
 
 def summarize(by_measure: dict[str, dict[str, dict[str, float]]], rag_label: str | None) -> dict:

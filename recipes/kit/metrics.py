@@ -102,6 +102,18 @@ def per_example_cased_rouge1(predictions: list[str], golds: list[str]) -> list[f
     return [float(scorer.score(target=gold, prediction=pred)["rouge1"].fmeasure) for pred, gold in zip(predictions, golds)]
 
 
+def per_example_generation_scores(predictions: list[str], golds: list[str]) -> dict[str, list[float]]:
+    """Per query, by measure: LaMP's ROUGE-1 and ROUGE-L, then the supplementary cased ROUGE-1.
+    The one list of what a generation answer is scored on (runs report the means, benchmarks pair the
+    per-query values)."""
+    rows = per_example_rouge(predictions, golds)
+    return {
+        "rouge-1": [row["rouge-1"] for row in rows],
+        "rouge-L": [row["rouge-L"] for row in rows],
+        CASED_ROUGE_1: per_example_cased_rouge1(predictions, golds),
+    }
+
+
 def generation_metrics(predictions: list[str], golds: list[str]) -> dict[str, float]:
     """Mean over queries of per-query ROUGE F-measure (LaMP's plain average, not a corpus-level score)."""
     rows = per_example_rouge(predictions, golds)

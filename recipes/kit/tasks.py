@@ -140,8 +140,8 @@ class Task:
             return lamp_metrics.classification_metrics(predictions, golds, list(self.labels))
         if self.kind == RATING:
             return lamp_metrics.rating_metrics(predictions, golds, list(self.labels))
-        cased = lamp_metrics.per_example_cased_rouge1(predictions, golds)
-        return {**lamp_metrics.generation_metrics(predictions, golds), lamp_metrics.CASED_ROUGE_1: sum(cased) / len(cased)}
+        scores = lamp_metrics.per_example_generation_scores(predictions, golds)
+        return {measure: float(sum(values) / len(values)) for measure, values in scores.items()}
 
     def check_golds(self, golds: list[tuple[str, str]]) -> None:
         """(query id, gold) pairs that the task's metric can read, checked before any model loads: a
