@@ -1,4 +1,7 @@
-"""What every command shares: the store option, one-line errors, JSON output and progress bars."""
+"""What every command shares: the store option, one-line errors, JSON output and progress bars.
+
+The command modules import the library (torch, transformers, LanceDB: seconds) inside their
+commands, not at the top, so that help, a wrong option and the store-browsing commands start at once."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import functools
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -14,19 +17,20 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from recipes import PersonaError
-from recipes.kit.engine import Engine
-from recipes.kit.splits import split_users
-from recipes.kit.training_loop import LoraSettings
-from recipes.methods.task_lora import task_lora_name
-from recipes.kit.inputs import read_user_ids
-from recipes.kit.tasks import Task
-from store import Store
+
+if TYPE_CHECKING:
+    from recipes.kit.engine import Engine
+    from recipes.kit.tasks import Task
+    from recipes.kit.training_loop import LoraSettings
+    from store import Store
 
 console = Console()
 err_console = Console(stderr=True)
 
 def open_store(ctx: typer.Context) -> Store:
     """The store named by --store / PERSONA_STORE (opened once per command)."""
+    from store import Store
+
     state = ctx.ensure_object(dict)
     if "store" not in state:
         state["store"] = Store(state.get("store_path"), key_values(state.get("storage_options"), "--storage-option", secret=True))
@@ -96,6 +100,9 @@ def check_one_user_choice(user: Optional[list[str]], split: Optional[str], users
 def named_users(store: Store, task: Task, user: Optional[list[str]], split: Optional[str], users: Optional[Path]) -> list[str]:
     """The users named by exactly one of --user (repeatable), --split (the task's users of that split)
     or --users (a file of ids)."""
+    from recipes.kit.inputs import read_user_ids
+    from recipes.kit.splits import split_users
+
     check_one_user_choice(user, split, users)
     if user:
         return list(dict.fromkeys(user))
@@ -117,6 +124,8 @@ def human_bytes(n: Optional[int]) -> str:
 
 def lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
     """LoraSettings from the command's options, checked before any model loads."""
+    from recipes.kit.training_loop import LoraSettings
+
     names = None
     if target_modules is not None:
         names = [n.strip() for n in target_modules.split(",") if n.strip()]
@@ -129,6 +138,8 @@ def lora_settings(target_modules: Optional[str], **values) -> LoraSettings:
 
 def resolve_base(store: Store, task: Task, base: Optional[str]) -> Optional[str]:
     """--base auto: the task LoRA when it is stored; none: the bare LLM; else the plug-in named."""
+    from recipes.methods.task_lora import task_lora_name
+
     if base == "auto":
         default = task_lora_name(task)
         return default if store.get_plugins([default]) else None
@@ -154,6 +165,8 @@ def method_settings_given(values: Optional[list[str]]) -> dict[str, str]:
 
 def engine_of(name: str, address: Optional[str], workers: int) -> Engine:
     """The Engine the --engine, --ray-address and --workers options name, checked."""
+    from recipes.kit.engine import Engine
+
     engine = Engine(name, address if name == "ray" else None, workers)
     engine.validate()
     return engine

@@ -16,10 +16,6 @@ from persona_cli.options import (
 )  # fmt: skip
 from persona_cli.runs_cmd import metrics_text
 from recipes import PersonaError
-from recipes.kit.backbones import load_llm
-from recipes.kit.inputs import read_user_ids
-from recipes.flows.evaluate import EvalRequest, evaluate as run_evaluation, score_files, write_lamp_predictions
-from recipes.kit.tasks import get_task
 
 
 @handle_errors
@@ -64,6 +60,11 @@ def evaluate(
     json_out: bool = JsonOption,
 ) -> None:
     """Score a method on the task's queries with LaMP's metrics (and, for generation, a cased ROUGE-1 beside them); the run and its predictions are stored."""
+    from recipes.flows.evaluate import EvalRequest, evaluate as run_evaluation, write_lamp_predictions
+    from recipes.kit.backbones import load_llm
+    from recipes.kit.inputs import read_user_ids
+    from recipes.kit.tasks import get_task
+
     if predictions is not None or outputs is not None:
         _score_file(task, predictions, outputs, json_out)
         return
@@ -102,6 +103,8 @@ def evaluate(
 
 
 def _score_file(task: str, predictions: Optional[Path], outputs: Optional[Path], json_out: bool) -> None:
+    from recipes.flows.evaluate import score_files
+
     if predictions is None or outputs is None:
         raise PersonaError("scoring a file needs both --predictions and --outputs")
     result = score_files(task, predictions, outputs)

@@ -13,10 +13,6 @@ from persona_cli.options import (
     AblationOption, AnswerOption, BaseOption, BeamsOption, DeviceOption, JsonOption, KOption, LengthPenaltyOption, LengthRatioOption, MethodOption,
     NoRepeatOption, PluginOption, PoolOption, MinSimilarityOption, RepetitionOption, RetrieverOption, ReuseOption, SetOption, SpellingsOption, TopKOption,
 )  # fmt: skip
-from recipes.flows.answer import AnswerSettings, answer, user_task
-from recipes.flows.evaluate import answer_mode
-from recipes.flows.serve import MethodRequest, with_donor
-from recipes.kit.backbones import load_llm
 
 
 @handle_errors
@@ -54,6 +50,11 @@ def generate(
 ) -> None:
     """Answer one input for one user: a prompt method picks what of the user's history the LLM sees;
     a model method changes the LLM for this user (`persona methods` lists them all)."""
+    from recipes.flows.answer import AnswerSettings, answer, user_task
+    from recipes.flows.evaluate import answer_mode
+    from recipes.flows.serve import MethodRequest, with_donor
+    from recipes.kit.backbones import load_llm
+
     store = open_store(ctx)
     task_spec = user_task(store, user, task)
     request = MethodRequest(

@@ -11,9 +11,6 @@ from rich.table import Table
 from persona_cli.common import console, engine_of, handle_errors, open_store, print_json, progress_bar
 from persona_cli.options import DeviceOption, EngineOption, JsonOption, RayAddressOption, WorkersOption
 from recipes import PersonaError
-from recipes.kit.backbones import load_encoder
-from recipes.flows.ingest import ingest as run_ingest, lamp_source, users_jsonl_source
-from recipes.kit.tasks import get_task
 
 
 @handle_errors
@@ -33,6 +30,10 @@ def ingest(
     json_out: bool = JsonOption,
 ) -> None:
     """Validate the whole input, embed every history item, and upsert users, items and queries."""
+    from recipes.flows.ingest import ingest as run_ingest, lamp_source, users_jsonl_source
+    from recipes.kit.backbones import load_encoder
+    from recipes.kit.tasks import get_task
+
     kind = _format_of(path, format)
     task_spec = get_task(task)
     if kind == "lamp" and task_spec.name == "custom":

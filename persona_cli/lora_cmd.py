@@ -15,10 +15,6 @@ from persona_cli.options import (
     AlphaOption, AutoBaseOption, DeviceOption, DropoutOption, JsonOption, LlmOption, MaxLengthOption, MaxMinutesOption, PairsOption, PrecisionOption,
     ROption, SeedOption, TargetsOption, TaskOption,
 )  # fmt: skip
-from recipes.methods.oppu import oppu_group, train_oppu
-from recipes.methods.task_lora import adapt_task, task_lora_name
-from recipes.kit.backbones import load_llm
-from recipes.kit.tasks import get_task
 
 @handle_errors
 def adapt(
@@ -53,6 +49,10 @@ def adapt(
     history items made into pairs too); the dev split picks the best step.
 
     An interrupted run resumes from its last checkpoint when started again with the same options."""
+    from recipes.kit.backbones import load_llm
+    from recipes.kit.tasks import get_task
+    from recipes.methods.task_lora import adapt_task, task_lora_name
+
     store = open_store(ctx)
     task_spec = get_task(task)
     settings = lora_settings(
@@ -116,6 +116,10 @@ def train_oppu_command(
 
     Items with an input train in task format, others by language modelling on their text.
     Users whose adapter exists with the same settings are skipped, so a stopped run resumes."""
+    from recipes.kit.backbones import load_llm
+    from recipes.kit.tasks import get_task
+    from recipes.methods.oppu import oppu_group, train_oppu
+
     store = open_store(ctx)
     task_spec = get_task(task)
     user_ids = named_users(store, task_spec, user, split, users)

@@ -6,11 +6,12 @@ from rich.table import Table
 
 from persona_cli.common import console, print_json
 from persona_cli.options import JsonOption
-from recipes.methods.registry import methods as registered
 
 
 def methods(json_out: bool = JsonOption) -> None:
     """List the methods: prompt methods (what the LLM reads) and model methods (how it is changed per user)."""
+    from recipes.methods.registry import methods as registered
+
     found = [m.describe() for m in registered()]
     if json_out:
         print_json(found)

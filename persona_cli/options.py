@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from recipes.methods.registry import ablation_help, method_help
+METHOD_HELP = (
+    "Prompt methods: none, random, rag, pag. Model methods: task-lora, oppu, peft-retrieval, perpcs, pplug, style-vector. "
+    "A personal model method with a prompt method: e.g. oppu+rag. See `persona methods`."
+)
+ABLATION_HELP = (
+    "Serve a personal method's non-personal ablation: random: another user's history (seeded derangement), chosen the same "
+    "way; rag: another user's history (seeded derangement), chosen the same way; oppu: the task base of the OPPU adapters; "
+    "perpcs: uniform gates: every sharer's pieces, equal weights; pplug: another user's history (seeded derangement); "
+    "style-vector: every user steered by the mean style vector of the users served."
+)
+"""--method's and --ablation's help as the method registry makes them (registry.method_help(),
+ablation_help()), written out: making them imports every method, and so torch and transformers, a
+few seconds before any help could show. A test checks they are still the registry's."""
 
 PairsOption = typer.Option(
     "none", "--pairs",
@@ -13,12 +25,12 @@ PairsOption = typer.Option(
 )  # fmt: skip
 JsonOption = typer.Option(False, "--json", help="Print a JSON object for scripts instead of tables.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].")
-MethodOption = typer.Option("none", "--method", help=method_help())
+MethodOption = typer.Option("none", "--method", help=METHOD_HELP)
 PluginOption = typer.Option(None, "--plugin", help="The model method's stored plug-in: its name, or the group of per-user adapters (default: METHOD-TASK; `persona methods`).")
 BaseOption = typer.Option(None, "--base", help="Run a prompt method on this stored plug-in, e.g. task-lora-LaMP-7.")
 PoolOption = typer.Option(None, "--pool", help="Methods that read the piece pool: its tag or version (default: the newest).")
 TopKOption = typer.Option(None, "--top-k", help="Methods that mix pool pieces or sharers: how many (`persona methods`).")
-AblationOption = typer.Option(False, "--ablation", help=ablation_help())
+AblationOption = typer.Option(False, "--ablation", help=ABLATION_HELP)
 SetOption = typer.Option(None, "--set", help="A method's own setting, NAME=VALUE (repeatable; `persona methods` lists them).")
 KOption = typer.Option(1, "--k", help="History items in the prompt (random, rag).")
 RetrieverOption = typer.Option("bm25", "--retriever", help="rag: bm25, recency or dense.")

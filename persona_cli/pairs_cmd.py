@@ -11,11 +11,12 @@ from rich.table import Table
 from persona_cli.common import console, handle_errors, named_users, open_store, print_json
 from persona_cli.options import JsonOption
 from recipes import PersonaError
-from recipes.kit.history_pairs import PAIR_RECIPES, check_recipe, history_pairs, recipe_id
-from recipes.kit.tasks import get_task
 
 app = typer.Typer(help="Training pairs made from history items (what --pairs rules trains on).", no_args_is_help=True)
-RecipeOption = typer.Option("rules", "--recipe", help=f"How pairs are made: {', '.join(r for r in PAIR_RECIPES if r != 'none')}.")
+RECIPE_HELP = "How pairs are made: rules."
+"""--recipe's help: every recipe of history_pairs.PAIR_RECIPES but none, written out (reading them
+would import the library before help could show; a test checks the list)."""
+RecipeOption = typer.Option("rules", "--recipe", help=RECIPE_HELP)
 SeedOption = typer.Option(0, "--seed", help="Seed of the rewriting (the training commands use their own --seed).")
 
 
@@ -33,6 +34,9 @@ def build(
 ) -> None:
     """Make and store the pairs of these users' history items (training makes them itself when
     missing; this makes them ahead, e.g. to read them first)."""
+    from recipes.kit.history_pairs import history_pairs, recipe_id
+    from recipes.kit.tasks import get_task
+
     store = open_store(ctx)
     task_spec = get_task(task)
     _check(recipe)
@@ -68,6 +72,9 @@ def show(
 ) -> None:
     """One user's pairs: the input each history item was given and the output it trains towards
     (made and stored now if they were not yet)."""
+    from recipes.kit.history_pairs import history_pairs, recipe_id
+    from recipes.kit.tasks import get_task
+
     store = open_store(ctx)
     _check(recipe)
     store.require_users([user])
@@ -88,6 +95,8 @@ def show(
 
 
 def _check(recipe: str) -> None:
+    from recipes.kit.history_pairs import check_recipe
+
     check_recipe(recipe, "--recipe")
     if recipe == "none":
         raise PersonaError("--recipe none makes no pairs; use rules")

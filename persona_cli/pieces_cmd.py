@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
@@ -16,15 +16,9 @@ from persona_cli.options import (
     RayAddressOption, ROption, SeedOption, TargetsOption, WorkersOption,
 )  # fmt: skip
 from recipes import PersonaError
-from recipes.kit.splits import split_users
-from recipes.flows.answer import user_task
-from recipes.methods.perpcs.assembly import assemble_users, export_assembly
-from recipes.kit.backbones import load_llm
-from recipes.kit.inputs import read_user_ids
-from recipes.methods.perpcs.gates import GateSettings
-from recipes.methods.perpcs.pool import Choices, layer_of, pool_diff, pool_summary, sharer_mass
-from recipes.methods.perpcs.sharers import candidate_histories, register_sharers, select_sharers
-from recipes.kit.tasks import get_task
+
+if TYPE_CHECKING:
+    from recipes.methods.perpcs.pool import Choices
 
 PoolOption = typer.Option(None, "--pool", help="Pool tag or version (default: the newest).")
 
@@ -65,6 +59,11 @@ def register_sharers_command(
     """Choose sharers, train each one's LoRA and gates, and write all pieces as a new pool version.
 
     Finished sharers are kept until the pool version is written: rerun the same command to resume."""
+    from recipes.kit.backbones import load_llm
+    from recipes.kit.tasks import get_task
+    from recipes.methods.perpcs.gates import GateSettings
+    from recipes.methods.perpcs.sharers import candidate_histories, register_sharers, select_sharers
+
     running_on = engine_of(engine, ray_address, workers)
     store = open_store(ctx)
     task_spec = get_task(task)
@@ -131,6 +130,14 @@ def assemble_command(
     """Assemble target users' adapters from the pool, layer by layer over their history, without training.
 
     Stores per module only (sharer, weight) against the pool version used."""
+    from recipes.flows.answer import user_task
+    from recipes.kit.backbones import load_llm
+    from recipes.kit.inputs import read_user_ids
+    from recipes.kit.splits import split_users
+    from recipes.kit.tasks import get_task
+    from recipes.methods.perpcs.assembly import assemble_users
+    from recipes.methods.perpcs.pool import sharer_mass
+
     running_on = engine_of(engine, ray_address, workers)
     store = open_store(ctx)
     check_one_user_choice(user, split, users)
@@ -175,6 +182,8 @@ def _choices_json(choices: Choices) -> dict[str, list[dict]]:
 
 def _explain_table(user_id: str, choices: Choices) -> Table:
     """One row per layer, one column per module kind: the chosen sharers with their weights."""
+    from recipes.methods.perpcs.pool import layer_of
+
     kinds = sorted({path.rsplit(".", 1)[-1] for path in choices})
     table = Table("layer", *kinds, title=f"user {user_id}: chosen pieces per layer (sharer:weight)")
     layers: dict[Optional[int], dict[str, str]] = {}
@@ -195,6 +204,8 @@ app = typer.Typer(help="The shared piece pool: versions, tags, sharers, and expo
 @handle_errors
 def pool_list(ctx: typer.Context, task: Optional[str] = typer.Option(None, "--task"), json_out: bool = JsonOption) -> None:
     """Tagged pool versions, oldest first, with their sharers, pieces and bytes."""
+    from recipes.methods.perpcs.pool import pool_summary
+
     store = open_store(ctx)
     rows = []
     for version in store.pool_versions():
@@ -225,6 +236,8 @@ def pool_show(
     json_out: bool = JsonOption,
 ) -> None:
     """One pool version: its sharers (pieces, bytes, training seconds) and pieces per module kind."""
+    from recipes.methods.perpcs.pool import pool_summary
+
     summary = pool_summary(open_store(ctx), ref, task)
     if json_out:
         print_json(summary)
@@ -271,6 +284,8 @@ def pool_diff_command(
     json_out: bool = JsonOption,
 ) -> None:
     """Sharers and pieces added, removed or re-registered between two pool versions."""
+    from recipes.methods.perpcs.pool import pool_diff
+
     diff = pool_diff(open_store(ctx), old, new, task)
     if json_out:
         print_json(diff)
@@ -293,6 +308,9 @@ def pool_export(
     json_out: bool = JsonOption,
 ) -> None:
     """Write a user's assembled adapter (pieces concatenated, rank k·r, the base folded in) as a peft folder."""
+    from recipes.flows.answer import user_task
+    from recipes.methods.perpcs.assembly import export_assembly
+
     store = open_store(ctx)
     facts = export_assembly(store, user_task(store, user, task), user, str(directory), pool)
     if json_out:

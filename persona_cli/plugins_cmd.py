@@ -11,8 +11,6 @@ from rich.table import Table
 
 from persona_cli.common import console, handle_errors, human_bytes, open_store, print_json
 from persona_cli.options import DeviceOption, JsonOption
-from recipes.kit.backbones import load_llm
-from recipes.kit.plugins import export_plugin, import_plugin
 
 app = typer.Typer(help="Trained plug-ins (task LoRA, OPPU adapters): list, show, export as peft folders, import.", no_args_is_help=True)
 
@@ -83,6 +81,8 @@ def export(
 ) -> None:
     """Write a LoRA plug-in as a standard peft adapter folder for the bare LLM (its bases folded in):
     PeftModel.from_pretrained(llm, DIR) loads it and gives the same outputs."""
+    from recipes.kit.plugins import export_plugin
+
     result = export_plugin(open_store(ctx), name, directory)
     if json_out:
         print_json(result)
@@ -106,6 +106,8 @@ def import_(
     json_out: bool = JsonOption,
 ) -> None:
     """Store a peft LoRA folder as a plug-in; peft loads it onto the LLM first, so a mismatch is refused."""
+    from recipes.kit.backbones import load_llm
+    from recipes.kit.plugins import import_plugin
     from recipes.kit.tasks import get_task
 
     store = open_store(ctx)

@@ -9,11 +9,6 @@ from rich.table import Table
 
 from persona_cli.common import console, handle_errors, human_bytes, open_store, print_json, progress_bar
 from persona_cli.options import DeviceOption, JsonOption, LlmOption, MaxLengthOption, MaxMinutesOption, PairsOption, PrecisionOption, SeedOption, TaskOption
-from recipes.flows.answer import user_task
-from recipes.kit.backbones import load_llm, resolve_device
-from recipes.methods.pplug.serving import explain
-from recipes.methods.pplug.training import PPlugSettings, pplug_name, train_pplug
-from recipes.kit.tasks import get_task
 
 
 @handle_errors
@@ -49,6 +44,10 @@ def train_embedder(
 
     Any user with stored history is then served with no training (generate/evaluate --method pplug).
     An interrupted run resumes from its last checkpoint when started again with the same options."""
+    from recipes.kit.backbones import load_llm
+    from recipes.kit.tasks import get_task
+    from recipes.methods.pplug.training import PPlugSettings, pplug_name, train_pplug
+
     store = open_store(ctx)
     task_spec = get_task(task)
     settings = PPlugSettings(
@@ -95,6 +94,11 @@ def explain_command(
     json_out: bool = JsonOption,
 ) -> None:
     """The user's history items that weigh most in PPlug's personal embedding for this input, with their weights."""
+    from recipes.flows.answer import user_task
+    from recipes.kit.backbones import resolve_device
+    from recipes.methods.pplug.serving import explain
+    from recipes.methods.pplug.training import pplug_name
+
     store = open_store(ctx)
     task_spec = user_task(store, user, task)
     result = explain(store, task_spec, user, text, plugin or pplug_name(task_spec), top, str(resolve_device(device)))

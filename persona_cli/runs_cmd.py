@@ -11,8 +11,6 @@ from rich.table import Table
 
 from persona_cli.common import console, handle_errors, open_store, print_json
 from persona_cli.options import JsonOption
-from recipes.flows.evaluate import compare_runs, write_lamp_predictions
-from recipes.kit.tasks import get_task
 
 app = typer.Typer(help="Stored evaluation runs: list, show, compare.", no_args_is_help=True)
 
@@ -29,6 +27,8 @@ def list_runs(
     json_out: bool = JsonOption,
 ) -> None:
     """Every stored run, oldest first."""
+    from recipes.kit.tasks import get_task
+
     runs = open_store(ctx).list_runs(get_task(task).name if task else None)
     if json_out:
         print_json({"runs": [r.__dict__ for r in runs]})
@@ -50,6 +50,9 @@ def show(
     json_out: bool = JsonOption,
 ) -> None:
     """A run's config, metrics, timing and some of its predictions."""
+    from recipes.flows.evaluate import write_lamp_predictions
+    from recipes.kit.tasks import get_task
+
     store = open_store(ctx)
     run = store.get_run(run_id)
     predictions = store.run_predictions(run_id)
@@ -82,6 +85,9 @@ def compare(
     json_out: bool = JsonOption,
 ) -> None:
     """Runs side by side, every metric recomputed on only the queries all of them answered."""
+    from recipes.flows.evaluate import compare_runs
+    from recipes.kit.tasks import get_task
+
     result = compare_runs(open_store(ctx), run_ids)
     if json_out:
         print_json(result)

@@ -10,8 +10,6 @@ from rich.table import Table
 from persona_cli.common import console, handle_errors, open_store, print_json
 from persona_cli.options import DeviceOption, JsonOption
 from recipes import PersonaError
-from recipes.kit.backbones import load_encoder
-from recipes.kit.retrieval import dense_search
 
 
 @handle_errors
@@ -25,6 +23,9 @@ def search(
     json_out: bool = JsonOption,
 ) -> None:
     """Cosine search over the stored vectors, with the encoder the store was built with."""
+    from recipes.kit.backbones import load_encoder
+    from recipes.kit.retrieval import dense_search
+
     store = open_store(ctx)
     known = store.encoder()
     if known is None:

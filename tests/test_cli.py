@@ -115,3 +115,34 @@ def test_the_in_process_runner_returns_a_commands_json_or_its_exit_code(demo_sto
     assert run_persona(demo_store, "users", "show", "nobody", quiet=True, echo=False) == {"exit_code": 2}
     printed = capsys.readouterr()
     assert "no user 'nobody'" in printed.err + printed.out
+
+
+def test_help_and_wrong_options_answer_without_loading_the_library():
+    """`persona --help`, a command's help and a mistyped option answer before torch, transformers or
+    LanceDB are imported (seconds of start-up): the commands import them when they run."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "lancedb", "peft", "sentence_transformers")
+    probe = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom persona_cli.main import app\n"
+        "for args in (['--help'], ['generate', '--help'], ['evaluate', '--help'], ['pairs', 'show', '--help'], ['evaluate', '--bogus']):\n"
+        "    CliRunner().invoke(app, args)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_the_written_out_help_is_what_the_registry_makes():
+    """--method, --ablation and --recipe help are written out so that help needs no library; they
+    must still say what the method registry and the pair recipes say."""
+    from persona_cli.options import ABLATION_HELP, METHOD_HELP
+    from persona_cli.pairs_cmd import RECIPE_HELP
+    from recipes.kit.history_pairs import PAIR_RECIPES
+    from recipes.methods.registry import ablation_help, method_help
+
+    assert METHOD_HELP == method_help(), f"persona_cli/options.py METHOD_HELP is out of date; the registry makes:\n{method_help()}"
+    assert ABLATION_HELP == ablation_help(), f"persona_cli/options.py ABLATION_HELP is out of date; the registry makes:\n{ablation_help()}"
+    recipes = ", ".join(r for r in PAIR_RECIPES if r != "none")
+    assert RECIPE_HELP == f"How pairs are made: {recipes}.", f"persona_cli/pairs_cmd.py RECIPE_HELP should name: {recipes}"

@@ -220,6 +220,6 @@ def test_a_gold_outside_the_label_set_is_refused_before_any_model_loads(tmp_path
     def no_model(*_, **__):
         raise AssertionError("the LLM was loaded before the golds were checked")
 
-    monkeypatch.setattr("persona_cli.evaluate_cmd.load_llm", no_model)
+    monkeypatch.setattr("recipes.kit.backbones.load_llm", no_model)
     assert "query q1: gold 'not a category' is not one of the labels" in _fail(store, "evaluate", "--task", "LaMP-2N")
     assert Store(store).list_runs() == []
