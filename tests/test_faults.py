@@ -58,8 +58,8 @@ def forks():
     os.environ["PYTHONWARNINGS"] = "ignore:lancedb fork support:RuntimeWarning"
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([  # what the commands import, so a forked command starts at once
-        "persona_cli.main", "recipes.methods.task_lora", "recipes.methods.perpcs.sharers", "recipes.methods.perpcs.assembly", "peft", "sentence_transformers",
-        "transformers.models.llama.modeling_llama",
+        "persona_cli.main", "store.db", "recipes.flows.ingest", "recipes.methods.task_lora", "recipes.methods.oppu", "recipes.methods.perpcs.sharers",
+        "recipes.methods.perpcs.assembly", "peft", "sentence_transformers", "transformers.models.llama.modeling_llama",
     ])  # fmt: skip
     return context
 
