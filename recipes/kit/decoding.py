@@ -6,19 +6,20 @@ transformers' stock `repetition_penalty` and `no_repeat_ngram_size` also count t
 tokens. On a task whose answer reuses the input (LaMP-7 paraphrases a tweet) that forbids the
 very words the answer needs: measured on 100 LaMP-7 users with the bare SmolLM2, ROUGE-1 fell
 from 0.339 (greedy) to 0.225 (no-repeat 3) and 0.088 (penalty 1.3). Here both only see the
-tokens generated so far.
+tokens generated so far. (The settings are read by tasks and the CLI before any model loads, so
+torch and transformers are imported only where logits are penalized.)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
-
-import torch
-from transformers import LogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from typing import TYPE_CHECKING, Optional
 
 from recipes import PersonaError
+
+if TYPE_CHECKING:
+    import torch
 
 LENGTH_SLACK = 8
 """Tokens allowed beyond `length_ratio` × the input's tokens (a short input still gets a few words)."""
@@ -67,6 +68,8 @@ class Decoding:
         """Apply the repetition controls to each row's next-token logits, row i seeing only generated[i]."""
         if not self.penalizes:
             return logits
+        import torch
+
         rows = []
         for tokens, row in zip(generated, logits):
             rows.append(self.penalize_rows(torch.tensor([tokens], dtype=torch.long, device=logits.device), row[None]))
@@ -76,6 +79,8 @@ class Decoding:
         """The repetition controls for rows whose answers so far are equally long: `tokens` (rows, n)."""
         if tokens.shape[1] == 0:
             return scores
+        from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
         if self.repetition_penalty != 1.0:
             scores = RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty))(tokens, scores)
         if self.no_repeat_ngram_size > 0:
@@ -85,13 +90,3 @@ class Decoding:
 
 GREEDY = Decoding()
 
-
-class GeneratedOnly(LogitsProcessor):
-    """A logits processor for transformers' `generate` that applies a Decoding's repetition controls
-    to the tokens after the first `prompt_width` columns only (the prompt, or a decoder's start token)."""
-
-    def __init__(self, decoding: Decoding, prompt_width: int) -> None:
-        self.decoding, self.prompt_width = decoding, prompt_width
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.decoding.penalize_rows(input_ids[:, self.prompt_width :], scores)

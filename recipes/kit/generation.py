@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Callable, Iterator, Optional
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor
 from transformers.cache_utils import DynamicLayer
 
 from recipes.kit.backbones import LLM, with_cache
-from recipes.kit.decoding import GREEDY, Decoding, GeneratedOnly
+from recipes.kit.decoding import GREEDY, Decoding
 from recipes.kit.progress import Progress, report
 from recipes.kit.lora import zero_pad
 from recipes.kit.packed_linear import packed_linears
@@ -294,6 +294,17 @@ def _greedy_causal(
             continue
         live.keep(keep)
         live.step(tokens[torch.tensor(keep, device=llm.device)] if len(keep) < len(tokens) else tokens)
+
+
+class GeneratedOnly(LogitsProcessor):
+    """A logits processor for transformers' `generate` that applies a Decoding's repetition controls
+    to the tokens after the first `prompt_width` columns only (the prompt, or a decoder's start token)."""
+
+    def __init__(self, decoding: Decoding, prompt_width: int) -> None:
+        self.decoding, self.prompt_width = decoding, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.decoding.penalize_rows(input_ids[:, self.prompt_width :], scores)
 
 
 def _transformers_generate(
