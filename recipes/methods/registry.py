@@ -8,7 +8,9 @@ steering vector) and answers the k=0 prompt, or, for a personal method, any prom
 prompt after a '+': 'perpcs+rag'.
 
 Adding a method: a module under recipes/methods/ that calls `register(Method(...))`, and its
-module name in METHOD_MODULES below.
+module name in METHOD_MODULES below. The CLI's --method and --ablation help are this registry's
+`method_help()` and `ablation_help()` written out (persona_cli/options.py, so that help imports no
+method); tests/test_cli.py says what to paste there when they differ.
 """
 
 from __future__ import annotations
