@@ -70,6 +70,24 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {"mean": round(statistics.fmean(diff), 4), "ci95": [round(low, 4), round(high, 4)]}
 
 
+def against_copy(own: list[float], donor: list[float], copy: list[float]) -> dict:
+    """One way of answering, with the user's history and with a donor's, against copying the input."""
+    return {"own - copy": paired(own, copy), "donor - copy": paired(donor, copy), "own - donor": paired(own, donor)}
+
+
+def show(difference: dict) -> str:
+    """A paired difference as '+0.0022 [+0.0005, +0.0040]'."""
+    low, high = difference["ci95"]
+    return f"{difference['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def print_rows(header: str, rows: list[dict], key: str, name: str) -> None:
+    """A Markdown table of against_copy rows."""
+    print(f"| {header} | own - copy | donor - copy | own - donor |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {name} = {row[key]} | {show(row['own - copy'])} | {show(row['donor - copy'])} | {show(row['own - donor'])} |")
+
+
 def training_split(data: Path, task) -> list:
     """(query input to copy, gold, the user's history texts) for the train and dev users."""
     from recipes.kit.inputs import read_lamp_outputs, read_lamp_questions
@@ -125,26 +143,21 @@ def main() -> None:
     for threshold in SHARES:
         own = rouge1([appended(t, shares[u], threshold) for u, t, _, _ in rows])
         donor = rouge1([appended(t, shares[donor_of[u]], threshold) for u, t, _, _ in rows])
-        result["append_most_used"].append({"share": threshold, "own - copy": paired(own, copy), "donor - copy": paired(donor, copy), "own - donor": paired(own, donor)})  # fmt: skip
+        result["append_most_used"].append({"share": threshold, **against_copy(own, donor, copy)})
     usual = {user: statistics.median(len(text.split()) for text in items) for user, items in history.items()}
     for factor in LENGTH_FACTORS:
         own = rouge1([cut(t, usual[u], factor) for u, t, _, _ in rows])
         donor = rouge1([cut(t, usual[donor_of[u]], factor) for u, t, _, _ in rows])
-        result["cut_to_usual_length"].append({"factor": factor, "own - copy": paired(own, copy), "donor - copy": paired(donor, copy), "own - donor": paired(own, donor)})  # fmt: skip
+        result["cut_to_usual_length"].append({"factor": factor, **against_copy(own, donor, copy)})
     result["seconds"] = round(time.perf_counter() - started, 1)
     out = args.out or Path(__file__).with_name(f"headroom-{task.name.lower()}.json")
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    show = lambda d: f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"  # noqa: E731
     print(f"{task.name}: {len(rows)} training-split queries, copying the input ROUGE-1 {result['copy_rouge1']}")
     print(f"gold words {result['gold_words']}, of them the copy misses {result['gold_words_copy_misses']}; "
           f"the user's history ({result['history_words']} words) uses {result['missed_words_in_history']['own']:.1%} "
           f"of those, a donor's {result['missed_words_in_history']['donor']:.1%} (own - donor {show(result['missed_words_in_history']['own - donor'])})")  # fmt: skip
-    print("| appended: words in >= t of the items | own - copy | donor - copy | own - donor |\n|---|---|---|---|")
-    for row in result["append_most_used"]:
-        print(f"| t = {row['share']} | {show(row['own - copy'])} | {show(row['donor - copy'])} | {show(row['own - donor'])} |")
-    print("| cut to f x the usual length | own - copy | donor - copy | own - donor |\n|---|---|---|---|")
-    for row in result["cut_to_usual_length"]:
-        print(f"| f = {row['factor']} | {show(row['own - copy'])} | {show(row['donor - copy'])} | {show(row['own - donor'])} |")
+    print_rows("appended: words in >= t of the items", result["append_most_used"], "share", "t")
+    print_rows("cut to f x the usual length", result["cut_to_usual_length"], "factor", "f")
     print(f"written: {out} ({result['seconds']} s)")
 
 
