@@ -89,4 +89,3 @@ class Decoding:
 
 
 GREEDY = Decoding()
-
