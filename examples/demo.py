@@ -93,11 +93,11 @@ def train_everything(store: Path, lamp: bool) -> None:
     step("OPPU: one LoRA per test user, trained on that user's own history only, over the task LoRA")
     persona(store, "train-oppu", "--task", "LaMP-7", "--split", "test", "--steps", "3", "--batch-size", "4", "--lr", "4e-3")
 
-    step("Per-Pcs: sharers (never test users) train a LoRA and its gates; their pieces become pool version pool-1")
+    step("Per-Pcs: sharers (never test users) train a LoRA; each piece's gate is the sharer's mean activation there; pool version pool-1")
     sharers = ["--strategy", "history-cluster", "--k", "10"] if lamp else [arg for s in SHARERS for arg in ("--sharer", s)]
-    persona(store, "register-sharers", "--task", "LaMP-7", *sharers, "--steps", "4", "--gate-steps", "4", "--max-length", "128")
-    step("Assemble every test user's adapter from the pool, without training: per module the top-3 pieces by gate score")
-    persona(store, "assemble", "--task", "LaMP-7", "--split", "test", "--top-k", "3")
+    persona(store, "register-sharers", "--task", "LaMP-7", *sharers, "--gates", "mean", "--steps", "6", "--lr", "1e-2", "--max-length", "128")
+    step("Assemble every test user's adapter from the pool, without training: per module the piece whose sharer writes most like the user")
+    persona(store, "assemble", "--task", "LaMP-7", "--split", "test", "--top-k", "1")
 
     step("PPlug: one user embedder for everyone (input encoder, projector, instruction token), the task-adapted LLM frozen")
     persona(store, "train-embedder", "--task", "LaMP-7", "--base", "task-lora-LaMP-7", "--history-examples", "--steps", "80",
@@ -107,7 +107,7 @@ def train_everything(store: Path, lamp: bool) -> None:
 def show_styles(store: Path) -> None:
     step(f"One input, {len(STYLED_USERS)} test users the methods never trained on... except through their history")
     for user, style in STYLED_USERS.items():
-        for method in ("pplug", "oppu"):
+        for method in ("pplug", "oppu", "perpcs"):
             answer = persona(store, "generate", "--user", user, "--method", method, NEW_INPUT, quiet=True)
             print(f"   user {user:>2} (writes {style:>9}) {method:<6} -> {answer.get('output')}", flush=True)
     answer = persona(store, "generate", "--user", "2", NEW_INPUT, quiet=True)

@@ -41,7 +41,13 @@ def register_sharers_command(
     batch_size: int = typer.Option(4, "--batch-size"),
     steps: Optional[int] = typer.Option(None, "--steps", help="LoRA steps per sharer (default: --epochs passes; the paper: 100)."),
     epochs: float = typer.Option(2.0, "--epochs", help="Passes over the sharer's history."),
-    gate_steps: int = typer.Option(50, "--gate-steps", help="Gate training steps per sharer (LoRA frozen)."),
+    gate_kind: str = typer.Option(
+        "trained", "--gates",
+        help="How each piece's gate is made: trained (the paper: --gate-steps with the LoRA frozen) or mean (no training: the "
+        "mean direction of the module's inputs over the sharer's history; assembly picks the sharers whose writing the "
+        "target's most resembles). One pool holds one kind.",
+    ),  # fmt: skip
+    gate_steps: int = typer.Option(50, "--gate-steps", help="Gate training steps per sharer (LoRA frozen; --gates trained)."),
     gate_lr: float = typer.Option(2e-2, "--gate-lr", help="Gate learning rate."),
     share_ratio: float = typer.Option(1.0, "--share-ratio", help="Share of each sharer's modules put in the pool."),
     tag: Optional[list[str]] = typer.Option(None, "--tag", help="Extra tag of the new pool version (repeatable)."),
@@ -78,7 +84,7 @@ def register_sharers_command(
         target_modules, r=r, alpha=alpha, dropout=dropout, learning_rate=lr, batch_size=batch_size, steps=steps,
         epochs=epochs, max_length=max_length, seed=seed, precision=precision,
     )  # fmt: skip
-    gates = GateSettings(gate_steps, gate_lr, batch_size, max_length, precision, seed)
+    gates = GateSettings(gate_steps, gate_lr, batch_size, max_length, precision, seed, gate_kind)
     gates.validate()
     base_name = resolve_base(store, task_spec, base)
     with progress_bar(enabled=not json_out) as tick:
@@ -246,10 +252,10 @@ def pool_show(
                   f"{summary['pieces']} pieces, {human_bytes(summary['bytes'])}")  # fmt: skip
     for task_name, entry in summary["tasks"].items():
         modules = ", ".join(f"{kind} {n}" for kind, n in sorted(entry["modules"].items()))
-        console.print(f"[bold]{task_name}[/] on base {entry['base'] or '(bare LLM)'}, LLM {entry['llm']}; pieces per module kind: {modules}")
+        console.print(f"[bold]{task_name}[/] on base {entry['base'] or '(bare LLM)'}, LLM {entry['llm']}, {entry['gates']} gates; pieces per module kind: {modules}")
         table = Table("sharer", "pieces", "size", "history", "LoRA s", "gate s", "gate loss", "registered in")
         for sharer, info in entry["sharers"].items():
-            gate_loss = f"{info.get('gate_first_loss', '-')} → {info.get('gate_final_loss', '-')}"
+            gate_loss = f"{info['gate_first_loss']} → {info['gate_final_loss']}" if info.get("gate_final_loss") is not None else "-"
             table.add_row(sharer, str(info["pieces"]), human_bytes(info["bytes"]), str(info.get("examples", "-")),
                           str(info.get("lora_seconds", "-")), str(info.get("gate_seconds", "-")), gate_loss,
                           f"pool-{info['registration']}")  # fmt: skip

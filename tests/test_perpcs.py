@@ -27,6 +27,7 @@ STYLES = {json.loads(line)["user_id"]: json.loads(line)["style"] for line in EXA
 # one non-test sharer for each of the ten planted styles
 SHARERS = ["0", "1", "12", "3", "14", "5", "6", "7", "18", "9"]
 MASS_FLOOR, TOP3_FLOOR = 0.12, 7  # chance: 0.10 and 3.9 of 13 (p=0.3 each; 7 or more by chance: 6%); measured (float32) 0.193 and 9 of 13 (0.174 while assembly dropped the shared instruction)
+MEAN_GATE_FLOOR = 0.6  # chance 0.25; measured 0.99 (float32, 1 LoRA step per sharer, 2026-12-07)
 TRAINING = ["--steps", "6", "--gate-steps", "6", "--max-length", "128", "--batch-size", "4"]
 
 
@@ -90,6 +91,28 @@ def test_assembled_weights_lean_towards_sharers_of_the_target_users_style(test_u
     print(f"same-style weight mass {mean:.3f} (chance 0.100); own style among the 3 heaviest sharers for {len(in_top3)} of 13")
     assert mean >= MASS_FLOOR, same
     assert len(in_top3) >= TOP3_FLOOR, masses
+
+
+def test_mean_gates_give_each_target_the_sharer_who_writes_like_them(tmp_path):
+    """`--gates mean` (no gate training): four sharers of four planted styles, top-1 per module;
+    the styled test users get their own style's sharer for most modules (chance: 1 in 4; trained
+    gates gave 0.243 on the demo's store). Measured here (float32): see MEAN_GATE_FLOOR."""
+    store = tmp_path / "store"
+    assert runner.invoke(app, ["--store", str(store), "ingest", str(EXAMPLES), "--task", "LaMP-7"]).exit_code == 0
+    four = [arg for s in ("12", "6", "14", "18") for arg in ("--sharer", s)]
+    registered = cli_json(store, "register-sharers", "--task", "LaMP-7", *four, "--gates", "mean", "--steps", "1", "--max-length", "128",
+                          "--batch-size", "4", "--precision", "float32")  # fmt: skip
+    assert registered["sharers"] == ["12", "6", "14", "18"]
+    assert cli_json(store, "pool", "show", "pool-1")["tasks"]["LaMP-7"]["gates"] == "mean"
+    styled = [u for u in STYLES if u in ("2", "4", "8", "32", "34", "36", "38")]  # test users of those four styles
+    assembled = cli_json(store, "assemble", "--task", "LaMP-7", *[a for u in styled for a in ("--user", u)], "--top-k", "1",
+                         "--precision", "float32")["users"]  # fmt: skip
+    same = {u: sum(w for s, w in info["sharer_mass"].items() if STYLES[s] == STYLES[u]) for u, info in assembled.items()}
+    print(f"same-style weight mass with mean gates: {same}")
+    assert len(same) == 7 and sum(same.values()) / len(same) >= MEAN_GATE_FLOOR, same
+    # one pool holds one kind of gate: adding trained-gate sharers to it is refused before any training
+    message = cli_fails(store, "register-sharers", "--task", "LaMP-7", "--sharer", "0", "--steps", "1")
+    assert "keeps sharers with mean gates (6, 12, 14, 18)" in message
 
 
 def test_perpcs_serves_mixed_user_batches_like_one_user_at_a_time(store, test_users_assembled):

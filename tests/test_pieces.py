@@ -14,7 +14,7 @@ from recipes.kit.lora import LoraWeights, merge_into
 from recipes.methods.peft_retrieval import retrieval_choices
 from recipes.methods.perpcs import assembly
 from recipes.methods.perpcs.assembly import _Assembler, assemble_user
-from recipes.methods.perpcs.gates import GateSettings, gated_lora, train_gates
+from recipes.methods.perpcs.gates import GateSettings, gated_lora, mean_gates, train_gates
 from recipes.kit.training_loop import Example
 from recipes.methods.perpcs.pool import Pool, decode_choices, encode_choices, mixed_lora, piece_tensors, pool_from_pieces
 from recipes.methods.perpcs.sharers import select_sharers
@@ -72,6 +72,51 @@ def test_the_mix_is_the_exact_sum_of_weighted_products_not_averaged_a_and_b(tiny
     assert torch.allclose(mixed.delta(path), expected, atol=1e-6)
     averaged = (sum(module.b[i] for i in range(3)) / 3) @ (sum(module.a[i] for i in range(3)) / 3)
     assert not torch.allclose(mixed.delta(path), averaged, atol=1e-3)
+
+
+WRITERS = {  # three sharers who write differently
+    "7": [Example("Paraphrase: the cat sat", "THE CAT SAT ON THE MAT!!!"), Example("Paraphrase: we went out", "WE WENT TO THE BEACH!!!")],
+    "12": [Example("Paraphrase: the cat sat", "the cat sat down #cats #home"), Example("Paraphrase: we went out", "we went out #beach #sun")],
+    "30": [Example("Paraphrase: the cat sat", "The cat, it seems, sat. - Sam"), Example("Paraphrase: we went out", "We went out at last. - Sam")],
+}
+
+
+def test_mean_gates_are_the_mean_input_direction_of_the_answers_and_pick_their_own_writer(tiny_llama):
+    """`--gates mean`: each gate is its module's mean input direction over the sharer's answer
+    tokens, read as assembly reads a history (no training); scored less the pool's mean gate, a
+    target who writes like one sharer gets that sharer's piece in every module."""
+    llm = _copy(tiny_llama)
+    settings = GateSettings(batch_size=4, max_length=64, precision="float32", kind="mean")
+    paths = sorted(_random_lora(llm, seed=1, rank=2).modules)
+    gates = {sharer: mean_gates(llm, paths, examples, settings).gates for sharer, examples in WRITERS.items()}
+    # the same mean, one example at a time and unpacked
+    path, seen = paths[0], []
+    for example in WRITERS["12"]:
+        batch = assembly.assembly_batch(llm, [example], 64, pack=False)
+        [mask] = assembly.scored_positions(llm, batch).values()
+        handle = llm.model.get_submodule(path).register_forward_pre_hook(lambda module, args: seen.append(args[0][mask]))
+        with torch.no_grad():
+            llm.model(**{k: v for k, v in batch.items() if k != "labels"})
+        handle.remove()
+    expected = torch.nn.functional.normalize(torch.cat(seen).float(), dim=-1).mean(0)
+    assert torch.allclose(gates["12"][path], expected, atol=1e-5)
+
+    pieces = []
+    for n, sharer in enumerate(WRITERS):
+        lora = _random_lora(llm, seed=20 + n, rank=2)
+        for module, (a, b) in lora.modules.items():
+            pieces.append(Piece(task="LaMP-7", sharer_id=sharer, module=module, r=2, alpha=2.0, llm=llm.id, registration=1,
+                                tensors=piece_tensors(a, torch.zeros_like(b), gates[sharer][module]), config={"gates": {"kind": "mean"}}))  # fmt: skip
+    pool = pool_from_pieces("LaMP-7", PoolVersion(version=3, tags=["pool-1"]), pieces)
+    assert pool.gate_kind == "mean"
+    for sharer, examples in WRITERS.items():
+        chosen = assemble_user(llm, pool, examples, top_k=1, batch_size=4, max_length=64, precision="float32")
+        assert {picked[0][0] for picked in chosen.values()} == {sharer}
+
+    mixed = pieces + [Piece(task="LaMP-7", sharer_id="40", module=paths[0], r=2, alpha=2.0, llm=llm.id, registration=2,
+                            tensors=pieces[0].tensors, config={"gates": {"kind": "trained"}})]  # fmt: skip
+    with pytest.raises(PersonaError, match="mixes LaMP-7 pieces with mean and trained gates"):
+        pool_from_pieces("LaMP-7", PoolVersion(version=4, tags=["pool-2"]), mixed)
 
 
 def _mean_input_direction(llm) -> torch.Tensor:
@@ -147,8 +192,8 @@ def test_assembly_reads_batched_examples_whole_as_each_alone(tiny_llama, monkeyp
         module.b.zero_()  # pieces that add nothing: every batching sees the plain model's inputs
     last = llm.model.get_submodule(pool.module_order[-1])  # layer 1: its inputs depend on the context
     masks = []
-    scored_positions = assembly._scored_positions
-    monkeypatch.setattr(assembly, "_scored_positions", lambda *args: masks.append(scored_positions(*args)) or masks[-1])
+    original = assembly.scored_positions
+    monkeypatch.setattr(assembly, "scored_positions", lambda *args: masks.append(original(*args)) or masks[-1])
 
     def scored_inputs(batch_size: int, examples: list[Example]) -> torch.Tensor:
         seen = []

@@ -2,7 +2,9 @@
 
 The target's history runs through the base model in batches. At every pooled module, in
 forward order, each candidate piece is scored by the mean cosine between its gate and the
-module's inputs at the scored positions (the output tokens of task-format items, every token of
+module's inputs at the scored positions (for `mean` gates, gates.py, input directions and gates
+both less the module's mean gate, so that a piece scores by how the target's writing resembles
+its sharer's more than the other sharers') (the output tokens of task-format items, every token of
 plain texts: `history_format` 'text' reads every item as plain text, about a quarter of the tokens
 of a LaMP-7 task-format item); the top-k pieces get weights softmax(score/sqrt(n)) and the module adds their
 mixed update, so later layers are scored on activations the earlier assembled layers changed.
@@ -46,6 +48,7 @@ class _Assembler:
         self.pool = pool
         self.top_k = top_k
         self.modules = {path: module.to(device) for path, module in pool.modules.items()}
+        self.scoring = {path: _scoring(module.gates, pool.gate_kind) for path, module in self.modules.items()}
         self.sums = {path: torch.zeros(len(module.sharers), dtype=torch.float64) for path, module in pool.modules.items()}
         self.masks: dict[int, torch.Tensor] = {}
         self.batches = 0
@@ -55,11 +58,12 @@ class _Assembler:
 
     def _hook(self, path: str):
         module = self.modules[path]
+        centre, directions = self.scoring[path]
 
         def assemble_here(_: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
             mask = self.masks[x.shape[1]].to(x.dtype)
-            cosines = torch.nn.functional.normalize(x.float(), dim=-1) @ module.gates.T  # (B, T, S)
+            cosines = (torch.nn.functional.normalize(x.float(), dim=-1) - centre) @ directions.T  # (B, T, S)
             scores = (cosines * mask[..., None]).sum((0, 1)) / mask.sum()
             top = scores.topk(min(self.top_k, len(module.sharers)))
             weights = torch.softmax(top.values / math.sqrt(x.shape[-1]), dim=0)
@@ -81,7 +85,17 @@ class _Assembler:
         return chosen
 
 
-def _scored_positions(llm: LLM, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+def _scoring(gates: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centre, directions) a module's input directions are scored with: trained gates as they
+    are; mean gates less their mean, renormalized (what the sharers' activations share says
+    nothing about whose piece fits)."""
+    if kind != "mean":
+        return torch.zeros_like(gates[0]), gates
+    centre = gates.mean(0)
+    return centre, torch.nn.functional.normalize(gates - centre, dim=-1)
+
+
+def scored_positions(llm: LLM, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Which positions score the pieces, keyed by sequence length: the output tokens (labels) on
     the causal / decoder side, every real token on a seq2seq encoder side."""
     labels = batch["labels"] != IGNORE
@@ -101,7 +115,7 @@ def _distinct_lengths(llm: LLM, batch: dict[str, torch.Tensor]) -> dict[str, tor
     return batch
 
 
-def _assembly_batch(llm: LLM, examples: list[Example], max_length: int, pack: bool = True) -> dict[str, torch.Tensor]:
+def assembly_batch(llm: LLM, examples: list[Example], max_length: int, pack: bool = True) -> dict[str, torch.Tensor]:
     """Every example read whole. Causal rows that share their opening (chat turn, instruction) are
     packed behind one copy of it, which the batch's chosen pieces change like every other token
     (a prefix computed ahead as a KV cache could not be); otherwise (or without `pack`) rows are
@@ -130,8 +144,8 @@ def assemble_user(
     ordered = sorted(examples, key=lambda e: len(e.prompt or "") + len(e.target))
     with assembler.hooked(llm.model), autocast_weights(llm, precision):
         for start in range(0, len(ordered), batch_size):
-            batch = _assembly_batch(llm, ordered[start : start + batch_size], max_length, pack)
-            assembler.masks = _scored_positions(llm, batch)
+            batch = assembly_batch(llm, ordered[start : start + batch_size], max_length, pack)
+            assembler.masks = scored_positions(llm, batch)
             inputs = {k: v for k, v in batch.items() if k != "labels"} if not llm.is_seq2seq else batch
             extra = {} if llm.is_seq2seq else {"logits_to_keep": 1}
             llm.model(**inputs, **extra)

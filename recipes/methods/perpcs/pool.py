@@ -62,6 +62,7 @@ class Pool:
     seq2seq: bool = False
     pairs: str = "none"  # how sharers' history items became examples; assembly reads targets' the same way
     pair_seed: int = 0
+    gate_kind: str = "trained"  # how the sharers' gates were made (gates.GATE_KINDS); assembly scores them accordingly
 
     @property
     def label(self) -> str:
@@ -101,8 +102,21 @@ def pool_from_pieces(task: str, pool: PoolVersion, pieces: list[Piece]) -> Pool:
     config = pieces[0].config
     return Pool(
         task, pool.version, pool.tags, llms.pop(), bases.pop(), sharers, modules, bool(config.get("seq2seq", False)),
-        config.get("pairs", "none"), int(config.get("lora", {}).get("seed", 0)),
+        config.get("pairs", "none"), int(config.get("lora", {}).get("seed", 0)), _gate_kind(task, pool, pieces),
     )  # fmt: skip
+
+
+def gate_kind_of(piece: Piece) -> str:
+    """How a piece's gate was made (pieces registered before gate kinds existed were trained)."""
+    return piece.config.get("gates", {}).get("kind", "trained")
+
+
+def _gate_kind(task: str, pool: PoolVersion, pieces: list[Piece]) -> str:
+    """The one gate kind of a pool's pieces: trained and mean gates are scored differently."""
+    kinds = sorted({gate_kind_of(p) for p in pieces})
+    if len(kinds) > 1:
+        raise PersonaError(f"pool {pool_label(pool)} mixes {task} pieces with {' and '.join(kinds)} gates")
+    return kinds[0]
 
 
 def load_pool(store: Store, task: str, ref: Optional[str] = None) -> Pool:
@@ -218,7 +232,9 @@ def pool_summary(store: Store, ref: Optional[str] = None, task: Optional[str] = 
     pieces = store.pool_pieces(version.version, task, with_tensors=False)
     tasks: dict[str, dict] = {}
     for piece in pieces:
-        entry = tasks.setdefault(piece.task, {"llm": piece.llm, "base": piece.base, "sharers": {}, "modules": {}, "bytes": 0})
+        entry = tasks.setdefault(
+            piece.task, {"llm": piece.llm, "base": piece.base, "gates": gate_kind_of(piece), "sharers": {}, "modules": {}, "bytes": 0}
+        )
         sharer = entry["sharers"].setdefault(
             piece.sharer_id, {"pieces": 0, "bytes": 0, "registration": piece.registration, **piece.metrics}
         )

@@ -27,10 +27,10 @@ from recipes.kit.lora import LoraWeights
 from recipes.kit.retrieval import user_embedding
 from recipes.kit.backbones import LLM, cache_dir, loaded
 from recipes.kit.engine import LOCAL, Engine, fan_out
-from recipes.methods.perpcs.gates import GateSettings, train_gates
+from recipes.methods.perpcs.gates import GateSettings, mean_gates, train_gates
 from recipes.kit.plugins import apply_chain, base_chain, chain_key
 from recipes.kit.training_loop import LoraSettings, train_lora
-from recipes.methods.perpcs.pool import layer_of, piece_tensors
+from recipes.methods.perpcs.pool import gate_kind_of, layer_of, piece_tensors
 from recipes.kit.progress import Progress
 from recipes.kit.splits import SPLITS, query_split, user_split
 from recipes.kit.tasks import Task
@@ -168,7 +168,7 @@ def register_sharers(
     chain = base_chain(store, base)
     load_llm = llm
     llm = loaded(llm)
-    _check_pool_compatible(store, task, llm.id, base)
+    _check_pool_compatible(store, task, llm.id, base, sharers, gates.kind)
     staging = _staging_dir(store, task, llm, sharers, lora, gates, [chain_key(chain), histories])
     result = Registration(task=task.name, sharers=list(sharers))
     config = {"lora": asdict(lora), "gates": asdict(gates), "share_ratio": share_ratio, "selection": selection or {}, "seq2seq": llm.is_seq2seq, "pairs": pairs}
@@ -209,13 +209,18 @@ def register_sharers(
 def _train_sharer(
     llm: LLM, examples: list, lora: LoraSettings, gates: GateSettings, progress: Optional[Progress] = None
 ) -> tuple[LoraWeights, dict[str, torch.Tensor], dict]:
-    """One sharer: its LoRA on its examples, then its gates with the LoRA frozen, and what it took."""
+    """One sharer: its LoRA on its examples, then its gates (trained with the LoRA frozen, or the
+    mean of its module inputs), and what it took."""
     trained = train_lora(llm, examples, lora, progress=progress, stage="this sharer's LoRA")
-    trained_gates = train_gates(llm, trained.weights, examples, gates, progress, stage="this sharer's gates")
+    if gates.kind == "mean":
+        trained_gates = mean_gates(llm, sorted(trained.weights.modules), examples, gates)
+    else:
+        trained_gates = train_gates(llm, trained.weights, examples, gates, progress, stage="this sharer's gates")
+    curve = trained_gates.curve
     metrics = {
         "examples": len(examples), "lora_seconds": trained.seconds, "gate_seconds": trained_gates.seconds,
-        "lora_final_loss": trained.curve[-1]["loss"], "gate_first_loss": trained_gates.curve[0]["loss"],
-        "gate_final_loss": trained_gates.curve[-1]["loss"],
+        "lora_final_loss": trained.curve[-1]["loss"], "gate_first_loss": curve[0]["loss"] if curve else None,
+        "gate_final_loss": curve[-1]["loss"] if curve else None,
     }  # fmt: skip
     return trained.weights, trained_gates.gates, metrics
 
@@ -233,8 +238,9 @@ def next_pool_tag(store: Store) -> str:
     return f"pool-{max(numbers, default=0) + 1}"
 
 
-def _check_pool_compatible(store: Store, task: Task, llm_id: str, base: Optional[str]) -> None:
-    """One task's pool holds pieces of one LLM on one base; mixing them would be meaningless."""
+def _check_pool_compatible(store: Store, task: Task, llm_id: str, base: Optional[str], sharers: list[str], gate_kind: str) -> None:
+    """One task's pool holds pieces of one LLM on one base, with one kind of gate (a registration
+    replaces its sharers' pieces and keeps the others'); mixing them would be meaningless."""
     if not store.pool_versions():
         return
     pieces = store.pool_pieces(store.resolve_pool().version, task.name, with_tensors=False)
@@ -242,6 +248,13 @@ def _check_pool_compatible(store: Store, task: Task, llm_id: str, base: Optional
         raise PersonaError(
             f"the {task.name} pool holds pieces of LLM '{pieces[0].llm}' on base '{pieces[0].base}'; "
             f"register on the same (--llm, --base {pieces[0].base or 'none'})"
+        )
+    kept = sorted({p.sharer_id for p in pieces if gate_kind_of(p) != gate_kind and p.sharer_id not in sharers}, key=id_sort_key)
+    if kept:
+        raise PersonaError(
+            f"the {task.name} pool keeps sharers with {gate_kind_of(next(p for p in pieces if p.sharer_id == kept[0]))} gates "
+            f"({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}); one pool holds one kind of gate: register with that "
+            f"--gates, or register those sharers again too"
         )
 
 
