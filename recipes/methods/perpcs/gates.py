@@ -166,7 +166,8 @@ def mean_gates(llm: LLM, modules: list[str], examples: list[Example], settings: 
             inputs = {k: v for k, v in batch.items() if k != "labels"} if not llm.is_seq2seq else batch
             llm.model(**inputs, **({} if llm.is_seq2seq else {"logits_to_keep": 1}))
             tokens += int(batch["attention_mask"].sum())
-    gates = {path: (sums[path] / max(counts[path], 1.0)).cpu() for path in modules}
+    width = {path: llm.model.get_submodule(path).weight.shape[1] for path in modules}
+    gates = {path: (sums[path] / counts[path]).cpu() if counts[path] else torch.zeros(width[path]) for path in modules}  # no answer tokens: a zero gate
     return TrainedGates(gates, round(time.perf_counter() - started, 3), [], tokens)
 
 
