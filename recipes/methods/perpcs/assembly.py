@@ -2,11 +2,11 @@
 
 The target's history runs through the base model in batches. At every pooled module, in
 forward order, each candidate piece is scored by the mean cosine between its gate and the
-module's inputs at the scored positions (for `mean` gates, gates.py, input directions and gates
-both less the module's mean gate, so that a piece scores by how the target's writing resembles
-its sharer's more than the other sharers') (the output tokens of task-format items, every token of
+module's inputs at the scored positions (the output tokens of task-format items, every token of
 plain texts: `history_format` 'text' reads every item as plain text, about a quarter of the tokens
-of a LaMP-7 task-format item); the top-k pieces get weights softmax(score/sqrt(n)) and the module adds their
+of a LaMP-7 task-format item); for `mean` gates (gates.py) input directions and gates are both
+taken less the module's mean gate, so that a piece scores by how much more the target's writing
+resembles its sharer's than the other sharers'. The top-k pieces get weights softmax(score/sqrt(n)) and the module adds their
 mixed update, so later layers are scored on activations the earlier assembled layers changed.
 Weights are averaged over batches; the k heaviest per module, renormalized, are the adapter.
 """
