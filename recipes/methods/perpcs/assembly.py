@@ -63,7 +63,8 @@ class _Assembler:
         def assemble_here(_: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
             mask = self.masks[x.shape[1]].to(x.dtype)
-            cosines = (torch.nn.functional.normalize(x.float(), dim=-1) - centre) @ directions.T  # (B, T, S)
+            unit = torch.nn.functional.normalize(x.float(), dim=-1)
+            cosines = (unit if centre is None else unit - centre) @ directions.T  # (B, T, S)
             scores = (cosines * mask[..., None]).sum((0, 1)) / mask.sum()
             top = scores.topk(min(self.top_k, len(module.sharers)))
             weights = torch.softmax(top.values / math.sqrt(x.shape[-1]), dim=0)
@@ -85,12 +86,12 @@ class _Assembler:
         return chosen
 
 
-def _scoring(gates: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _scoring(gates: torch.Tensor, kind: str) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """(centre, directions) a module's input directions are scored with: trained gates as they
-    are; mean gates less their mean, renormalized (what the sharers' activations share says
-    nothing about whose piece fits)."""
+    are (no centre); mean gates less their mean, renormalized (what the sharers' activations share
+    says nothing about whose piece fits)."""
     if kind != "mean":
-        return torch.zeros_like(gates[0]), gates
+        return None, gates
     centre = gates.mean(0)
     return centre, torch.nn.functional.normalize(gates - centre, dim=-1)
 
@@ -140,17 +141,35 @@ def assemble_user(
     if not examples:
         raise PersonaError("the target user has no history to assemble from")
     assembler = _Assembler(pool, top_k, llm.device)
+
+    def next_batch(masks: dict[int, torch.Tensor]) -> None:
+        assembler.masks = masks
+        assembler.batches += 1
+
+    with assembler.hooked(llm.model):
+        read_history(llm, examples, batch_size, max_length, precision, next_batch, pack)
+    return assembler.choices()
+
+
+def read_history(
+    llm: LLM, examples: list[Example], batch_size: int, max_length: int, precision: str,
+    on_batch: Callable[[dict[int, torch.Tensor]], None], pack: bool = True,
+) -> int:  # fmt: skip
+    """Run a history's examples through the LLM as assembly reads them (by length, each whole,
+    `batch_size` at a time, under `precision`), handing `on_batch` each batch's scored positions
+    before its forward pass, for the forward hooks that read them. Returns the answer tokens read.
+    Mean gates (gates.py) are made by the same reading, so they see what assembly will compare."""
     llm.model.eval()
     ordered = sorted(examples, key=lambda e: len(e.prompt or "") + len(e.target))
-    with assembler.hooked(llm.model), autocast_weights(llm, precision):
+    tokens = 0
+    with autocast_weights(llm, precision):
         for start in range(0, len(ordered), batch_size):
             batch = assembly_batch(llm, ordered[start : start + batch_size], max_length, pack)
-            assembler.masks = scored_positions(llm, batch)
+            on_batch(scored_positions(llm, batch))
             inputs = {k: v for k, v in batch.items() if k != "labels"} if not llm.is_seq2seq else batch
-            extra = {} if llm.is_seq2seq else {"logits_to_keep": 1}
-            llm.model(**inputs, **extra)
-            assembler.batches += 1
-    return assembler.choices()
+            llm.model(**inputs, **({} if llm.is_seq2seq else {"logits_to_keep": 1}))
+            tokens += int((batch["labels"] != IGNORE).sum())  # not the attention mask: a packed batch's is additive
+    return tokens
 
 
 # ---------- assembling users of the store ----------

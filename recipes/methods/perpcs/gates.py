@@ -30,8 +30,7 @@ from recipes.kit.hooks import forward_hooks
 from recipes.kit.lora import LoraWeights, check_fits
 from recipes.kit.backbones import LLM
 from recipes.kit.training_loop import (
-    PRECISIONS, Example, StepResult, TokenizedExamples, TrainingLoop, autocast_weights, batch_loss, batch_order, refuse_unless,
-    training_autocast,
+    PRECISIONS, Example, StepResult, TokenizedExamples, TrainingLoop, batch_loss, batch_order, refuse_unless, training_autocast,
 )  # fmt: skip
 from recipes.kit.progress import Progress
 
@@ -135,7 +134,7 @@ def mean_gates(llm: LLM, modules: list[str], examples: list[Example], settings: 
     """Per module, the mean direction of its inputs at the answer tokens of `examples`, read as
     assembly reads a target's history (whole examples, the scored positions), through the LLM as
     loaded (the pool's base, no piece)."""
-    from recipes.methods.perpcs.assembly import assembly_batch, scored_positions
+    from recipes.methods.perpcs.assembly import read_history
 
     settings.validate()
     if not examples:
@@ -155,17 +154,12 @@ def mean_gates(llm: LLM, modules: list[str], examples: list[Example], settings: 
 
         return hook
 
-    llm.model.eval()
-    ordered = sorted(examples, key=lambda e: len(e.prompt or "") + len(e.target))
-    tokens = 0
-    with forward_hooks(llm.model, {path: accumulate(path) for path in modules}), autocast_weights(llm, settings.precision):
-        for start in range(0, len(ordered), settings.batch_size):
-            batch = assembly_batch(llm, ordered[start : start + settings.batch_size], settings.max_length)
-            masks.clear()
-            masks.update(scored_positions(llm, batch))
-            inputs = {k: v for k, v in batch.items() if k != "labels"} if not llm.is_seq2seq else batch
-            llm.model(**inputs, **({} if llm.is_seq2seq else {"logits_to_keep": 1}))
-            tokens += int(batch["attention_mask"].sum())
+    def next_batch(scored: dict[int, torch.Tensor]) -> None:
+        masks.clear()
+        masks.update(scored)
+
+    with forward_hooks(llm.model, {path: accumulate(path) for path in modules}):
+        tokens = read_history(llm, examples, settings.batch_size, settings.max_length, settings.precision, next_batch)
     width = {path: llm.model.get_submodule(path).weight.shape[1] for path in modules}
     gates = {path: (sums[path] / counts[path]).cpu() if counts[path] else torch.zeros(width[path]) for path in modules}  # no answer tokens: a zero gate
     return TrainedGates(gates, round(time.perf_counter() - started, 3), [], tokens)

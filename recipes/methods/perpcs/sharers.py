@@ -249,12 +249,12 @@ def _check_pool_compatible(store: Store, task: Task, llm_id: str, base: Optional
             f"the {task.name} pool holds pieces of LLM '{pieces[0].llm}' on base '{pieces[0].base}'; "
             f"register on the same (--llm, --base {pieces[0].base or 'none'})"
         )
-    kept = sorted({p.sharer_id for p in pieces if gate_kind_of(p) != gate_kind and p.sharer_id not in sharers}, key=id_sort_key)
+    kept = {p.sharer_id: gate_kind_of(p) for p in pieces if gate_kind_of(p) != gate_kind and p.sharer_id not in sharers}
     if kept:
+        names = sorted(kept, key=id_sort_key)
         raise PersonaError(
-            f"the {task.name} pool keeps sharers with {gate_kind_of(next(p for p in pieces if p.sharer_id == kept[0]))} gates "
-            f"({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}); one pool holds one kind of gate: register with that "
-            f"--gates, or register those sharers again too"
+            f"the {task.name} pool keeps sharers with {kept[names[0]]} gates ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); "
+            f"one pool holds one kind of gate: register with that --gates, or register those sharers again too"
         )
 
 
